@@ -1,0 +1,138 @@
+# Moongate build. `make help` lists the targets.
+#
+# Dependencies are Debian packages (DESIGN.md); each is here for a reason:
+#   libluajit2-5.1-dev luajit2   the Lua VM and its FFI (policies, framework)
+#   libuv1-dev                   the event loop (sockets, timers, signals)
+#   node-llhttp                  HTTP/1.1 parser sources, compiled in
+#   libssl-dev                   sha256 now; TLS and JWT later
+#   libhiredis-dev               Redis client (cluster rate limits)
+#   lua-cjson                    JSON for config and the policy kit
+#   lua-busted lua-socket        specs, and their raw-socket HTTP client
+#   lua-check cppcheck clang-format   make lint
+#   luarocks                     the rockspec (luarocks lint / make)
+#   clang libclang-rt-14-dev     make fuzz (libFuzzer), make asan
+#   redis-server etcd-server etcd-client   real services for later specs
+#   wrk nginx libnginx-mod-http-lua haproxy   bench/ peers
+#   curl                         README's first command, and specs
+#   prometheus                   promtool check metrics
+#   valgrind                     callgrind instruction counts in bench/
+DEB_PACKAGES := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp \
+	libssl-dev libhiredis-dev lua-cjson lua-busted lua-socket lua-check cppcheck clang-format \
+	luarocks clang libclang-rt-14-dev redis-server etcd-server etcd-client wrk nginx \
+	libnginx-mod-http-lua haproxy curl prometheus valgrind
+
+VERSION    ?= 0.1.0-dev
+CC         ?= cc
+LLHTTP_SRC := /usr/share/llhttp
+LLHTTP_INC := /usr/share/include/llhttp
+LUAJIT_INC := $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
+LUAJIT_LIB := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
+
+BUILD      ?= build
+OPT        ?= -O2 -g
+SAN        ?=
+CFLAGS_ALL := $(OPT) $(SAN) -std=gnu11 -Wall -Wextra -fPIC \
+	-Iruntime/include -Iruntime/src -I$(LLHTTP_INC) $(LUAJIT_INC) \
+	-DMG_VERSION='"$(VERSION)"' $(CFLAGS)
+LDLIBS_ALL := $(LUAJIT_LIB) -luv -lcrypto -lm -ldl -lpthread
+
+RUNTIME_SRC := $(filter-out runtime/src/main.c,$(wildcard runtime/src/*.c))
+RUNTIME_OBJ := $(RUNTIME_SRC:runtime/src/%.c=$(BUILD)/obj/%.o)
+LLHTTP_OBJ  := $(BUILD)/obj/llhttp_llhttp.o $(BUILD)/obj/llhttp_api.o $(BUILD)/obj/llhttp_http.o
+LIB         := $(BUILD)/libmoongate.so
+BIN         := bin/moongate
+CTESTS      := $(patsubst runtime/test/%.c,$(BUILD)/test/%,$(wildcard runtime/test/test_*.c))
+
+BUSTED      := busted --lua=luajit --lpath='./spec/?.lua;./lua/?.lua;./lua/?/init.lua'
+
+.PHONY: all deps build test test-c test-lua asan lint fuzz bench help clean rock
+
+### all: build libmoongate and bin/moongate (default)
+all: build
+
+build: $(BIN)
+
+$(BUILD)/obj/%.o: runtime/src/%.c runtime/src/*.h runtime/include/moongate.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+# llhttp's generated C warns under -Wextra; it is not ours to fix.
+$(BUILD)/obj/llhttp_%.o: $(LLHTTP_SRC)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(OPT) $(SAN) -fPIC -w -I$(LLHTTP_INC) -c $< -o $@
+
+$(LIB): $(RUNTIME_OBJ) $(LLHTTP_OBJ)
+	$(CC) -shared $(SAN) -o $@ $^ $(LDLIBS_ALL)
+
+# The executable links the library with an rpath relative to itself and
+# exports its symbols so the FFI finds the mg_* API through ffi.C.
+$(BIN): runtime/src/main.c $(LIB)
+	@mkdir -p bin
+	$(CC) $(CFLAGS_ALL) -o $@ runtime/src/main.c -L$(BUILD) -lmoongate \
+		-Wl,-rpath,'$$ORIGIN/../$(BUILD)' -Wl,--no-as-needed $(LDLIBS_ALL)
+
+$(BUILD)/test/%: runtime/test/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) -o $@ $< -L$(BUILD) -lmoongate -Wl,-rpath,'$$ORIGIN/..' $(LDLIBS_ALL)
+
+### deps: install the Debian packages the build, tests and bench need (idempotent)
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+### test: build, run the C unit tests and the busted specs; ends with "N passed, N failed"
+test: build $(CTESTS)
+	@bash spec/run-all $(CTESTS)
+
+### test-lua: only the busted specs (SPEC=path to pick some)
+test-lua: build
+	$(BUSTED) $(or $(SPEC),spec)
+
+### asan: build with AddressSanitizer + UBSan into build-asan/ and run every test on it
+asan:
+	$(MAKE) BUILD=build-asan OPT='-O1 -g -fno-omit-frame-pointer' \
+		SAN='-fsanitize=address,undefined' build-asan/libmoongate.so
+	@mkdir -p build-asan/bin
+	$(CC) -O1 -g -fsanitize=address,undefined -std=gnu11 -Iruntime/include -Iruntime/src \
+		-I$(LLHTTP_INC) $(LUAJIT_INC) -DMG_VERSION='"$(VERSION)"' \
+		-o build-asan/bin/moongate runtime/src/main.c -Lbuild-asan -lmoongate \
+		-Wl,-rpath,'$$ORIGIN/..' -Wl,--no-as-needed $(LDLIBS_ALL)
+	$(MAKE) BUILD=build-asan SAN='-fsanitize=address,undefined' build-asan-tests
+	MOONGATE_BIN=$(CURDIR)/build-asan/bin/moongate MOONGATE_LUA_DIR=$(CURDIR)/lua \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		bash spec/run-all $(patsubst $(BUILD)/test/%,build-asan/test/%,$(CTESTS))
+
+build-asan-tests: $(CTESTS)
+
+### lint: luacheck, cppcheck and a clang-format check
+lint:
+	luacheck --std luajit --codes lua spec policies
+	cppcheck --quiet --error-exitcode=1 --enable=warning,style,performance,portability \
+		--inline-suppr --suppress=missingIncludeSystem -Iruntime/include -Iruntime/src \
+		runtime/src runtime/test
+	clang-format --dry-run --Werror runtime/src/*.c runtime/src/*.h runtime/include/*.h runtime/test/*.c
+
+### fuzz: build the libFuzzer target and run it (FUZZ_SECONDS, default 60)
+FUZZ_SECONDS ?= 60
+fuzz:
+	$(MAKE) -C fuzz run SECONDS=$(FUZZ_SECONDS)
+
+### bench: proxy throughput against nginx and HAProxy (see bench/README.md)
+bench: build
+	bench/run
+
+### rock: luarocks lint and build from the rockspec
+rock:
+	luarocks lint moongate-scm-1.rockspec
+
+### clean: remove build outputs
+clean:
+	rm -rf build build-asan bin
+
+### help: list the targets
+help:
+	@grep -E '^### ' Makefile | sed 's/^### /  make /; s/: /\t/'

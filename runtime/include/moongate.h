@@ -1,0 +1,128 @@
+/* moongate.h: the flat C API that Lua reaches through the LuaJIT FFI.
+ *
+ * lua/moongate/ffi.lua mirrors the declarations between the MG_CDEF markers
+ * verbatim (a unit spec checks they stay equal), so everything between them
+ * must be something ffi.cdef parses: no preprocessor lines, no macros.
+ *
+ * Conventions (DESIGN.md "The C/Lua boundary"): mg_<module>_<verb>, opaque
+ * handles, strings as pointer + length, results through out-params, int
+ * returns (0 ok, negative error). No function here ever calls back into Lua;
+ * the ones that start async work return MG_AGAIN and the caller yields its
+ * coroutine, which C resumes when the work completes.
+ */
+#ifndef MOONGATE_H
+#define MOONGATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* MG_CDEF_BEGIN */
+enum {
+    MG_OK = 0,
+    MG_ERROR = -1,    /* failed; the request is being ended by C */
+    MG_AGAIN = -2,    /* would block: yield the coroutine, C resumes it */
+    MG_DECLINED = -3, /* not found / not applicable */
+    MG_EINVAL = -4    /* bad argument */
+};
+
+enum {
+    MG_HDR_SET = 0,   /* replace every value of the header */
+    MG_HDR_ADD = 1,   /* add one more value */
+    MG_HDR_REMOVE = 2 /* remove every value */
+};
+
+enum {
+    MG_LEN_CHUNKED = -1, /* body length unknown: chunked to HTTP/1.1 clients */
+    MG_LEN_CLOSE = -2    /* body delimited by closing the connection */
+};
+
+/* Phases a request runs in Lua besides access (bit flags). */
+enum { MG_PHASE_HEADER_FILTER = 1, MG_PHASE_BODY_FILTER = 2, MG_PHASE_LOG = 4 };
+
+typedef struct mg_req_s mg_req_t;
+typedef struct mg_upstream_s mg_upstream_t;
+typedef struct mg_sha256_s mg_sha256_t;
+
+/* A header as received: views into the connection's buffer. */
+typedef struct mg_header_s {
+    const char *name;
+    const char *value;
+    uint32_t name_len;
+    uint32_t value_len;
+} mg_header_t;
+
+/* The read-only view of a request that Lua reads fields of directly. It is
+ * the first member of every mg_req_t, so a mg_req_t* casts to it. Strings
+ * are views (not NUL-terminated) valid until the request ends. */
+typedef struct mg_req_view_s {
+    const char *method;
+    const char *path; /* without the query; as received (not decoded) */
+    const char *query;
+    const mg_header_t *headers;
+    uint32_t method_len;
+    uint32_t path_len;
+    uint32_t query_len; /* 0 when there was no '?' */
+    uint32_t nheaders;
+    uint8_t version_major;
+    uint8_t version_minor;
+    uint16_t remote_port;
+    int32_t status;   /* response status once known, else 0 */
+    uint32_t worker_id;
+    int64_t content_length; /* -1 when absent (chunked or no body) */
+    double start_time;      /* seconds since the epoch */
+    char remote_addr[48];
+    char request_id[36];
+    uint32_t request_id_len;
+} mg_req_view_t;
+
+/* Request */
+int mg_req_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
+                  size_t *value_len);
+int mg_req_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
+                      size_t value_len, int mode);
+int mg_req_set_uri(mg_req_t *r, const char *path, size_t path_len, const char *query,
+                   size_t query_len);
+int mg_req_set_upstream(mg_req_t *r, mg_upstream_t *u);
+int mg_req_set_phases(mg_req_t *r, unsigned phases);
+int mg_req_set_route(mg_req_t *r, const char *id, size_t id_len);
+int mg_req_sleep(mg_req_t *r, uint32_t ms);
+int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
+
+/* Response */
+int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
+                   size_t *value_len);
+int mg_resp_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
+                       size_t value_len, int mode);
+int mg_resp_set_status(mg_req_t *r, int status);
+int mg_resp_start(mg_req_t *r, int status, int64_t content_length);
+int mg_resp_write(mg_req_t *r, const char *data, size_t len);
+int mg_resp_finish(mg_req_t *r);
+int mg_resp_send(mg_req_t *r, int status, const char *body, size_t len);
+
+/* Upstreams: created by Lua per config version, freed through ffi.gc. */
+mg_upstream_t *mg_upstream_new(const char *id, size_t id_len, uint32_t connect_ms, uint32_t send_ms,
+                               uint32_t read_ms, uint32_t pool_size, uint32_t idle_ms,
+                               uint32_t max_requests);
+int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, int port,
+                           int weight);
+void mg_upstream_release(mg_upstream_t *u);
+
+/* Utilities */
+double mg_time_now(void);
+void mg_log_write(int level, const char *msg, size_t len);
+int mg_worker_id(void);
+mg_sha256_t *mg_sha256_new(void);
+int mg_sha256_update(mg_sha256_t *s, const char *data, size_t len);
+int mg_sha256_final(mg_sha256_t *s, unsigned char *out32);
+void mg_sha256_free(mg_sha256_t *s);
+/* MG_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,204 @@
+/* lua.c: the worker's LuaJIT state and its pooled request coroutines.
+ *
+ * C enters Lua only here, through the Lua C API: each phase of a request
+ * resumes a coroutine on the handler module's function for that phase.
+ * When the phase yields (sleep, body read, backpressure), the FFI call that
+ * started the wait has armed a C callback that resumes it later.
+ */
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lua_path.h"
+#include "mg.h"
+
+typedef struct co_slot_s {
+    lua_State *co;
+    int ref;
+    struct co_slot_s *next;
+} co_slot_t;
+
+static co_slot_t *free_cos;
+static unsigned nfree_cos;
+
+static int get_ref(lua_State *L, int mod, const char *name)
+{
+    lua_getfield(L, mod, name);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return -1;
+    }
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+int mg__lua_init(mg_worker_t *w)
+{
+    lua_State *L = luaL_newstate();
+    if (!L) return -1;
+    luaL_openlibs(L);
+    mg_node_set_lua_path(L, w->conf->lua_root);
+    const char *mod = w->mock ? "moongate.mock" : "moongate.worker";
+    lua_getglobal(L, "require");
+    lua_pushstring(L, mod);
+    if (lua_pcall(L, 1, 1, 0) != 0) {
+        mg_log(MG_LOG_ERROR, "loading %s: %s", mod, lua_tostring(L, -1));
+        lua_close(L);
+        return -1;
+    }
+    int m = lua_gettop(L);
+    lua_getfield(L, m, "init");
+    lua_pushstring(L, w->conf->conf_path);
+    lua_pushinteger(L, w->id);
+    if (lua_pcall(L, 2, 2, 0) != 0 || !lua_toboolean(L, -2)) {
+        mg_log(MG_LOG_ERROR, "starting %s: %s", mod,
+               lua_isstring(L, -1) ? lua_tostring(L, -1) : "init failed");
+        lua_close(L);
+        return -1;
+    }
+    lua_pop(L, 2);
+    w->ref_access = get_ref(L, m, "access");
+    w->ref_header_filter = get_ref(L, m, "header_filter");
+    w->ref_log = get_ref(L, m, "log");
+    w->ref_reload = get_ref(L, m, "reload");
+    lua_settop(L, 0);
+    if (w->ref_access < 0) {
+        mg_log(MG_LOG_ERROR, "%s has no access function", mod);
+        lua_close(L);
+        return -1;
+    }
+    w->L = L;
+    return 0;
+}
+
+void mg__lua_close(mg_worker_t *w)
+{
+    if (w->L) lua_close(w->L);
+    w->L = NULL;
+    while (free_cos) {
+        co_slot_t *s = free_cos;
+        free_cos = s->next;
+        free(s);
+    }
+}
+
+static co_slot_t *co_get(mg_worker_t *w)
+{
+    if (free_cos) {
+        co_slot_t *s = free_cos;
+        free_cos = s->next;
+        nfree_cos--;
+        return s;
+    }
+    co_slot_t *s = malloc(sizeof(*s));
+    if (!s) return NULL;
+    s->co = lua_newthread(w->L);
+    s->ref = luaL_ref(w->L, LUA_REGISTRYINDEX); /* anchors the thread */
+    return s;
+}
+
+static void co_put(mg_worker_t *w, co_slot_t *s, int reusable)
+{
+    if (reusable && nfree_cos < 1024) {
+        s->next = free_cos;
+        free_cos = s;
+        nfree_cos++;
+        return;
+    }
+    luaL_unref(w->L, LUA_REGISTRYINDEX, s->ref);
+    free(s);
+}
+
+static void resume(mg_req_t *r, int nargs)
+{
+    mg_worker_t *w = r->conn->w;
+    co_slot_t *s = r->co_slot;
+    lua_State *co = s->co;
+    int phase = r->lua_phase;
+    int rc = lua_resume(co, nargs);
+    if (rc == LUA_YIELD) {
+        if (r->wait != MG_WAIT_NONE) return; /* C resumes it when the wait ends */
+        /* A bare coroutine.yield() from a policy: nothing would wake it. */
+        lua_settop(co, 0);
+        r->lua_busy = 0;
+        r->co_slot = NULL;
+        co_put(w, s, 0);
+        mg_log(MG_LOG_ERROR, "request %s: a policy yielded outside the policy kit",
+               r->v.request_id);
+        mg__req_phase_done(r, phase, -1);
+        return;
+    }
+    r->lua_busy = 0;
+    r->co_slot = NULL;
+    if (rc == 0) {
+        lua_settop(co, 0);
+        co_put(w, s, 1);
+        mg__req_phase_done(r, phase, 0);
+        return;
+    }
+    const char *msg = lua_tostring(co, -1);
+    luaL_traceback(w->L, co, msg ? msg : "(error object is not a string)", 0);
+    mg_log(MG_LOG_ERROR, "request %s: %s", r->v.request_id, lua_tostring(w->L, -1));
+    lua_pop(w->L, 1);
+    co_put(w, s, 0); /* a dead coroutine cannot run again */
+    mg__req_phase_done(r, phase, -1);
+}
+
+void mg__lua_start(mg_req_t *r, int phase)
+{
+    mg_worker_t *w = r->conn->w;
+    int ref = phase == MG_LUA_ACCESS          ? w->ref_access
+              : phase == MG_LUA_HEADER_FILTER ? w->ref_header_filter
+                                              : w->ref_log;
+    if (ref < 0) {
+        mg__req_phase_done(r, phase, 0);
+        return;
+    }
+    co_slot_t *s = co_get(w);
+    if (!s) {
+        mg__req_phase_done(r, phase, -1);
+        return;
+    }
+    r->co_slot = s;
+    r->lua_phase = phase;
+    r->lua_busy = 1;
+    lua_rawgeti(s->co, LUA_REGISTRYINDEX, ref);
+    lua_pushlightuserdata(s->co, r);
+    resume(r, 1);
+}
+
+void mg__lua_resume(mg_req_t *r)
+{
+    if (!r->co_slot) return;
+    resume(r, 0);
+}
+
+/* Drops the request's coroutine; a suspended one is abandoned to the GC. */
+void mg__lua_release(mg_req_t *r)
+{
+    co_slot_t *s = r->co_slot;
+    if (!s) return;
+    r->co_slot = NULL;
+    r->lua_busy = 0;
+    lua_settop(s->co, 0);
+    co_put(r->conn->w, s, 0);
+}
+
+/* Between requests: no coroutine is running, so the handler may swap its
+ * router and pipelines; suspended requests keep what they hold. */
+void mg__lua_reload(mg_worker_t *w)
+{
+    if (w->ref_reload < 0) return;
+    lua_State *L = w->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref_reload);
+    if (lua_pcall(L, 0, 2, 0) != 0) {
+        mg_log(MG_LOG_ERROR, "reload failed, keeping the current config: %s", lua_tostring(L, -1));
+    } else if (!lua_toboolean(L, -2)) {
+        mg_log(MG_LOG_ERROR, "reload refused, keeping the current config: %s",
+               lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+    } else {
+        mg_log(MG_LOG_INFO, "reloaded configuration");
+    }
+    lua_settop(L, 0);
+}

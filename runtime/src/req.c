@@ -1,0 +1,787 @@
+/* req.c: the request object, its FFI accessors, and answers made at the
+ * gateway (by a policy, the mock backend, or an error).
+ *
+ * A request is complete when its response is fully queued, every write of
+ * it has finished (views into buffers stay valid until then), and its Lua
+ * coroutine has returned; then the log phase runs and the connection moves
+ * on (mg__req_maybe_done).
+ */
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "mg.h"
+
+/* ---- small helpers --------------------------------------------------------- */
+
+int mg__strieq(const char *a, size_t alen, const char *b, size_t blen)
+{
+    return alen == blen && strncasecmp(a, b, alen) == 0;
+}
+
+/* RFC 9110 7.6.1 plus the proxy headers every proxy drops. */
+int mg__hop_by_hop(const char *n, size_t len)
+{
+    switch (len) {
+    case 2: return mg__strieq(n, len, "te", 2);
+    case 7: return mg__strieq(n, len, "trailer", 7) || mg__strieq(n, len, "upgrade", 7);
+    case 10: return mg__strieq(n, len, "connection", 10) || mg__strieq(n, len, "keep-alive", 10);
+    case 16: return mg__strieq(n, len, "proxy-connection", 16);
+    case 17: return mg__strieq(n, len, "transfer-encoding", 17);
+    case 18: return mg__strieq(n, len, "proxy-authenticate", 18);
+    case 19: return mg__strieq(n, len, "proxy-authorization", 19);
+    default: return 0;
+    }
+}
+
+/* Is `name` listed in any Connection header of h? (those are hop-by-hop too) */
+int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len)
+{
+    for (uint32_t i = 0; i < nh; i++) {
+        if (!mg__strieq(h[i].name, h[i].name_len, "connection", 10)) continue;
+        const char *p = h[i].value, *end = p + h[i].value_len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ',')) p++;
+            const char *s = p;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t') p++;
+            if (p > s && mg__strieq(s, (size_t)(p - s), name, len)) return 1;
+        }
+    }
+    return 0;
+}
+
+const char *mg__status_reason(int s)
+{
+    switch (s) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 103: return "Early Hints";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 417: return "Expectation Failed";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Unknown";
+    }
+}
+
+/* ---- arena ------------------------------------------------------------- */
+
+void *mg__arena_alloc(mg_arena_t *a, size_t len)
+{
+    char *d;
+    len = (len + 7) & ~(size_t)7; /* keeps every allocation 8-aligned */
+    if (a->used + len <= sizeof(a->first)) {
+        d = a->first + a->used;
+        a->used += len;
+    } else {
+        mg_arena_block_t *b = a->extra;
+        if (!b || b->used + len > b->cap) {
+            size_t cap = len > 8192 ? len : 8192;
+            b = malloc(sizeof(*b) + cap);
+            if (!b) return NULL;
+            b->cap = cap;
+            b->used = 0;
+            b->next = a->extra;
+            a->extra = b;
+        }
+        d = b->data + b->used;
+        b->used += len;
+    }
+    return d;
+}
+
+char *mg__arena_dup(mg_arena_t *a, const char *p, size_t len)
+{
+    char *d = mg__arena_alloc(a, len);
+    if (d && len) memcpy(d, p, len);
+    return d;
+}
+
+static void arena_reset(mg_arena_t *a)
+{
+    while (a->extra) {
+        mg_arena_block_t *n = a->extra->next;
+        free(a->extra);
+        a->extra = n;
+    }
+    a->used = 0;
+}
+
+/* ---- pool ------------------------------------------------------------------ */
+
+static void make_request_id(mg_worker_t *w, mg_req_t *r)
+{
+    /* A client's own id is kept when it is a sane token: ids must survive
+     * across hops for tracing, but must not smuggle anything into logs. */
+    for (uint32_t i = 0; i < r->v.nheaders; i++) {
+        const mg_header_t *h = &r->hdrs[i];
+        if (!mg__strieq(h->name, h->name_len, "x-request-id", 12)) continue;
+        if (h->value_len == 0 || h->value_len > 32) break;
+        uint32_t j = 0;
+        for (; j < h->value_len; j++) {
+            char ch = h->value[j];
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  ch == '-' || ch == '_' || ch == '.'))
+                break;
+        }
+        if (j < h->value_len) break;
+        memcpy(r->v.request_id, h->value, h->value_len);
+        r->v.request_id_len = h->value_len;
+        r->v.request_id[h->value_len] = 0;
+        return;
+    }
+    /* splitmix64 over a per-worker random seed and a counter: unique per
+     * worker, unpredictable enough for an id, and no syscall per request. */
+    static const char hex[] = "0123456789abcdef";
+    uint64_t x[2];
+    for (int k = 0; k < 2; k++) {
+        uint64_t z = (w->rid_seed += 0x9e3779b97f4a7c15ULL) ^ (w->rid_counter++ * 0xbf58476d1ce4e5b9ULL);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        x[k] = z ^ (z >> 31);
+    }
+    for (int i = 0; i < 32; i++) r->v.request_id[i] = hex[(x[i / 16] >> ((i % 16) * 4)) & 15];
+    r->v.request_id[32] = 0;
+    r->v.request_id_len = 32;
+}
+
+mg_req_t *mg__req_new(mg_conn_t *c)
+{
+    mg_worker_t *w = c->w;
+    mg_req_t *r;
+    if (!mg_list_empty(&w->free_reqs)) {
+        mg_link_t *l = w->free_reqs.next;
+        mg_list_remove(l);
+        w->nfree_reqs--;
+        r = mg_container_of(l, mg_req_t, free_link);
+    } else {
+        r = calloc(1, sizeof(*r));
+        if (!r) return NULL;
+        mg_list_init(&r->free_link);
+        uv_timer_init(w->loop, &r->sleep_timer);
+        r->sleep_timer.data = r;
+    }
+    /* Reset everything between the view and the pooled parts. */
+    char *head_buf = r->head_buf;
+    size_t head_cap = r->head_cap;
+    memset(&r->v, 0, sizeof(r->v));
+    r->v.headers = r->hdrs;
+    r->v.content_length = -1;
+    r->v.worker_id = (uint32_t)w->id;
+    r->conn = c;
+    r->req_edits = r->resp_edits = NULL;
+    r->req_edits_tail = r->resp_edits_tail = NULL;
+    r->uri = NULL;
+    r->uri_len = 0;
+    r->abs_host = NULL;
+    r->abs_host_len = 0;
+    r->has_query = 0;
+    r->up_path = r->up_query = NULL;
+    r->up_path_len = r->up_query_len = 0;
+    r->up_query_set = 0;
+    r->route_id = NULL;
+    r->route_id_len = 0;
+    r->upstream = NULL;
+    r->up = NULL;
+    r->target = NULL;
+    r->phases = 0;
+    r->state = MG_REQ_HEAD;
+    r->tries = 0;
+    r->body_mode = MG_BODY_NONE;
+    r->sink = MG_SINK_NONE;
+    r->body_done = 0;
+    r->body_error = 0;
+    r->body_received = 0;
+    mg__out_reset(&r->body_spans);
+    r->span_idx = 0;
+    r->expect_continue = r->continue_sent = 0;
+    r->up_chunked = 0;
+    r->last_chunk_queued = 0;
+    r->resp_started = r->resp_finished = r->resp_chunked = r->resp_close = r->resp_no_body = 0;
+    r->resp_length = -1;
+    r->resp_sent = 0;
+    r->head_buf = head_buf;
+    r->head_cap = head_cap;
+    r->head_len = 0;
+    r->co_slot = NULL;
+    r->lua_status = 0;
+    r->wait = MG_WAIT_NONE;
+    r->lua_phase = 0;
+    r->lua_busy = 0;
+    r->log_ran = 0;
+    r->done = 0;
+    r->start_ns = mg__now_ns();
+    r->v.start_time = mg_time_now();
+    r->up_ns = 0;
+    return r;
+}
+
+void mg__req_free(mg_req_t *r)
+{
+    mg_worker_t *w = r->conn->w;
+    assert(!r->up); /* the upstream connection went back to its pool first */
+    mg__lua_release(r);
+    uv_timer_stop(&r->sleep_timer);
+    if (r->upstream) {
+        mg_upstream_release(r->upstream);
+        r->upstream = NULL;
+    }
+    arena_reset(&r->arena);
+    r->conn = NULL;
+    if (r->head_cap > 16384) { /* do not pool an outsized head buffer */
+        free(r->head_buf);
+        r->head_buf = NULL;
+        r->head_cap = 0;
+    }
+    if (w->nfree_reqs < 4096) {
+        mg_list_insert_head(&w->free_reqs, &r->free_link);
+        w->nfree_reqs++;
+    } else {
+        free(r->head_buf);
+        uv_close((uv_handle_t *)&r->sleep_timer, (uv_close_cb)free);
+    }
+}
+
+/* The connection died under the request: stop whatever it was waiting on. */
+void mg__req_abort(mg_req_t *r)
+{
+    if (r->up) mg__proxy_abort(r);
+    mg__req_free(r);
+}
+
+/* ---- head building ---------------------------------------------------------- */
+
+int mg__head_reserve(mg_req_t *r, size_t more)
+{
+    if (r->head_len + more <= r->head_cap) return 0;
+    size_t cap = r->head_cap ? r->head_cap : 1024;
+    while (cap < r->head_len + more) cap *= 2;
+    char *b = realloc(r->head_buf, cap);
+    if (!b) return -1;
+    r->head_buf = b;
+    r->head_cap = cap;
+    return 0;
+}
+
+int mg__head_add(mg_req_t *r, const char *p, size_t len)
+{
+    if (mg__head_reserve(r, len)) return -1;
+    memcpy(r->head_buf + r->head_len, p, len);
+    r->head_len += len;
+    return 0;
+}
+
+int mg__head_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl)
+{
+    if (mg__head_reserve(r, nl + vl + 4)) return -1;
+    char *d = r->head_buf + r->head_len;
+    memcpy(d, n, nl);
+    d += nl;
+    *d++ = ':';
+    *d++ = ' ';
+    memcpy(d, v, vl);
+    d += vl;
+    *d++ = '\r';
+    *d++ = '\n';
+    r->head_len += nl + vl + 4;
+    return 0;
+}
+
+/* Is the header `name` replaced or removed by an edit? */
+int mg__edited(const mg_hedit_t *e, const char *name, size_t len)
+{
+    for (; e; e = e->next)
+        if (e->mode != MG_HDR_ADD && mg__strieq(e->name, e->name_len, name, len)) return 1;
+    return 0;
+}
+
+/* Appends the edits that add values, skipping any superseded by a later
+ * set or remove of the same name. O(edits^2): a handful per request. */
+int mg__head_edits(mg_req_t *r, const mg_hedit_t *e)
+{
+    for (; e; e = e->next) {
+        if (e->mode == MG_HDR_REMOVE) continue;
+        if (mg__edited(e->next, e->name, e->name_len)) continue;
+        if (mg__head_header(r, e->name, e->name_len, e->value, e->value_len)) return -1;
+    }
+    return 0;
+}
+
+static int has_header(const mg_header_t *h, uint32_t nh, const mg_hedit_t *edits, const char *name,
+                      size_t len)
+{
+    for (const mg_hedit_t *e = edits; e; e = e->next)
+        if (mg__strieq(e->name, e->name_len, name, len)) return e->mode != MG_HDR_REMOVE;
+    for (uint32_t i = 0; i < nh; i++)
+        if (mg__strieq(h[i].name, h[i].name_len, name, len)) return 1;
+    return 0;
+}
+
+/* Builds the response head for the client into r->head_buf: the given
+ * headers minus hop-by-hop and framing ones, the policy edits, our framing
+ * and X-Request-Id. len: body length, MG_LEN_CHUNKED or MG_LEN_CLOSE. */
+int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reason_len,
+                       const mg_header_t *h, uint32_t nh, int64_t len)
+{
+    mg_conn_t *c = r->conn;
+    char line[64];
+    if (!reason) {
+        reason = mg__status_reason(status);
+        reason_len = strlen(reason);
+    }
+    r->v.status = status;
+    r->head_len = 0;
+    int n = snprintf(line, sizeof(line), "HTTP/1.%d %d ", r->v.version_minor ? 1 : 0, status);
+    if (mg__head_add(r, line, (size_t)n) || mg__head_add(r, reason, reason_len) ||
+        mg__head_add(r, "\r\n", 2))
+        return -1;
+    for (uint32_t i = 0; i < nh; i++) {
+        const char *name = h[i].name;
+        size_t nl = h[i].name_len;
+        if (mg__hop_by_hop(name, nl) || mg__strieq(name, nl, "content-length", 14) ||
+            mg__named_in_connection(h, nh, name, nl) || mg__edited(r->resp_edits, name, nl))
+            continue;
+        if (mg__head_header(r, name, nl, h[i].value, h[i].value_len)) return -1;
+    }
+    if (mg__head_edits(r, r->resp_edits)) return -1;
+    if (!has_header(h, nh, r->resp_edits, "x-request-id", 12) &&
+        mg__head_header(r, "X-Request-Id", 12, r->v.request_id, r->v.request_id_len))
+        return -1;
+    int bodyless = r->resp_no_body || status == 204 || status == 304 || status < 200;
+    if (len == MG_LEN_CHUNKED && r->v.version_minor == 0) len = MG_LEN_CLOSE;
+    if (len >= 0) {
+        if (status != 204 && status >= 200) {
+            n = snprintf(line, sizeof(line), "%lld", (long long)len);
+            if (mg__head_header(r, "Content-Length", 14, line, (size_t)n)) return -1;
+        }
+    } else if (len == MG_LEN_CHUNKED && !bodyless) {
+        if (mg__head_header(r, "Transfer-Encoding", 17, "chunked", 7)) return -1;
+        r->resp_chunked = 1;
+    } else if (len == MG_LEN_CLOSE && !bodyless) {
+        r->resp_close = 1;
+    }
+    if (status >= 200) {
+        r->resp_length = bodyless ? 0 : len;
+        if (c->w->draining || c->nrequests >= c->w->conf->limits.max_keepalive_requests)
+            c->keepalive = 0;
+        if (r->resp_close || !c->keepalive) {
+            r->resp_close = 1;
+            if (mg__head_add(r, "Connection: close\r\n", 19)) return -1;
+        } else if (r->v.version_minor == 0) {
+            if (mg__head_add(r, "Connection: keep-alive\r\n", 24)) return -1;
+        }
+    }
+    return mg__head_add(r, "\r\n", 2);
+}
+
+/* ---- local answers -------------------------------------------------------- */
+
+static int local_write(mg_req_t *r, const char *p, size_t len)
+{
+    mg_conn_t *c = r->conn;
+    if (len == 0) return 0;
+    if (r->resp_chunked) {
+        char f[24];
+        int n = snprintf(f, sizeof(f), "%zx\r\n", len);
+        if (mg__conn_write_copy(c, f, (size_t)n) || mg__conn_write_copy(c, p, len) ||
+            mg__conn_write_copy(c, "\r\n", 2))
+            return -1;
+        return 0;
+    }
+    return mg__conn_write_copy(c, p, len);
+}
+
+static void local_start(mg_req_t *r, int status, int64_t len)
+{
+    if (r->lua_status) status = r->lua_status;
+    if (llhttp_get_method(&r->conn->parser) == HTTP_HEAD) r->resp_no_body = 1;
+    r->state = MG_REQ_LOCAL;
+    r->resp_started = 1;
+    if (mg__req_head_write(r, status, NULL, 0, NULL, 0, len) ||
+        mg__conn_write_copy(r->conn, r->head_buf, r->head_len))
+        r->resp_close = 1;
+}
+
+/* An error answer from the gateway: JSON with the request id. */
+void mg__req_fail(mg_req_t *r, int status, const char *msg)
+{
+    mg_conn_t *c = r->conn;
+    if (r->up) mg__proxy_abort(r);
+    if (r->resp_started) { /* too late for a status: the client sees a cut */
+        mg__conn_close(c);
+        return;
+    }
+    mg__lua_release(r); /* a coroutine waiting on anything is dropped */
+    uv_timer_stop(&r->sleep_timer);
+    r->wait = MG_WAIT_NONE;
+    if (!msg) msg = mg__status_reason(status);
+    if (status == 400 || status == 408 || status == 413 || status == 414 || status == 431 ||
+        status == 505 || status == 417 || status == 405 || !r->body_done)
+        c->keepalive = 0;
+    r->resp_edits = r->resp_edits_tail = NULL; /* policies' headers do not decorate errors */
+    char body[256];
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"request_id\":\"%s\"}\n", msg,
+                     r->v.request_id_len ? r->v.request_id : "");
+    mg_resp_set_header(r, "Content-Type", 12, "application/json", 16, MG_HDR_SET);
+    r->lua_status = 0;
+    local_start(r, status, n);
+    if (!r->resp_no_body) local_write(r, body, (size_t)n);
+    r->resp_finished = 1;
+    mg__req_maybe_done(r);
+}
+
+/* The request body failed while streaming (too large, malformed). */
+void mg__req_body_event(mg_req_t *r)
+{
+    if (r->wait == MG_WAIT_BODY) {
+        r->wait = MG_WAIT_NONE;
+        mg__lua_resume(r);
+    }
+}
+
+void mg__req_client_drained(mg_req_t *r)
+{
+    if (r->wait == MG_WAIT_DRAIN && mg__conn_queued(r->conn) < MG_HIGH_WATER / 2) {
+        r->wait = MG_WAIT_NONE;
+        mg__lua_resume(r);
+        return;
+    }
+    if (r->state == MG_REQ_PROXY && r->up) {
+        mg__proxy_client_drained(r);
+        return;
+    }
+    mg__req_maybe_done(r);
+}
+
+/* Finishes the request once its response is out and Lua is done with it. */
+void mg__req_maybe_done(mg_req_t *r)
+{
+    mg_conn_t *c = r->conn;
+    if (r->done || !r->resp_finished || r->lua_busy || c->inflight || c->out.pending) return;
+    if (r->up) mg__proxy_release(r);
+    if ((r->phases & MG_PHASE_LOG) && !r->log_ran && c->w->ref_log >= 0) {
+        r->log_ran = 1;
+        mg__lua_start(r, MG_LUA_LOG);
+        if (r->lua_busy) return; /* a yielding log phase finishes later */
+    }
+    r->done = 1;
+    mg__access_log(r);
+    mg__conn_req_done(c);
+}
+
+/* ---- running the phases ------------------------------------------------------ */
+
+void mg__req_run(mg_req_t *r)
+{
+    make_request_id(r->conn->w, r);
+    r->state = MG_REQ_ACCESS;
+    mg__lua_start(r, MG_LUA_ACCESS);
+}
+
+/* A Lua phase has returned (rc 0) or raised (rc < 0). */
+void mg__req_phase_done(mg_req_t *r, int phase, int rc)
+{
+    if (phase == MG_LUA_LOG) {
+        mg__req_maybe_done(r);
+        return;
+    }
+    if (rc < 0) {
+        mg__req_fail(r, 500, "policy error");
+        return;
+    }
+    if (phase == MG_LUA_HEADER_FILTER) {
+        mg__proxy_header_filter_done(r);
+        return;
+    }
+    /* access */
+    if (r->body_error && !r->resp_started) {
+        mg__req_fail(r, r->body_error, NULL);
+        return;
+    }
+    if (r->resp_started) {
+        if (!r->resp_finished) mg_resp_finish(r);
+        mg__req_maybe_done(r);
+        return;
+    }
+    if (r->upstream) {
+        r->state = MG_REQ_PROXY;
+        mg__proxy_start(r);
+        return;
+    }
+    if (r->conn->w->mock) {
+        mg__req_fail(r, 500, "handler sent no response");
+        return;
+    }
+    mg__req_fail(r, 502, "route has no upstream");
+}
+
+/* ---- FFI: request ------------------------------------------------------------- */
+
+static int header_lookup(const mg_header_t *h, uint32_t nh, const mg_hedit_t *edits,
+                         const char *name, size_t nl, size_t idx, const char **v, size_t *vl)
+{
+    /* Effective values: the originals (unless a set/remove came after),
+     * then the added values, in order. */
+    const mg_hedit_t *reset = NULL;
+    for (const mg_hedit_t *e = edits; e; e = e->next)
+        if (e->mode != MG_HDR_ADD && mg__strieq(e->name, e->name_len, name, nl)) reset = e;
+    size_t k = 0;
+    const mg_hedit_t *e = edits;
+    if (reset) {
+        if (reset->mode == MG_HDR_SET && k++ == idx) {
+            *v = reset->value;
+            *vl = reset->value_len;
+            return MG_OK;
+        }
+        e = reset->next;
+    } else {
+        for (uint32_t i = 0; i < nh; i++)
+            if (mg__strieq(h[i].name, h[i].name_len, name, nl) && k++ == idx) {
+                *v = h[i].value;
+                *vl = h[i].value_len;
+                return MG_OK;
+            }
+    }
+    for (; e; e = e->next)
+        if (e->mode == MG_HDR_ADD && mg__strieq(e->name, e->name_len, name, nl) && k++ == idx) {
+            *v = e->value;
+            *vl = e->value_len;
+            return MG_OK;
+        }
+    return MG_DECLINED;
+}
+
+int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const char **v,
+                  size_t *vl)
+{
+    return header_lookup(r->hdrs, r->v.nheaders, r->req_edits, name, nl, idx, v, vl);
+}
+
+static int valid_header(const char *n, size_t nl, const char *v, size_t vl)
+{
+    if (nl == 0) return 0;
+    for (size_t i = 0; i < nl; i++) {
+        unsigned char ch = (unsigned char)n[i];
+        if (ch <= 0x20 || ch >= 0x7f || ch == ':') return 0;
+    }
+    for (size_t i = 0; i < vl; i++) {
+        unsigned char ch = (unsigned char)v[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
+    }
+    return 1;
+}
+
+static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
+                    const char *v, size_t vl, int mode)
+{
+    if (mode < MG_HDR_SET || mode > MG_HDR_REMOVE) return MG_EINVAL;
+    if (mode == MG_HDR_REMOVE) vl = 0;
+    /* No CR/LF/NUL from a policy either: it would split the head we send. */
+    if (!valid_header(n, nl, mode == MG_HDR_REMOVE ? "" : v, vl)) return MG_EINVAL;
+    mg_hedit_t *e = mg__arena_alloc(&r->arena, sizeof(*e));
+    if (!e) return MG_ERROR;
+    e->name = mg__arena_dup(&r->arena, n, nl);
+    e->value = vl ? mg__arena_dup(&r->arena, v, vl) : "";
+    if (!e->name || !e->value) return MG_ERROR;
+    e->name_len = (uint32_t)nl;
+    e->value_len = (uint32_t)vl;
+    e->mode = mode;
+    e->next = NULL;
+    if (*tail) (*tail)->next = e;
+    else *head = e;
+    *tail = e;
+    return MG_OK;
+}
+
+int mg_req_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
+{
+    return add_edit(r, &r->req_edits, &r->req_edits_tail, n, nl, v, vl, mode);
+}
+
+int mg_req_set_uri(mg_req_t *r, const char *path, size_t pl, const char *query, size_t ql)
+{
+    if (pl == 0 || path[0] != '/') return MG_EINVAL;
+    for (size_t i = 0; i < pl; i++) {
+        unsigned char ch = (unsigned char)path[i];
+        if (ch <= 0x20 || ch >= 0x7f || ch == '?' || ch == '#') return MG_EINVAL;
+    }
+    r->up_path = mg__arena_dup(&r->arena, path, pl);
+    r->up_path_len = (uint32_t)pl;
+    if (query) {
+        for (size_t i = 0; i < ql; i++) {
+            unsigned char ch = (unsigned char)query[i];
+            if (ch <= 0x20 || ch >= 0x7f || ch == '#') return MG_EINVAL;
+        }
+        r->up_query = mg__arena_dup(&r->arena, query, ql);
+        r->up_query_len = (uint32_t)ql;
+        r->up_query_set = 1;
+    }
+    return r->up_path ? MG_OK : MG_ERROR;
+}
+
+int mg_req_set_upstream(mg_req_t *r, mg_upstream_t *u)
+{
+    if (r->upstream) mg_upstream_release(r->upstream);
+    r->upstream = u;
+    if (u) u->refs++;
+    return MG_OK;
+}
+
+int mg_req_set_phases(mg_req_t *r, unsigned phases)
+{
+    r->phases = phases;
+    return MG_OK;
+}
+
+int mg_req_set_route(mg_req_t *r, const char *id, size_t len)
+{
+    r->route_id = id; /* interned by Lua in the route table, which outlives requests */
+    r->route_id_len = (uint32_t)len;
+    return MG_OK;
+}
+
+static void on_sleep_done(uv_timer_t *t)
+{
+    mg_req_t *r = t->data;
+    if (r->wait != MG_WAIT_SLEEP) return;
+    r->wait = MG_WAIT_NONE;
+    mg__lua_resume(r);
+}
+
+int mg_req_sleep(mg_req_t *r, uint32_t ms)
+{
+    if (r->wait != MG_WAIT_NONE) return MG_EINVAL;
+    r->wait = MG_WAIT_SLEEP;
+    uv_timer_start(&r->sleep_timer, on_sleep_done, ms, 0);
+    return MG_AGAIN;
+}
+
+int mg_req_read_body(mg_req_t *r, const char **data, size_t *len)
+{
+    *len = 0;
+    *data = NULL;
+    if (r->body_error) return MG_ERROR;
+    if (r->sink == MG_SINK_NONE) r->sink = MG_SINK_LUA;
+    if (r->sink != MG_SINK_LUA) return MG_EINVAL;
+    mg_out_t *o = &r->body_spans;
+    for (;;) {
+        if (r->span_idx < o->n) {
+            *data = o->iov[r->span_idx].base;
+            *len = o->iov[r->span_idx].len;
+            r->span_idx++;
+            return MG_OK;
+        }
+        mg__out_reset(o);
+        r->span_idx = 0;
+        if (r->body_done) return MG_OK;
+        int rc = mg__conn_body_step(r->conn);
+        if (rc < 0) return MG_ERROR;
+        if (rc == 0) { /* reading: C resumes us when bytes arrive */
+            r->wait = MG_WAIT_BODY;
+            return MG_AGAIN;
+        }
+    }
+}
+
+/* ---- FFI: response ---------------------------------------------------------- */
+
+int mg_resp_header(mg_req_t *r, const char *n, size_t nl, size_t idx, const char **v, size_t *vl)
+{
+    const mg_header_t *h = NULL;
+    uint32_t nh = 0;
+    if (r->up && r->up->head_done) {
+        h = r->up->hdrs;
+        nh = r->up->nhdrs;
+    }
+    return header_lookup(h, nh, r->resp_edits, n, nl, idx, v, vl);
+}
+
+int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
+{
+    if (r->resp_started) return MG_DECLINED;
+    return add_edit(r, &r->resp_edits, &r->resp_edits_tail, n, nl, v, vl, mode);
+}
+
+int mg_resp_set_status(mg_req_t *r, int status)
+{
+    if (status < 200 || status > 999) return MG_EINVAL;
+    if (r->resp_started) return MG_DECLINED;
+    r->lua_status = status;
+    return MG_OK;
+}
+
+int mg_resp_start(mg_req_t *r, int status, int64_t len)
+{
+    if (r->resp_started) return MG_DECLINED;
+    if (status < 200 || status > 999 || len < MG_LEN_CLOSE) return MG_EINVAL;
+    if (r->conn->closing) return MG_ERROR;
+    local_start(r, status, len);
+    return MG_OK;
+}
+
+int mg_resp_write(mg_req_t *r, const char *data, size_t len)
+{
+    if (!r->resp_started) mg_resp_start(r, 200, MG_LEN_CHUNKED);
+    if (r->resp_finished) return MG_DECLINED;
+    if (r->conn->closing) return MG_ERROR;
+    if (r->resp_length >= 0 && r->resp_sent + len > (uint64_t)r->resp_length) return MG_EINVAL;
+    r->resp_sent += len;
+    if (!r->resp_no_body && local_write(r, data, len)) return MG_ERROR;
+    if (mg__conn_queued(r->conn) > MG_HIGH_WATER) {
+        r->wait = MG_WAIT_DRAIN;
+        return MG_AGAIN;
+    }
+    return MG_OK;
+}
+
+int mg_resp_finish(mg_req_t *r)
+{
+    if (!r->resp_started) mg_resp_start(r, 200, 0);
+    if (r->resp_finished) return MG_OK;
+    r->resp_finished = 1;
+    if (r->resp_no_body) return MG_OK;
+    if (r->resp_chunked) mg__conn_write_copy(r->conn, "0\r\n\r\n", 5);
+    else if (r->resp_length >= 0 && r->resp_sent < (uint64_t)r->resp_length)
+        r->resp_close = 1; /* short body: only a close tells the client */
+    return MG_OK;
+}
+
+int mg_resp_send(mg_req_t *r, int status, const char *body, size_t len)
+{
+    if (r->resp_started) return MG_DECLINED;
+    if (status < 200 || status > 999) return MG_EINVAL;
+    local_start(r, status, (int64_t)len);
+    r->resp_sent = len;
+    if (!r->resp_no_body && len) local_write(r, body, len);
+    r->resp_finished = 1;
+    return MG_OK;
+}

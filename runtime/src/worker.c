@@ -1,0 +1,161 @@
+/* worker.c: one worker process: its loop, listeners, signals and pools.
+ *
+ * Phases of the loop: accept -> read/parse a request head -> Lua access
+ * phase -> proxy (or a local answer) -> header_filter -> stream the body ->
+ * log phase -> next request. Everything runs on this one libuv loop; the
+ * only blocking work is at start and reload (config load in Lua).
+ */
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "mg.h"
+#include "worker.h"
+
+mg_worker_t *mg__worker;
+static mg_worker_t worker;
+
+uint64_t mg__now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+double mg_time_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int mg_worker_id(void) { return mg__worker ? mg__worker->id : -1; }
+
+/* ---- buffers ------------------------------------------------------------------ */
+
+char *mg__buf_get(mg_worker_t *w)
+{
+    if (w->nfree_bufs) return w->free_bufs[--w->nfree_bufs];
+    char *b = malloc(w->buf_size);
+    if (!b) abort(); /* out of memory on the request path: nothing sane to do */
+    return b;
+}
+
+void mg__buf_put(mg_worker_t *w, char *b)
+{
+    if (w->nfree_bufs < w->free_bufs_cap) {
+        w->free_bufs[w->nfree_bufs++] = b;
+        return;
+    }
+    free(b);
+}
+
+/* ---- stopping -------------------------------------------------------------------- */
+
+static void stop_now(mg_worker_t *w)
+{
+    w->stopping = 1;
+    uv_stop(w->loop);
+}
+
+void mg__worker_drained(mg_worker_t *w)
+{
+    if (w->draining && w->nconns == 0) stop_now(w);
+}
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    mg_worker_t *w = t->data;
+    if (w->nconns) mg_log(MG_LOG_WARN, "shutdown timeout: closing %u connections", w->nconns);
+    stop_now(w);
+}
+
+static void start_drain(mg_worker_t *w)
+{
+    if (w->draining) return;
+    w->draining = 1;
+    for (int i = 0; i < w->nlisten; i++) uv_close((uv_handle_t *)&w->listeners[i], NULL);
+    mg__targets_close(w);
+    mg__conn_drain_idle(w);
+    uv_timer_start(&w->drain_timer, on_drain_timeout, w->conf->shutdown_timeout_ms, 0);
+    mg__worker_drained(w);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    mg_worker_t *w = s->data;
+    switch (signum) {
+    case SIGHUP: mg__lua_reload(w); break;
+    case SIGQUIT: start_drain(w); break;
+    default: stop_now(w); break;
+    }
+}
+
+/* The master died (PDEATHSIG may be lost across its exec-less forks on some
+ * kernels): drain rather than serve unsupervised. */
+static void on_ppid_check(uv_timer_t *t)
+{
+    mg_worker_t *w = t->data;
+    if (getppid() == 1 && !w->conf->mock) start_drain(w);
+}
+
+int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, int nfds)
+{
+    mg_worker_t *w = &worker;
+    memset(w, 0, sizeof(*w));
+    mg__worker = w;
+    w->conf = conf;
+    w->id = worker_id;
+    w->mock = conf->mock;
+    w->loop = uv_default_loop();
+    mg_log_level = conf->log_level;
+    mg_list_init(&w->conns);
+    mg_list_init(&w->targets);
+    mg_list_init(&w->free_reqs);
+    mg__conn_settings(&w->req_settings);
+    mg__proxy_resp_settings(&w->resp_settings);
+    size_t head = (size_t)conf->limits.max_uri_bytes + conf->limits.max_header_bytes + 1024;
+    w->buf_size = (uint32_t)((head + MG_BODY_SPACE + 4095) & ~(size_t)4095);
+    w->free_bufs_cap = 1024;
+    w->free_bufs = calloc(w->free_bufs_cap, sizeof(char *));
+    if (getrandom(&w->rid_seed, sizeof(w->rid_seed), 0) != sizeof(w->rid_seed))
+        w->rid_seed = mg__now_ns() ^ ((uint64_t)getpid() << 32);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (mg__lua_init(w) != 0) return 1;
+
+    for (int i = 0; i < nfds && i < MG_MAX_LISTEN; i++) {
+        uv_tcp_init(w->loop, &w->listeners[i]);
+        int rc = uv_tcp_open(&w->listeners[i], fds[i]);
+        if (rc == 0) rc = uv_listen((uv_stream_t *)&w->listeners[i], 511, mg__conn_accept);
+        if (rc != 0) {
+            mg_log(MG_LOG_ERROR, "listen: %s", uv_strerror(rc));
+            return 1;
+        }
+        w->nlisten++;
+    }
+    uv_signal_t *sigs[] = {&w->sig_hup, &w->sig_quit, &w->sig_term, &w->sig_int};
+    int nums[] = {SIGHUP, SIGQUIT, SIGTERM, SIGINT};
+    for (int i = 0; i < 4; i++) {
+        uv_signal_init(w->loop, sigs[i]);
+        sigs[i]->data = w;
+        uv_signal_start(sigs[i], on_signal, nums[i]);
+        uv_unref((uv_handle_t *)sigs[i]);
+    }
+    uv_timer_init(w->loop, &w->drain_timer);
+    w->drain_timer.data = w;
+    uv_timer_init(w->loop, &w->ppid_timer);
+    w->ppid_timer.data = w;
+    uv_timer_start(&w->ppid_timer, on_ppid_check, 1000, 1000);
+    uv_unref((uv_handle_t *)&w->ppid_timer);
+    uv_unref((uv_handle_t *)&w->drain_timer);
+
+    mg_log(MG_LOG_INFO, "worker %d started", worker_id);
+    while (!w->stopping && uv_run(w->loop, UV_RUN_DEFAULT)) {
+    }
+    mg__lua_close(w);
+    return 0;
+}
