@@ -43,7 +43,7 @@ LIB         := $(BUILD)/libmoongate.so
 BIN         := bin/moongate
 CTESTS      := $(patsubst runtime/test/%.c,$(BUILD)/test/%,$(wildcard runtime/test/test_*.c))
 
-BUSTED      := busted --lua=luajit --lpath='./spec/?.lua;./lua/?.lua;./lua/?/init.lua'
+BUSTED      := busted --lua=luajit --lpath='./spec/?.lua' --lpath='./lua/?.lua' --lpath='./lua/?/init.lua'
 
 .PHONY: all deps build test test-c test-lua asan lint fuzz bench help clean rock
 

@@ -102,6 +102,7 @@ int mg_resp_start(mg_req_t *r, int status, int64_t content_length);
 int mg_resp_write(mg_req_t *r, const char *data, size_t len);
 int mg_resp_finish(mg_req_t *r);
 int mg_resp_send(mg_req_t *r, int status, const char *body, size_t len);
+int mg_resp_interim(mg_req_t *r, int status, const char *headers, size_t len);
 
 /* Upstreams: created by Lua per config version, freed through ffi.gc. */
 mg_upstream_t *mg_upstream_new(const char *id, size_t id_len, uint32_t connect_ms, uint32_t send_ms,

@@ -197,6 +197,8 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->v.headers = r->hdrs;
     r->v.content_length = -1;
     r->v.worker_id = (uint32_t)w->id;
+    memcpy(r->v.remote_addr, c->remote_addr, sizeof(r->v.remote_addr));
+    r->v.remote_port = c->remote_port;
     r->conn = c;
     r->req_edits = r->resp_edits = NULL;
     r->req_edits_tail = r->resp_edits_tail = NULL;
@@ -664,8 +666,9 @@ int mg_req_set_phases(mg_req_t *r, unsigned phases)
 
 int mg_req_set_route(mg_req_t *r, const char *id, size_t len)
 {
-    r->route_id = id; /* interned by Lua in the route table, which outlives requests */
-    r->route_id_len = (uint32_t)len;
+    /* copied: a reload may collect the route table while we still log it */
+    r->route_id = mg__arena_dup(&r->arena, id, len);
+    r->route_id_len = r->route_id ? (uint32_t)len : 0;
     return MG_OK;
 }
 
@@ -783,5 +786,26 @@ int mg_resp_send(mg_req_t *r, int status, const char *body, size_t len)
     r->resp_sent = len;
     if (!r->resp_no_body && len) local_write(r, body, len);
     r->resp_finished = 1;
+    return MG_OK;
+}
+
+/* A 1xx before the response (103 Early Hints, 102): `headers` is a block of
+ * "Name: value\r\n" lines. Ignored for HTTP/1.0 clients, which know no 1xx. */
+int mg_resp_interim(mg_req_t *r, int status, const char *headers, size_t len)
+{
+    if (r->resp_started) return MG_DECLINED;
+    if (status < 102 || status > 199) return MG_EINVAL;
+    for (size_t i = 0; i < len; i++) { /* every line ends in CRLF, nothing bare */
+        if (headers[i] == '\n' && (i == 0 || headers[i - 1] != '\r')) return MG_EINVAL;
+        if (headers[i] == '\r' && (i + 1 == len || headers[i + 1] != '\n')) return MG_EINVAL;
+        if (headers[i] == 0) return MG_EINVAL;
+    }
+    if (len >= 2 && headers[len - 1] != '\n') return MG_EINVAL;
+    if (r->v.version_minor == 0) return MG_OK;
+    char line[48];
+    int n = snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status, mg__status_reason(status));
+    if (mg__conn_write_copy(r->conn, line, (size_t)n) || mg__conn_write_copy(r->conn, headers, len) ||
+        mg__conn_write_copy(r->conn, "\r\n", 2))
+        return MG_ERROR;
     return MG_OK;
 }

@@ -1,0 +1,24 @@
+-- Which request the running coroutine serves. The policy kit's yielding
+-- calls (mg.sleep, ctx.req:body()) need the C request handle without the
+-- policy passing it around. Coroutines are pooled by C: the entry points
+-- set the mapping at the start of every phase.
+
+local coroutine_running = coroutine.running
+
+local _M = {}
+
+local current = setmetatable({}, { __mode = "k" })
+
+function _M.set(r)
+  current[coroutine_running()] = r
+end
+
+function _M.get()
+  local r = current[coroutine_running()]
+  if not r then
+    error("not in a request (the policy kit's yielding calls need one)", 3)
+  end
+  return r
+end
+
+return _M

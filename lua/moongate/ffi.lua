@@ -1,0 +1,136 @@
+-- The FFI binding of runtime/include/moongate.h: one cdef, one library
+-- handle. Every module that calls C goes through here.
+--
+-- Inside the gateway the mg_* symbols are already in the process (the
+-- executable links libmoongate), so ffi.C has them. Plain luajit (busted
+-- specs, tools) loads the library: $MOONGATE_LIB, then build/ next to this
+-- tree, then the system paths; the error names every path it tried.
+
+local ffi = require("ffi")
+
+local pcall = pcall
+local concat = table.concat
+local os_getenv = os.getenv
+
+local _M = {}
+
+-- Mirrors runtime/include/moongate.h between MG_CDEF_BEGIN and MG_CDEF_END
+-- (spec/01-unit/ffi_spec.lua checks that they stay equal).
+_M.cdef = [[
+enum {
+    MG_OK = 0,
+    MG_ERROR = -1,
+    MG_AGAIN = -2,
+    MG_DECLINED = -3,
+    MG_EINVAL = -4
+};
+enum {
+    MG_HDR_SET = 0,
+    MG_HDR_ADD = 1,
+    MG_HDR_REMOVE = 2
+};
+enum {
+    MG_LEN_CHUNKED = -1,
+    MG_LEN_CLOSE = -2
+};
+enum { MG_PHASE_HEADER_FILTER = 1, MG_PHASE_BODY_FILTER = 2, MG_PHASE_LOG = 4 };
+typedef struct mg_req_s mg_req_t;
+typedef struct mg_upstream_s mg_upstream_t;
+typedef struct mg_sha256_s mg_sha256_t;
+typedef struct mg_header_s {
+    const char *name;
+    const char *value;
+    uint32_t name_len;
+    uint32_t value_len;
+} mg_header_t;
+typedef struct mg_req_view_s {
+    const char *method;
+    const char *path;
+    const char *query;
+    const mg_header_t *headers;
+    uint32_t method_len;
+    uint32_t path_len;
+    uint32_t query_len;
+    uint32_t nheaders;
+    uint8_t version_major;
+    uint8_t version_minor;
+    uint16_t remote_port;
+    int32_t status;
+    uint32_t worker_id;
+    int64_t content_length;
+    double start_time;
+    char remote_addr[48];
+    char request_id[36];
+    uint32_t request_id_len;
+} mg_req_view_t;
+int mg_req_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
+                  size_t *value_len);
+int mg_req_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
+                      size_t value_len, int mode);
+int mg_req_set_uri(mg_req_t *r, const char *path, size_t path_len, const char *query,
+                   size_t query_len);
+int mg_req_set_upstream(mg_req_t *r, mg_upstream_t *u);
+int mg_req_set_phases(mg_req_t *r, unsigned phases);
+int mg_req_set_route(mg_req_t *r, const char *id, size_t id_len);
+int mg_req_sleep(mg_req_t *r, uint32_t ms);
+int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
+int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
+                   size_t *value_len);
+int mg_resp_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
+                       size_t value_len, int mode);
+int mg_resp_set_status(mg_req_t *r, int status);
+int mg_resp_start(mg_req_t *r, int status, int64_t content_length);
+int mg_resp_write(mg_req_t *r, const char *data, size_t len);
+int mg_resp_finish(mg_req_t *r);
+int mg_resp_send(mg_req_t *r, int status, const char *body, size_t len);
+int mg_resp_interim(mg_req_t *r, int status, const char *headers, size_t len);
+mg_upstream_t *mg_upstream_new(const char *id, size_t id_len, uint32_t connect_ms, uint32_t send_ms,
+                               uint32_t read_ms, uint32_t pool_size, uint32_t idle_ms,
+                               uint32_t max_requests);
+int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, int port,
+                           int weight);
+void mg_upstream_release(mg_upstream_t *u);
+double mg_time_now(void);
+void mg_log_write(int level, const char *msg, size_t len);
+int mg_worker_id(void);
+mg_sha256_t *mg_sha256_new(void);
+int mg_sha256_update(mg_sha256_t *s, const char *data, size_t len);
+int mg_sha256_final(mg_sha256_t *s, unsigned char *out32);
+void mg_sha256_free(mg_sha256_t *s);
+]]
+
+ffi.cdef(_M.cdef)
+-- libc, not part of moongate.h
+pcall(ffi.cdef, "int memcmp(const void *s1, const void *s2, size_t n);")
+
+local function in_process()
+  return pcall(function() return ffi.C.mg_time_now end)
+end
+
+local function load_library()
+  if in_process() then
+    return ffi.C
+  end
+  local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+  local tried = {}
+  local candidates = {
+    os_getenv("MOONGATE_LIB"),
+    here .. "/../../build/libmoongate.so",
+    "moongate",
+  }
+  for i = 1, #candidates do
+    local path = candidates[i]
+    if path then
+      local ok, lib = pcall(ffi.load, path, true)
+      if ok then
+        return lib
+      end
+      tried[#tried + 1] = path .. " (" .. tostring(lib) .. ")"
+    end
+  end
+  error("libmoongate not found; tried: " .. concat(tried, ", "), 2)
+end
+
+_M.C = load_library()
+
+return _M

@@ -1,0 +1,341 @@
+-- The gateway's entry points, called by the C runtime (lua.c) in a pooled
+-- coroutine per request phase: init, access, header_filter, log, reload.
+--
+-- A config version is compiled once into: the router, one C upstream
+-- handle per upstream, and per route the flat lists of policies for each
+-- phase, so a phase no policy of the route uses costs nothing.
+
+local ffi = require("ffi")
+local binding = require("moongate.ffi")
+local config = require("moongate.config")
+local router = require("moongate.router")
+local request = require("moongate.request")
+local context = require("moongate.context")
+local mg = require("moongate")
+
+local C = binding.C
+local ffi_cast = ffi.cast
+local ffi_gc = ffi.gc
+local ffi_string = ffi.string
+local type = type
+local pcall = pcall
+local ipairs = ipairs
+local tostring = tostring
+local sort = table.sort
+local lower = string.lower
+local match = string.match
+local sub = string.sub
+local json_encode = mg.json.encode
+
+local view_ptr = ffi.typeof("mg_req_view_t *")
+local req_ptr = ffi.typeof("mg_req_t *")
+
+local SET = C.MG_HDR_SET
+local PHASE_HEADER_FILTER = C.MG_PHASE_HEADER_FILTER
+local PHASE_LOG = C.MG_PHASE_LOG
+
+local _M = {}
+
+local conf_path, worker_id
+local current -- the config version in force: {router, upstreams, version}
+local ctxs = {} -- request handle -> ctx, for requests with later phases
+
+-- ---- answering at the gateway ------------------------------------------
+
+local function respond(r, status, body)
+  local ct = "text/plain; charset=utf-8"
+  if type(body) == "table" then
+    body = json_encode(body)
+    ct = "application/json"
+  elseif body == nil then
+    body = ""
+  else
+    body = tostring(body)
+  end
+  C.mg_resp_set_header(r, "Content-Type", 12, ct, #ct, SET)
+  C.mg_resp_send(r, status, body, #body)
+end
+
+local function policy_failed(r, v, route, p, err)
+  local rid = ffi_string(v.request_id, v.request_id_len)
+  mg.log.err("route ", route.id, " policy ", p.name, " failed: ", err, " (request ", rid, ")")
+  respond(r, 500, { error = "internal error", request_id = rid })
+end
+
+-- ---- compiling a config version -----------------------------------------
+
+local PHASES = { "rewrite", "access", "header_filter", "log" }
+
+local function compile_route(route, globals, loader)
+  local list = {}
+  for _, g in ipairs(globals) do
+    list[#list + 1] = g
+  end
+  for _, p in ipairs(route.policies or {}) do
+    if p.enabled ~= false then
+      local mod = loader(p.name)
+      local conf = p.conf or {}
+      if mod.init then
+        conf = mod.init(conf) or conf
+      end
+      list[#list + 1] = { name = p.name, mod = mod, conf = conf, priority = mod.priority or 0 }
+    end
+  end
+  sort(list, function(a, b) return a.priority > b.priority end)
+  local phases = {}
+  local flags = 0
+  for _, ph in ipairs(PHASES) do
+    local l = {}
+    for _, p in ipairs(list) do
+      if type(p.mod[ph]) == "function" then
+        l[#l + 1] = p
+      end
+    end
+    phases[ph] = #l > 0 and l or nil
+  end
+  if phases.header_filter then
+    flags = flags + PHASE_HEADER_FILTER
+  end
+  if phases.log then
+    flags = flags + PHASE_LOG
+  end
+  route.phases = phases
+  route.phase_flags = flags
+  route.has_access = phases.rewrite ~= nil or phases.access ~= nil
+  -- strip_prefix: the literal prefix of the route's prefix paths
+  if route.strip_prefix then
+    route.strip = true
+  end
+end
+
+local function build(routes_conf, lua_path)
+  local loader = config.policy_loader(lua_path)
+  local upstreams = {}
+  for _, u in ipairs(routes_conf.upstreams or {}) do
+    local t = u.timeouts or {}
+    local ka = u.keepalive or {}
+    local h = C.mg_upstream_new(u.id, #u.id, t.connect_ms or 5000, t.send_ms or 60000,
+                                t.read_ms or 60000, ka.size or 64, ka.idle_timeout_ms or 60000,
+                                ka.requests or 1000)
+    if h == nil then
+      return nil, "out of memory creating upstream " .. u.id
+    end
+    h = ffi_gc(h, C.mg_upstream_release)
+    for i, tg in ipairs(u.targets or {}) do
+      local rc = C.mg_upstream_add_target(h, tg.host, #tg.host, tg.port, tg.weight or 1)
+      if rc ~= 0 then
+        return nil, ("upstreams.%s.targets[%d]: cannot use %s:%d"):format(u.id, i - 1,
+                                                                        tg.host, tg.port)
+      end
+    end
+    upstreams[u.id] = h
+  end
+  local globals = {}
+  for _, g in ipairs(routes_conf.global_policies or {}) do
+    if g.enabled ~= false then
+      local mod = loader(g.name)
+      local conf = g.conf or {}
+      if mod.init then
+        conf = mod.init(conf) or conf
+      end
+      globals[#globals + 1] = { name = g.name, mod = mod, conf = conf, priority = mod.priority or 0 }
+    end
+  end
+  local consumers = {}
+  for _, c in ipairs(routes_conf.consumers or {}) do
+    consumers[c.id] = c
+  end
+  for _, route in ipairs(routes_conf.routes or {}) do
+    compile_route(route, globals, loader)
+    route.upstream_handle = route.upstream and upstreams[route.upstream] or nil
+  end
+  return {
+    router = router.new(routes_conf.routes or {}),
+    upstreams = upstreams,
+    consumers = consumers,
+    routes = routes_conf.routes or {},
+  }
+end
+
+local function load()
+  local node, errs = config.load_node(conf_path)
+  if not node then
+    return nil, table.concat(errs, "; ")
+  end
+  local src = node.config_source
+  if src.type ~= "file" then
+    return nil, "config_source " .. tostring(src.type) .. " is not supported yet"
+  end
+  local routes, rerrs = config.load_routes(src.path, { lua_path = node.lua_path })
+  if not routes then
+    return nil, table.concat(rerrs, "; ")
+  end
+  local ok, built, err = pcall(build, routes, node.lua_path)
+  if not ok then
+    return nil, tostring(built)
+  end
+  if not built then
+    return nil, err
+  end
+  return built
+end
+
+-- ---- entry points ----------------------------------------------------------
+
+function _M.init(path, wid)
+  conf_path, worker_id = path, wid
+  local v, err = load()
+  if not v then
+    return nil, err
+  end
+  v.version = 1
+  current = v
+  return true
+end
+
+function _M.reload()
+  local v, err = load()
+  if not v then
+    return nil, err
+  end
+  v.version = (current and current.version or 0) + 1
+  current = v
+  return true
+end
+
+local function request_host(r)
+  local h = request.header_of(C.mg_req_header, r, "host")
+  if not h then
+    return nil
+  end
+  h = lower(h)
+  return match(h, "^%[[^%]]*%]") or match(h, "^[^:]+") or h
+end
+
+local function run_phase(list, ctx, r, v, route)
+  for i = 1, #list do
+    local p = list[i]
+    local fn = p.mod[ctx.phase]
+    local ok, status, body = pcall(fn, p.conf, ctx)
+    if not ok then
+      policy_failed(r, v, route, p, status)
+      return true
+    end
+    if status then
+      respond(r, status, body)
+      return true
+    end
+  end
+  return false
+end
+
+function _M.access(rp)
+  local r = ffi_cast(req_ptr, rp)
+  local v = ffi_cast(view_ptr, rp)
+  local cfg = current
+  local route, entry, params = router.match(cfg.router, v, function() return request_host(r) end)
+  if not route then
+    respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
+                                                                           v.request_id_len) })
+    return
+  end
+  local id = route.id
+  C.mg_req_set_route(r, id, #id)
+  if route.strip and entry.kind == "prefix" then
+    local path = ffi_string(v.path, v.path_len)
+    local rest = sub(path, entry.len + 1)
+    if rest == "" then
+      rest = "/"
+    end
+    C.mg_req_set_uri(r, rest, #rest, nil, 0)
+  end
+  if route.has_access or route.phase_flags ~= 0 then
+    context.set(r)
+    local ctx = {
+      req = request.new_req(r, v),
+      resp = request.new_resp(r, v),
+      route = route,
+      params = params or {},
+      vars = {},
+      request_id = ffi_string(v.request_id, v.request_id_len),
+      consumers = cfg.consumers,
+    }
+    local phases = route.phases
+    if phases.rewrite then
+      ctx.phase = "rewrite"
+      if run_phase(phases.rewrite, ctx, r, v, route) then
+        return
+      end
+    end
+    if phases.access then
+      ctx.phase = "access"
+      if run_phase(phases.access, ctx, r, v, route) then
+        return
+      end
+    end
+    if route.phase_flags ~= 0 then
+      ctxs[rp] = ctx
+      C.mg_req_set_phases(r, route.phase_flags)
+    end
+    if ctx.upstream then -- a policy chose another upstream
+      local h = cfg.upstreams[ctx.upstream]
+      if not h then
+        respond(r, 502, { error = "unknown upstream " .. tostring(ctx.upstream) })
+        return
+      end
+      C.mg_req_set_upstream(r, h)
+      return
+    end
+  end
+  local u = route.upstream_handle
+  if u then
+    C.mg_req_set_upstream(r, u)
+  end
+end
+
+function _M.header_filter(rp)
+  local ctx = ctxs[rp]
+  if not ctx then
+    return
+  end
+  context.set(ffi_cast(req_ptr, rp))
+  local list = ctx.route.phases.header_filter
+  if not list then
+    return
+  end
+  ctx.phase = "header_filter"
+  for i = 1, #list do
+    local p = list[i]
+    local ok, err = pcall(p.mod.header_filter, p.conf, ctx)
+    if not ok then
+      mg.log.err("route ", ctx.route.id, " policy ", p.name, " header_filter failed: ", err)
+    end
+  end
+end
+
+function _M.log(rp)
+  local ctx = ctxs[rp]
+  ctxs[rp] = nil
+  if not ctx then
+    return
+  end
+  local list = ctx.route.phases.log
+  if not list then
+    return
+  end
+  context.set(ffi_cast(req_ptr, rp))
+  ctx.phase = "log"
+  for i = 1, #list do
+    local p = list[i]
+    local ok, err = pcall(p.mod.log, p.conf, ctx)
+    if not ok then
+      mg.log.err("route ", ctx.route.id, " policy ", p.name, " log failed: ", err)
+    end
+  end
+end
+
+function _M.worker_id()
+  return worker_id
+end
+
+return _M
