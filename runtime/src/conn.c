@@ -453,15 +453,10 @@ static void conn_read_stop(mg_conn_t *c)
     c->reading = 0;
 }
 
-void mg__conn_accept(uv_stream_t *server, int status)
+static mg_conn_t *conn_new(mg_worker_t *w)
 {
-    mg_worker_t *w = mg__worker;
-    if (status < 0) {
-        mg_log(MG_LOG_ERROR, "accept: %s", uv_strerror(status));
-        return;
-    }
     mg_conn_t *c = calloc(1, sizeof(*c));
-    if (!c) return;
+    if (!c) return NULL;
     c->w = w;
     uv_tcp_init(w->loop, &c->tcp);
     uv_timer_init(w->loop, &c->timer);
@@ -470,19 +465,22 @@ void mg__conn_accept(uv_stream_t *server, int status)
     c->handles_open = 2;
     mg_list_insert_head(&w->conns, &c->link);
     w->nconns++;
-    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
-        mg__conn_close(c);
-        return;
-    }
+    return c;
+}
+
+static void conn_start(mg_conn_t *c)
+{
+    mg_worker_t *w = c->w;
     uv_tcp_nodelay(&c->tcp, 1);
     struct sockaddr_storage ss;
     int sl = sizeof(ss);
+    memset(&ss, 0, sizeof(ss));
     if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
         if (ss.ss_family == AF_INET6) {
             struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
             uv_ip6_name(a, c->remote_addr, sizeof(c->remote_addr));
             c->remote_port = ntohs(a->sin6_port);
-        } else {
+        } else if (ss.ss_family == AF_INET) {
             struct sockaddr_in *a = (struct sockaddr_in *)&ss;
             uv_ip4_name(a, c->remote_addr, sizeof(c->remote_addr));
             c->remote_port = ntohs(a->sin_port);
@@ -493,6 +491,34 @@ void mg__conn_accept(uv_stream_t *server, int status)
     c->parser.data = c;
     conn_timer(c, w->conf->limits.client_header_timeout_ms);
     conn_read_start(c);
+}
+
+void mg__conn_accept(uv_stream_t *server, int status)
+{
+    mg_worker_t *w = mg__worker;
+    if (status < 0) {
+        mg_log(MG_LOG_ERROR, "accept: %s", uv_strerror(status));
+        return;
+    }
+    mg_conn_t *c = conn_new(w);
+    if (!c) return;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+        mg__conn_close(c);
+        return;
+    }
+    conn_start(c);
+}
+
+mg_conn_t *mg__conn_open_fd(mg_worker_t *w, int fd)
+{
+    mg_conn_t *c = conn_new(w);
+    if (!c) return NULL;
+    if (uv_tcp_open(&c->tcp, fd) != 0) {
+        mg__conn_close(c);
+        return NULL;
+    }
+    conn_start(c);
+    return c;
 }
 
 /* ---- head ---------------------------------------------------------------- */

@@ -295,10 +295,12 @@ void mg__out_add_last_chunk(mg_out_t *o);
 int mg__out_flush(mg_out_t *o, uv_stream_t *s, uv_write_cb cb);
 
 /* worker (worker.c) */
+int mg__worker_init(const mg_node_conf_t *conf, int worker_id);
 void mg__worker_drained(mg_worker_t *w); /* the last connection closed */
 
 /* downstream connections (conn.c) */
 void mg__conn_accept(uv_stream_t *server, int status);
+mg_conn_t *mg__conn_open_fd(mg_worker_t *w, int fd); /* an already connected socket */
 void mg__conn_close(mg_conn_t *c);
 void mg__conn_pump(mg_conn_t *c);        /* move request body to its sink */
 int mg__conn_body_step(mg_conn_t *c);    /* Lua's body reads */

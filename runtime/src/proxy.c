@@ -367,7 +367,7 @@ static void up_send_request(mg_req_t *r, mg_upconn_t *u)
     r->sink = MG_SINK_PROXY;
     r->last_chunk_queued = 0;
     u->nrequests++;
-    u->got_bytes = u->head_done = u->msg_done = u->interim = 0;
+    u->got_bytes = u->head_done = u->msg_done = u->interim = u->head_sent = 0;
     u->nhdrs = 0;
     u->hdr_state = 0;
     u->head_bytes = 0;

@@ -102,7 +102,9 @@ static void on_ppid_check(uv_timer_t *t)
     if (getppid() == 1 && !w->conf->mock) start_drain(w);
 }
 
-int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, int nfds)
+/* Sets up the worker (pools, parser settings, the Lua state) without any
+ * listener: mg_worker_main adds those; the fuzzer feeds connections itself. */
+int mg__worker_init(const mg_node_conf_t *conf, int worker_id)
 {
     mg_worker_t *w = &worker;
     memset(w, 0, sizeof(*w));
@@ -121,11 +123,17 @@ int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, in
     w->buf_size = (uint32_t)((head + MG_BODY_SPACE + 4095) & ~(size_t)4095);
     w->free_bufs_cap = 1024;
     w->free_bufs = calloc(w->free_bufs_cap, sizeof(char *));
+    if (!w->free_bufs) return -1;
     if (getrandom(&w->rid_seed, sizeof(w->rid_seed), 0) != sizeof(w->rid_seed))
         w->rid_seed = mg__now_ns() ^ ((uint64_t)getpid() << 32);
     signal(SIGPIPE, SIG_IGN);
+    return mg__lua_init(w);
+}
 
-    if (mg__lua_init(w) != 0) return 1;
+int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, int nfds)
+{
+    if (mg__worker_init(conf, worker_id) != 0) return 1;
+    mg_worker_t *w = mg__worker;
 
     for (int i = 0; i < nfds && i < MG_MAX_LISTEN; i++) {
         uv_tcp_init(w->loop, &w->listeners[i]);
