@@ -422,18 +422,27 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     (void)b;
     mg_conn_t *c = (mg_conn_t *)s;
     if (n == 0) return;
+    mg_req_t *r = c->req;
     if (n < 0) {
-        /* EOF or reset. A client may half-close after a complete request;
-         * anything else in flight dies with the connection. */
+        if (n == UV_ENOBUFS) { /* buffer full: reading resumes once it drains */
+            conn_read_stop(c);
+            return;
+        }
+        /* A client may half-close after a whole request and still wait
+         * for the answer; anything else in flight dies with the connection. */
+        if (n == UV_EOF && r && c->head_done && !c->lingering && r->body_done) {
+            conn_read_stop(c);
+            c->keepalive = 0;
+            return;
+        }
         mg__conn_close(c);
         return;
     }
     if (c->lingering) return;
     c->len += (uint32_t)n;
-    mg_req_t *r = c->req;
-    if (r && c->head_done) { /* body bytes: hand them on before reading more */
-        conn_read_stop(c);
-        conn_timer(c, 0);
+    /* Reading stays on while a request is served (no epoll_ctl churn per
+     * request); bytes that arrive meanwhile wait in the buffer. */
+    if (r && c->head_done) {
         mg__conn_pump(c);
         return;
     }
@@ -560,7 +569,6 @@ static void conn_process(mg_conn_t *c)
         llhttp_resume(&c->parser);
         assert(c->head_done); /* the only pause before a body is the head's */
         c->body_base = c->pos;
-        conn_read_stop(c);
         conn_timer(c, 0);
         c->head_timer_on = 0;
         c->nrequests++;

@@ -22,6 +22,7 @@ static void up_destroy(mg_upconn_t *u);
 static void up_process(mg_upconn_t *u);
 static void up_fail(mg_req_t *r, mg_upconn_t *u, int status, const char *why);
 static void up_read_start(mg_upconn_t *u);
+static void up_read_stop(mg_upconn_t *u);
 
 /* ---- upstream objects (FFI) ------------------------------------------------- */
 
@@ -147,8 +148,6 @@ static void on_idle_timeout(uv_timer_t *t)
     up_close(u);
 }
 
-static void on_idle_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b);
-
 static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
     (void)hint;
@@ -160,16 +159,6 @@ static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
     }
     b->base = u->buf + u->len;
     b->len = u->cap - u->len;
-}
-
-/* Idle pooled connections keep reading so a close (or stray bytes) from the
- * backend is noticed and the connection dropped before anyone reuses it. */
-static void on_idle_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
-{
-    (void)b;
-    mg_upconn_t *u = s->data;
-    if (n == 0) return;
-    up_close(u);
 }
 
 /* Back to the pool, or closed. Called when the request is complete. */
@@ -196,7 +185,7 @@ void mg__proxy_release(mg_req_t *r)
     mg_list_insert_head(&t->idle, &u->link);
     t->nidle++;
     uv_timer_start(&u->timer, on_idle_timeout, t->idle_ms, 0);
-    uv_read_start((uv_stream_t *)&u->tcp, on_up_alloc, on_idle_read);
+    up_read_start(u); /* a close from the backend is noticed while idle */
 }
 
 /* The client is gone or the request failed: the connection is not reusable. */
@@ -419,7 +408,6 @@ static void up_attach(mg_req_t *r)
         mg_list_remove(&u->link);
         t->nidle--;
         uv_timer_stop(&u->timer);
-        uv_read_stop((uv_stream_t *)&u->tcp);
         u->req = r;
         u->reused = 1;
         u->keepalive = 0;
@@ -598,10 +586,18 @@ static void on_up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     (void)b;
     mg_upconn_t *u = s->data;
     mg_req_t *r = u->req;
-    if (n == 0 || !r) return;
+    if (n == 0) return;
+    if (!r) { /* idle in the pool: a close, or bytes nobody asked for */
+        if (!u->closing) up_close(u);
+        return;
+    }
+    if (n == UV_ENOBUFS) { /* buffer full: reading resumes once it drains */
+        up_read_stop(u);
+        return;
+    }
     if (n < 0) {
-        uv_read_stop(s);
-        u->reading = 0;
+        up_read_stop(u);
+        u->keepalive = 0;
         if (n == UV_EOF && u->head_done && !u->msg_done) {
             /* close-delimited body ends here; any other framing is cut */
             if (llhttp_finish(&u->parser) == HPE_OK && u->msg_done) {
@@ -669,10 +665,7 @@ static void up_process(mg_upconn_t *u)
     mg_req_t *r = u->req;
     mg_conn_t *c = r->conn;
     for (;;) {
-        if (c->out.pending || c->inflight) { /* mg__proxy_client_drained resumes */
-            up_read_stop(u);
-            return;
-        }
+        if (c->out.pending || c->inflight) return; /* mg__proxy_client_drained resumes */
         if (r->lua_busy) return;                   /* header_filter running */
         if (!u->msg_done && u->pos < u->len) {
             llhttp_errno_t e = llhttp_execute(&u->parser, u->buf + u->pos, u->len - u->pos);
@@ -723,6 +716,7 @@ static void up_process(mg_upconn_t *u)
                     }
                     send_head(r, u);
                     if (!r->up) return;
+                    continue; /* head and body leave in one write */
                 }
             } else if (e == HPE_OK) {
                 u->pos = u->len;
@@ -743,7 +737,6 @@ static void up_process(mg_upconn_t *u)
         if (rc < 0) return;
         if (rc == 1) return; /* the write callback resumes */
         if (r->resp_finished) {
-            up_read_stop(u);
             mg__req_maybe_done(r);
             return;
         }
