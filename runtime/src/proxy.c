@@ -267,7 +267,14 @@ static int build_request_head(mg_req_t *r)
             continue;
         if (mg__head_header(r, n, nl, h->value, h->value_len)) return -1;
     }
-    if (!mg__edited(r->req_edits, "host", 4) && host && mg__head_header(r, "Host", 4, host, hostl))
+    char thost[80];
+    const char *chost = host; /* the client's, for X-Forwarded-Host */
+    if (!host) { /* an HTTP/1.0 client sent none; HTTP/1.1 upstreams need one */
+        int n = snprintf(thost, sizeof(thost), "%s:%d", r->target->host, r->target->port);
+        host = thost;
+        hostl = (size_t)n;
+    }
+    if (!mg__edited(r->req_edits, "host", 4) && mg__head_header(r, "Host", 4, host, hostl))
         return -1;
     for (const mg_hedit_t *e = r->req_edits; e; e = e->next) {
         if (e->mode == MG_HDR_REMOVE || mg__edited(e->next, e->name, e->name_len)) continue;
@@ -278,7 +285,7 @@ static int build_request_head(mg_req_t *r)
     }
     if (append_forwarded(r, "X-Forwarded-For", 15, r->v.remote_addr, strlen(r->v.remote_addr)) ||
         append_forwarded(r, "X-Forwarded-Proto", 17, "http", 4) ||
-        (host && append_forwarded(r, "X-Forwarded-Host", 16, host, hostl)) ||
+        (chost && append_forwarded(r, "X-Forwarded-Host", 16, chost, hostl)) ||
         mg__head_header(r, "X-Request-Id", 12, r->v.request_id, r->v.request_id_len))
         return -1;
     if (r->body_mode == MG_BODY_CHUNKED) {
@@ -600,7 +607,8 @@ static void on_up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
         u->keepalive = 0;
         if (n == UV_EOF && u->head_done && !u->msg_done) {
             /* close-delimited body ends here; any other framing is cut */
-            if (llhttp_finish(&u->parser) == HPE_OK && u->msg_done) {
+            llhttp_errno_t e = llhttp_finish(&u->parser);
+            if ((e == HPE_OK || e == HPE_PAUSED) && u->msg_done) {
                 u->keepalive = 0;
                 up_process(u);
                 return;

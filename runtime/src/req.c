@@ -443,6 +443,8 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
         return;
     }
     mg__lua_release(r); /* a coroutine waiting on anything is dropped */
+    if (!r->v.request_id_len) make_request_id(c->w, r);
+    if (!r->v.version_major) r->v.version_minor = 1; /* refused before the version was read */
     uv_timer_stop(&r->sleep_timer);
     r->wait = MG_WAIT_NONE;
     if (!msg) msg = mg__status_reason(status);
