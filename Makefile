@@ -110,7 +110,7 @@ build-asan-tests: $(CTESTS)
 
 ### lint: luacheck, cppcheck and a clang-format check
 lint:
-	luacheck --std luajit --codes lua spec policies
+	luacheck --codes lua spec policies
 	cppcheck --quiet --error-exitcode=1 --enable=warning,style,performance,portability \
 		--inline-suppr --suppress=missingIncludeSystem -Iruntime/include -Iruntime/src \
 		runtime/src runtime/test

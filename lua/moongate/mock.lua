@@ -29,7 +29,6 @@ local type = type
 local rep = string.rep
 local sub = string.sub
 local format = string.format
-local byte = string.byte
 local concat = table.concat
 local co_yield = coroutine.yield
 
