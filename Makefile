@@ -33,19 +33,26 @@ OPT        ?= -O2 -g
 SAN        ?=
 CFLAGS_ALL := $(OPT) $(SAN) -std=gnu11 -Wall -Wextra -fPIC \
 	-Iruntime/include -Iruntime/src -I$(LLHTTP_INC) $(LUAJIT_INC) \
-	-DMG_VERSION='"$(VERSION)"' $(CFLAGS)
+	-DMG_VERSION='"$(VERSION)"' $(if $(MG_LUA_DIR_FLAG),-DMG_LUA_DIR='"$(MG_LUA_DIR_FLAG)"') $(CFLAGS)
 LDLIBS_ALL := $(LUAJIT_LIB) -luv -lcrypto -lm -ldl -lpthread
 
 RUNTIME_SRC := $(filter-out runtime/src/main.c,$(wildcard runtime/src/*.c))
 RUNTIME_OBJ := $(RUNTIME_SRC:runtime/src/%.c=$(BUILD)/obj/%.o)
 LLHTTP_OBJ  := $(BUILD)/obj/llhttp_llhttp.o $(BUILD)/obj/llhttp_api.o $(BUILD)/obj/llhttp_http.o
 LIB         := $(BUILD)/libmoongate.so
-BIN         := bin/moongate
+BIN         ?= bin/moongate
 CTESTS      := $(patsubst runtime/test/%.c,$(BUILD)/test/%,$(wildcard runtime/test/test_*.c))
 
 BUSTED      := busted --lua=luajit --lpath='./spec/?.lua' --lpath='./lua/?.lua' --lpath='./lua/?/init.lua'
 
-.PHONY: all deps build test test-c test-lua asan lint fuzz bench help clean rock
+comma := ,
+
+# Install layout (luarocks make passes its tree's directories).
+INSTALL_LUADIR ?= /usr/local/share/lua/5.1
+INSTALL_LIBDIR ?=
+INSTALL_BINDIR ?= /usr/local/bin
+
+.PHONY: install all deps build test test-c test-lua asan lint fuzz bench help clean rock
 
 ### all: build libmoongate and bin/moongate (default)
 all: build
@@ -67,9 +74,11 @@ $(LIB): $(RUNTIME_OBJ) $(LLHTTP_OBJ)
 # The executable links the library with an rpath relative to itself and
 # exports its symbols so the FFI finds the mg_* API through ffi.C.
 $(BIN): runtime/src/main.c $(LIB)
-	@mkdir -p bin
+	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ runtime/src/main.c -L$(BUILD) -lmoongate \
-		-Wl,-rpath,'$$ORIGIN/../$(BUILD)' -Wl,--no-as-needed $(LDLIBS_ALL)
+		-Wl,-rpath,'$$ORIGIN/../$(BUILD)' -Wl,-rpath,'$$ORIGIN/../lib/lua/5.1' \
+		-Wl,-rpath,'$$ORIGIN/../lib' $(if $(INSTALL_LIBDIR),-Wl$(comma)-rpath$(comma)$(INSTALL_LIBDIR)) \
+		-Wl,--no-as-needed $(LDLIBS_ALL)
 
 $(BUILD)/test/%: runtime/test/%.c $(LIB)
 	@mkdir -p $(dir $@)
@@ -125,9 +134,20 @@ fuzz:
 bench: build
 	bench/run
 
-### rock: luarocks lint and build from the rockspec
+### rock: luarocks lint, then build and install into a local tree (build/rock)
 rock:
 	luarocks lint moongate-scm-1.rockspec
+	luarocks make --tree=$(CURDIR)/build/rock moongate-scm-1.rockspec
+
+### install: install bin/moongate, libmoongate and the Lua modules and policies
+install: build
+	install -d $(INSTALL_BINDIR) $(or $(INSTALL_LIBDIR),/usr/local/lib) \
+		$(INSTALL_LUADIR)/moongate/policies
+	install -m 0755 $(LIB) $(or $(INSTALL_LIBDIR),/usr/local/lib)/
+	install -m 0755 $(BIN) $(INSTALL_BINDIR)/
+	install -m 0644 lua/moongate/*.lua $(INSTALL_LUADIR)/moongate/
+	cp -R policies/. $(INSTALL_LUADIR)/moongate/policies/
+	touch $(INSTALL_LUADIR)/moongate/policies/.moongate-policies
 
 ### clean: remove build outputs
 clean:

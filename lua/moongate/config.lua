@@ -119,7 +119,19 @@ end
 
 
 -- lua/moongate/config.lua -> ../../policies
-_M.policies_dir = resolve(module_dir(), "../../policies")
+-- the repository layout (lua/moongate/ beside policies/), else the installed
+-- one (luarocks puts the shipped policies in <luadir>/moongate/policies)
+do
+  local repo = resolve(module_dir(), "../../policies")
+  local installed = resolve(module_dir(), "policies")
+  local f = io_open(installed .. "/.moongate-policies", "rb")
+  if f then
+    f:close()
+    _M.policies_dir = installed
+  else
+    _M.policies_dir = repo
+  end
+end
 
 
 -- files --------------------------------------------------------------------

@@ -83,7 +83,7 @@ static int node_absolute(const char *dir, char *out, size_t len)
 
 int mg_node_lua_root(char *out, size_t len)
 {
-    char exe[PATH_MAX], beside[PATH_MAX + 8];
+    char exe[PATH_MAX], beside[PATH_MAX + 8], tree[PATH_MAX + 24];
     const char *env = getenv("MOONGATE_LUA_DIR");
     ssize_t n;
 
@@ -95,17 +95,23 @@ int mg_node_lua_root(char *out, size_t len)
         return -ENOENT;
     }
 
-    beside[0] = '\0';
+    beside[0] = tree[0] = '\0';
     n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     if (n > 0) {
         exe[n] = '\0';
-        snprintf(beside, sizeof(beside), "%s/../lua", dirname(exe));
+        const char *dir = dirname(exe);
+        /* a checkout (bin/ beside lua/), then a luarocks tree (bin/ beside
+         * share/lua/5.1/) */
+        snprintf(beside, sizeof(beside), "%s/../lua", dir);
         if (node_has_config(beside) && node_absolute(beside, out, len) == 0) return 0;
+        snprintf(tree, sizeof(tree), "%s/../share/lua/5.1", dir);
+        if (node_has_config(tree) && node_absolute(tree, out, len) == 0) return 0;
     }
     if (node_has_config(MG_LUA_DIR) && node_absolute(MG_LUA_DIR, out, len) == 0) return 0;
 
-    snprintf(out, len, "cannot find moongate/config.lua in %s%s%s (set MOONGATE_LUA_DIR)",
-             beside[0] ? beside : "", beside[0] ? " or " : "", MG_LUA_DIR);
+    snprintf(out, len, "cannot find moongate/config.lua in %s%s%s%s%s (set MOONGATE_LUA_DIR)",
+             beside[0] ? beside : "", beside[0] ? " or " : "", tree[0] ? tree : "",
+             tree[0] ? " or " : "", MG_LUA_DIR);
     return -ENOENT;
 }
 
