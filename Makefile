@@ -52,7 +52,7 @@ INSTALL_LUADIR ?= /usr/local/share/lua/5.1
 INSTALL_LIBDIR ?=
 INSTALL_BINDIR ?= /usr/local/bin
 
-.PHONY: install all deps build test test-c test-lua asan lint fuzz bench help clean rock
+.PHONY: run install all deps build test test-c test-lua asan lint fuzz bench help clean rock
 
 ### all: build libmoongate and bin/moongate (default)
 all: build
@@ -83,6 +83,12 @@ $(BIN): runtime/src/main.c $(LIB)
 $(BUILD)/test/%: runtime/test/%.c $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ $< -L$(BUILD) -lmoongate -Wl,-rpath,'$$ORIGIN/..' $(LDLIBS_ALL)
+
+### run: install deps, build, then run the mock backend on :9001 and the gateway on :8080 (foreground; Ctrl-C stops both)
+run: deps build
+	@bin/moongate mock --listen 127.0.0.1:9001 & mock=$$!; \
+	trap 'kill $$mock 2>/dev/null' EXIT INT TERM; \
+	bin/moongate start -c conf/moongate.json
 
 ### deps: install the Debian packages the build, tests and bench need (idempotent)
 deps:

@@ -1167,6 +1167,34 @@ end
 -- for a file config source, of its routes (policies are found in
 -- node.lua_path, then in policies/). Each line is "<file>: <path>: <message>";
 -- the list is empty when both are valid.
+-- Settings the schema already knows (they are the contract of later
+-- stages) but this build does not act on yet: refused with a clear error
+-- rather than accepted and ignored. Each line goes when its feature lands.
+function _M.unsupported(node, routes)
+  local errs = {}
+  if node then
+    for i, l in ipairs(node.listen) do
+      if l.tls then
+        errs[#errs + 1] = format("listen[%d].tls: TLS is not supported by this build yet", i - 1)
+      end
+    end
+    if node.config_source.type ~= "file" then
+      errs[#errs + 1] = "config_source.type: only \"file\" is supported by this build yet"
+    elseif node.config_source.watch then
+      errs[#errs + 1] = "config_source.watch: not supported by this build yet (use reload)"
+    end
+  end
+  if routes then
+    for i, u in ipairs(routes.upstreams or {}) do
+      if u.balancer ~= "round_robin" then
+        errs[#errs + 1] = format("upstreams[%d].balancer: only round_robin is supported by "
+                                 .. "this build yet", i - 1)
+      end
+    end
+  end
+  return errs
+end
+
 function _M.check(node_path)
   if type(node_path) ~= "string" then
     error("node_path must be a string", 2)
@@ -1177,13 +1205,19 @@ function _M.check(node_path)
     return prefixed(conf_path, errs, {})
   end
   local src = node.config_source
+  local routes
   if src.type == "file" then
-    local routes, rerrs = _M.load_routes(src.path, {
+    local rerrs
+    routes, rerrs = _M.load_routes(src.path, {
       policy_loader = _M.policy_loader(node.lua_path),
     })
     if not routes then
       return prefixed(src.path, rerrs, {})
     end
+  end
+  local uerrs = _M.unsupported(node, routes)
+  if #uerrs > 0 then
+    return prefixed(conf_path, uerrs, {})
   end
   return {}
 end

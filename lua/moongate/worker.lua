@@ -170,6 +170,10 @@ local function load()
   if not routes then
     return nil, table.concat(rerrs, "; ")
   end
+  local uerrs = config.unsupported(node, routes)
+  if #uerrs > 0 then
+    return nil, table.concat(uerrs, "; ")
+  end
   local ok, built, err = pcall(build, routes, node.lua_path)
   if not ok then
     return nil, tostring(built)
@@ -241,13 +245,23 @@ function _M.access(rp)
   end
   local id = route.id
   C.mg_req_set_route(r, id, #id)
-  if route.strip and entry.kind == "prefix" then
-    local path = ffi_string(v.path, v.path_len)
-    local rest = sub(path, entry.len + 1)
-    if rest == "" then
-      rest = "/"
+  -- strip_prefix drops the route's prefix; rewrite replaces the path (and
+  -- with strip_prefix on a prefix route, the rest is appended to it)
+  local rewrite = route.rewrite
+  if (route.strip and entry.kind == "prefix") or rewrite then
+    local up_path
+    if route.strip and entry.kind == "prefix" then
+      local rest = sub(ffi_string(v.path, v.path_len), entry.len + 1)
+      if rewrite then
+        up_path = (sub(rewrite, -1) == "/" and sub(rest, 1, 1) == "/") and rewrite .. sub(rest, 2)
+                  or rewrite .. rest
+      else
+        up_path = rest == "" and "/" or rest
+      end
+    else
+      up_path = rewrite
     end
-    C.mg_req_set_uri(r, rest, #rest, nil, 0)
+    C.mg_req_set_uri(r, up_path, #up_path, nil, 0)
   end
   if route.has_access or route.phase_flags ~= 0 then
     context.set(r)

@@ -1,0 +1,30 @@
+-- Settings the schema accepts but this build does not act on are refused
+-- with a clear error instead of being silently ignored.
+local config = require("moongate.config")
+
+describe("config.unsupported", function()
+  local function node(t)
+    local n, errs = config.validate_node(t, "/tmp/moongate.json")
+    assert(n, errs and errs[1])
+    return n
+  end
+
+  it("accepts what this build implements", function()
+    assert.same({}, config.unsupported(node({ listen = { { address = "127.0.0.1:8080" } } }),
+                                       { upstreams = { { id = "a", balancer = "round_robin" } } }))
+  end)
+
+  it("refuses TLS listeners, etcd, watch and other balancers, naming each path", function()
+    local errs = config.unsupported(
+      node({ listen = { { address = "127.0.0.1:8080" }, { address = "127.0.0.1:8443", tls = true } },
+             config_source = { type = "file", path = "r.json", watch = true } }),
+      { upstreams = { { id = "a", balancer = "round_robin" }, { id = "b", balancer = "least_conn" } } })
+    assert.same({
+      "listen[1].tls: TLS is not supported by this build yet",
+      "config_source.watch: not supported by this build yet (use reload)",
+      "upstreams[1].balancer: only round_robin is supported by this build yet",
+    }, errs)
+    local e2 = config.unsupported(node({ config_source = { type = "etcd" } }), nil)
+    assert.same({ 'config_source.type: only "file" is supported by this build yet' }, e2)
+  end)
+end)
