@@ -43,9 +43,15 @@ local len_out = ffi_new("size_t[1]")
 local digest = ffi_new("unsigned char[32]")
 
 local PATTERN_CHUNK = 65536
-local pattern = rep("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_", PATTERN_CHUNK / 64)
+-- One spare period: a piece may start anywhere in the first 64 bytes, so the
+-- body stays one unbroken pattern whatever the piece size.
+local pattern = rep("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_",
+                    PATTERN_CHUNK / 64 + 1)
+-- A pointer into pattern: the string must stay referenced (_M.pattern below)
+-- or the GC frees the bytes under the pointer.
+local pattern_ptr = ffi.cast("const char *", pattern)
 
-local _M = {}
+local _M = { pattern = pattern }
 
 function _M.init()
   return true
@@ -122,7 +128,7 @@ function _M.access(rp)
     C.mg_resp_interim(r, interim, hdrs, #hdrs)
   end
   for _, h in ipairs(as_list(args.header)) do
-    local name, value = h:match("^([^:]+):(.*)$")
+    local name, value = h:match("^([^:]+):[ \t]*(.-)[ \t]*$") -- values without OWS
     if name then
       C.mg_resp_set_header(r, name, #name, value, #value, ADD)
     end
@@ -130,6 +136,9 @@ function _M.access(rp)
   local chunked = args.chunked == "1"
   local close = args.close == "1"
   local bytes = tonumber(args.bytes)
+  if bytes then
+    bytes = bytes > 0 and math.floor(bytes) or 0
+  end
   local body
   if not bytes then
     local headers = {}
@@ -173,6 +182,8 @@ function _M.access(rp)
   C.mg_resp_start(r, status, len)
   local drip = tonumber(args.drip_ms)
   local piece = drip and (tonumber(args.chunk) or 1024) or PATTERN_CHUNK
+  -- at least a byte (0 would never end), at most what the pattern holds
+  piece = math.max(1, math.min(math.floor(piece), PATTERN_CHUNK))
   local left = bytes
   local off = 0
   while left > 0 do
@@ -181,7 +192,7 @@ function _M.access(rp)
       local s = sub(body, off + 1, off + n)
       write(r, s, n)
     else
-      write(r, pattern, n)
+      write(r, pattern_ptr + off % 64, n)
     end
     off = off + n
     left = left - n
