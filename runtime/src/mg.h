@@ -241,6 +241,7 @@ typedef struct mg_upconn_s {
     int keepalive;      /* may go back to the pool */
     int close_delimited;
     int interim;        /* parsing a 1xx */
+    int exec_pending;   /* paused: the parser may go on without more bytes */
     int head_sent;      /* the final head went to the client */
     int closing;
     int reading;

@@ -364,6 +364,7 @@ static void up_send_request(mg_req_t *r, mg_upconn_t *u)
     r->last_chunk_queued = 0;
     u->nrequests++;
     u->got_bytes = u->head_done = u->msg_done = u->interim = u->head_sent = 0;
+    u->exec_pending = 0;
     u->nhdrs = 0;
     u->hdr_state = 0;
     u->head_bytes = 0;
@@ -675,11 +676,16 @@ static void up_process(mg_upconn_t *u)
     for (;;) {
         if (c->out.pending || c->inflight) return; /* mg__proxy_client_drained resumes */
         if (r->lua_busy) return;                   /* header_filter running */
-        if (!u->msg_done && u->pos < u->len) {
+        /* After a pause llhttp runs once more even with no bytes left: a
+         * response without body bytes (HEAD, 204, 304, Content-Length: 0)
+         * completes only then. */
+        if (!u->msg_done && (u->pos < u->len || u->exec_pending)) {
+            u->exec_pending = 0;
             llhttp_errno_t e = llhttp_execute(&u->parser, u->buf + u->pos, u->len - u->pos);
             if (e == HPE_PAUSED) {
                 u->pos = (uint32_t)(llhttp_get_error_pos(&u->parser) - u->buf);
                 llhttp_resume(&u->parser);
+                u->exec_pending = 1;
                 if (u->interim) {
                     /* A 1xx: forwarded as is to HTTP/1.1 clients (100 is
                      * ours to send, and was), then the real answer follows. */
