@@ -68,6 +68,7 @@ static struct {
 } M;
 
 static int master_spawn(master_worker_t *w);
+static void master_close_listeners(void);
 
 /* --- pid file ------------------------------------------------------------- */
 
@@ -501,6 +502,10 @@ static void master_stop(int how)
         mg_log(MG_LOG_INFO, "fast stop: %d worker(s)", master_running());
         master_signal_workers(SIGTERM);
     }
+    /* Our copies of the listening sockets would keep them open after the
+     * workers close theirs: new clients would queue unanswered until the
+     * drain ends. Closed, they are refused at once (nginx does the same). */
+    master_close_listeners();
     uv_timer_start(&M.stop_timer, master_stop_timeout_cb, bound, 0);
     if (master_running() == 0) master_finish();
 }
