@@ -495,7 +495,9 @@ void mg__req_maybe_done(mg_req_t *r)
     if ((r->phases & MG_PHASE_LOG) && !r->log_ran && c->w->ref_log >= 0) {
         r->log_ran = 1;
         mg__lua_start(r, MG_LUA_LOG);
-        if (r->lua_busy) return; /* a yielding log phase finishes later */
+        /* The log phase's end (now, or after a yield) calls us again and
+         * finishes the request; going on here would finish it twice. */
+        return;
     }
     r->done = 1;
     mg__access_log(r);
