@@ -595,9 +595,11 @@ int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const ch
 static int valid_header(const char *n, size_t nl, const char *v, size_t vl)
 {
     if (nl == 0) return 0;
+    /* A field name is a token (RFC 9110 5.1): "X-@" or "X(a)" would be a
+     * head that clients and backends parse differently, or reject. */
     for (size_t i = 0; i < nl; i++) {
         unsigned char ch = (unsigned char)n[i];
-        if (ch <= 0x20 || ch >= 0x7f || ch == ':') return 0;
+        if (ch <= 0x20 || ch >= 0x7f || strchr("\"(),/:;<=>?@[\\]{}", ch)) return 0;
     }
     for (size_t i = 0; i < vl; i++) {
         unsigned char ch = (unsigned char)v[i];
