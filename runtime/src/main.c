@@ -300,6 +300,9 @@ static int cmd_mock(const cli_opts_t *o)
     mg_node_defaults(&conf);
     conf.mock = 1;
     conf.workers = o->workers;
+    /* The mock hashes bodies as they stream and holds none: no size limit,
+     * so it can stand behind any upload a gateway under test lets through. */
+    conf.limits.max_body_bytes = UINT64_MAX;
     if (mg_node_lua_root(conf.lua_root, sizeof(conf.lua_root)) < 0)
         return cli_fail("mock: %s", conf.lua_root);
     if (getcwd(cwd, sizeof(cwd)) == NULL) return cli_fail("mock: getcwd: %s", strerror(errno));
