@@ -137,18 +137,23 @@ end
 -- files --------------------------------------------------------------------
 
 -- returns the decoded JSON of path, or nil and "<path>: <reason>"
-local function read_json(path)
-  local f, err = io_open(path, "rb")
-  if not f then
-    -- io.open's message is "<path>: <strerror>"
-    local reason = sub(err, 1, #path + 2) == path .. ": " and sub(err, #path + 3)
-                   or err
-    return nil, path .. ": cannot open: " .. reason
-  end
-  local text, rerr = f:read("*a")
-  f:close()
-  if not text then
-    return nil, path .. ": cannot read: " .. tostring(rerr)
+-- text: the file's contents when the caller holds them already (a worker
+-- starting from the master's snapshot); nil reads the file.
+local function read_json(path, text)
+  if text == nil then
+    local f, err = io_open(path, "rb")
+    if not f then
+      -- io.open's message is "<path>: <strerror>"
+      local reason = sub(err, 1, #path + 2) == path .. ": " and sub(err, #path + 3)
+                     or err
+      return nil, path .. ": cannot open: " .. reason
+    end
+    local rerr
+    text, rerr = f:read("*a")
+    f:close()
+    if not text then
+      return nil, path .. ": cannot read: " .. tostring(rerr)
+    end
   end
   local value, jerr = json.decode(text)
   if value == nil then
@@ -712,12 +717,13 @@ end
 --   limits = {... in bytes and ms}, shm = {zone = bytes},
 --   log = {level, access = "off" | "stdout" | absolute path},
 --   lua_path = {absolute dirs}, pid_file, shutdown_timeout_ms
-function _M.load_node(path)
+-- text (optional): the file's contents, already read.
+function _M.load_node(path, text)
   if type(path) ~= "string" then
     error("path must be a string", 2)
   end
   local conf_path = resolve(cwd(), path)
-  local raw, err = read_json(conf_path)
+  local raw, err = read_json(conf_path, text)
   if not raw then
     return nil, { err }
   end
@@ -1136,13 +1142,14 @@ function _M.validate_routes(tbl, opts)
 end
 
 
--- Reads and validates a routes file; see validate_routes.
-function _M.load_routes(path, opts)
+-- Reads and validates a routes file; see validate_routes. text (optional):
+-- the file's contents, already read.
+function _M.load_routes(path, opts, text)
   if type(path) ~= "string" then
     error("path must be a string", 2)
   end
   path = resolve(cwd(), path)
-  local tbl, err = read_json(path)
+  local tbl, err = read_json(path, text)
   if not tbl then
     return nil, { err }
   end

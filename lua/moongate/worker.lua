@@ -157,8 +157,10 @@ local function build(routes_conf, lua_path)
   }
 end
 
-local function load()
-  local node, errs = config.load_node(conf_path)
+-- node_text, routes_text: the files' contents as the master last validated
+-- them (a worker's start); nil reads the files (a reload).
+local function load(node_text, routes_text)
+  local node, errs = config.load_node(conf_path, node_text)
   if not node then
     return nil, table.concat(errs, "; ")
   end
@@ -166,7 +168,7 @@ local function load()
   if src.type ~= "file" then
     return nil, "config_source " .. tostring(src.type) .. " is not supported yet"
   end
-  local routes, rerrs = config.load_routes(src.path, { lua_path = node.lua_path })
+  local routes, rerrs = config.load_routes(src.path, { lua_path = node.lua_path }, routes_text)
   if not routes then
     return nil, table.concat(rerrs, "; ")
   end
@@ -186,9 +188,9 @@ end
 
 -- ---- entry points ----------------------------------------------------------
 
-function _M.init(path, wid)
+function _M.init(path, wid, node_text, routes_text)
   conf_path, worker_id = path, wid
-  local v, err = load()
+  local v, err = load(node_text, routes_text)
   if not v then
     return nil, err
   end

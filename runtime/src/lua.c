@@ -51,7 +51,17 @@ int mg__lua_init(mg_worker_t *w)
     lua_getfield(L, m, "init");
     lua_pushstring(L, w->conf->conf_path);
     lua_pushinteger(L, w->id);
-    if (lua_pcall(L, 2, 2, 0) != 0 || !lua_toboolean(L, -2)) {
+    if (mg__node_snapshot.node != NULL) {
+        lua_pushlstring(L, mg__node_snapshot.node, mg__node_snapshot.node_len);
+    } else {
+        lua_pushnil(L);
+    }
+    if (mg__node_snapshot.routes != NULL) {
+        lua_pushlstring(L, mg__node_snapshot.routes, mg__node_snapshot.routes_len);
+    } else {
+        lua_pushnil(L);
+    }
+    if (lua_pcall(L, 4, 2, 0) != 0 || !lua_toboolean(L, -2)) {
         mg_log(MG_LOG_ERROR, "starting %s: %s", mod,
                lua_isstring(L, -1) ? lua_tostring(L, -1) : "init failed");
         lua_close(L);

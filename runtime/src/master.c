@@ -193,6 +193,72 @@ static void master_pid_remove(void)
     M.pid_written = 0;
 }
 
+/* --- the config snapshot ------------------------------------------------------ */
+
+mg_node_snapshot_t mg__node_snapshot;
+
+/* The whole file in a new NUL-terminated buffer; 0 or a negative errno. */
+static int master_read_file(const char *path, char **out, size_t *outlen)
+{
+    char *buf = NULL, *grown;
+    size_t len = 0, cap = 0;
+    ssize_t n;
+    int fd, e;
+
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    for (;;) {
+        if (len + 1 >= cap) {
+            cap = cap ? cap * 2 : 16384;
+            grown = realloc(buf, cap);
+            if (grown == NULL) {
+                e = -ENOMEM;
+                goto fail;
+            }
+            buf = grown;
+        }
+        n = read(fd, buf + len, cap - len - 1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+            e = -errno;
+            goto fail;
+        }
+        if (n == 0) break;
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = '\0';
+    *out = buf;
+    *outlen = len;
+    return 0;
+fail:
+    close(fd);
+    free(buf);
+    return e;
+}
+
+/* Takes the text of conf's files as the snapshot workers start from (see
+ * node.h). Called right after they passed validation; on a read error the
+ * previous snapshot stays. */
+static void master_snapshot(const mg_node_conf_t *conf)
+{
+    mg_node_snapshot_t s = {0};
+    int r;
+
+    r = master_read_file(conf->conf_path, &s.node, &s.node_len);
+    if (r == 0 && conf->routes_path[0] != '\0')
+        r = master_read_file(conf->routes_path, &s.routes, &s.routes_len);
+    if (r < 0) {
+        mg_log(MG_LOG_WARN, "config snapshot: %s; new workers keep the previous one", strerror(-r));
+        free(s.node);
+        free(s.routes);
+        return;
+    }
+    free(mg__node_snapshot.node);
+    free(mg__node_snapshot.routes);
+    mg__node_snapshot = s;
+}
+
 /* --- start-up errors -------------------------------------------------------- */
 
 /* Logs a start-up failure; with -d also sends it to the waiting command,
@@ -572,6 +638,7 @@ static void master_reload(void)
     if (changed[0] != '\0')
         mg_log(MG_LOG_WARN, "reload: changes to %s need a restart (moongate stop, then start)",
                changed);
+    master_snapshot(next);
     free(next);
     master_signal_workers(SIGHUP);
     mg_log(MG_LOG_INFO, "reload: signalled %d worker(s)", master_running());
@@ -683,6 +750,7 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     }
     M.pid_written = 1;
 
+    master_snapshot(conf);
     M.workers = calloc((size_t)conf->workers, sizeof(*M.workers));
     if (M.workers == NULL || uv_loop_init(&M.loop) != 0) {
         master_fail("cannot set up the master loop");

@@ -326,6 +326,12 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
     TRY(node_str(L, t, "conf_path", "conf_path", out->conf_path, sizeof(out->conf_path), c));
     TRY(node_str(L, t, "prefix", "prefix", out->prefix, sizeof(out->prefix), c));
     TRY(node_str(L, t, "pid_file", "pid_file", out->pid_file, sizeof(out->pid_file), c));
+    lua_getfield(L, t, "config_source");
+    if (lua_istable(L, -1)) {
+        TRY(node_str(L, lua_gettop(L), "path", "config_source.path", out->routes_path,
+                     sizeof(out->routes_path), c));
+    }
+    lua_pop(L, 1);
 
     /* "auto" is what the JSON says; config.lua normalizes it to 0, but
      * accepting both keeps this loader working either way. */

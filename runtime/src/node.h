@@ -46,9 +46,24 @@ typedef struct mg_node_conf_s {
     int log_level; /* MG_LOG_* */
     char access_log[MG_PATH_MAX]; /* "" = off, "stdout", or a path */
     uint32_t shutdown_timeout_ms;
+    char routes_path[MG_PATH_MAX]; /* config_source.path of a file source, else "" */
     /* mock mode: no master, one worker running lua/moongate/mock.lua */
     int mock;
 } mg_node_conf_t;
+
+/* The text of the node config and routes files as the master last
+ * validated them (master.c: at start and after each reload that passed).
+ * A worker's Lua state starts from these, not from the files, which may
+ * have been broken since by an edit whose reload was refused. NULL: read
+ * the files (no master, or it could not read them). */
+typedef struct mg_node_snapshot_s {
+    char *node;
+    size_t node_len;
+    char *routes;
+    size_t routes_len;
+} mg_node_snapshot_t;
+
+extern mg_node_snapshot_t mg__node_snapshot;
 
 /* --- loading (node.c) --------------------------------------------------- */
 
