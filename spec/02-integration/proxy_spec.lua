@@ -22,6 +22,7 @@ local LIMITS = {
     client_header_timeout_ms = 600,
     client_body_timeout_ms = 600,
     keepalive_timeout_ms = 1000,
+    send_timeout_ms = 1000,
 }
 local SLOW_READ_MS = 300
 
@@ -91,8 +92,31 @@ end
 
 local HEX32 = "^" .. rep("%x", 32) .. "$"
 
+-- Accepts one connection on a listener of this process and reads one
+-- request head from it; returns the peer socket and the request line.
+local function accept_request(listener)
+    listener:settimeout(3)
+    local peer = assert(listener:accept())
+    peer:settimeout(2)
+    local first = assert(peer:receive("*l"))
+    repeat
+        local line = assert(peer:receive("*l"))
+    until line == ""
+    return peer, first
+end
+
+-- Reads one more request head from a peer already accepted.
+local function next_request(peer)
+    local first = assert(peer:receive("*l"))
+    repeat
+        local line = assert(peer:receive("*l"))
+    until line == ""
+    return first
+end
+
 describe("proxy", function()
     local mock, ka_mock, gw
+    local big_gw -- the same routes, with room for bodies of many MiB
     local rude -- a listener in this process: accepts, then closes or resets
 
     setup(function()
@@ -101,28 +125,28 @@ describe("proxy", function()
         mock = gateway.mock()
         ka_mock = gateway.mock()
         local slow = gateway.upstream("slow", mock)
-        slow.timeouts = { connect_ms = 1000, send_ms = 1000, read_ms = SLOW_READ_MS }
-        gw = gateway.start({
-            node = { limits = LIMITS },
-            routes = {
-                upstreams = {
-                    gateway.upstream("mock", mock),
-                    gateway.upstream("ka", ka_mock),
-                    slow,
-                    gateway.upstream("refused", ports.free()),
-                    gateway.upstream("rude", tonumber(rude_port)),
-                },
-                routes = {
-                    { id = "echo", paths = { "/echo/*" }, upstream = "mock" },
-                    { id = "strip", paths = { "/strip/*" }, upstream = "mock", strip_prefix = true },
-                    { id = "ka", paths = { "/ka/*" }, upstream = "ka" },
-                    { id = "slow", paths = { "/slow/*" }, upstream = "slow" },
-                    { id = "refused", paths = { "/refused/*" }, upstream = "refused" },
-                    { id = "rude", paths = { "/rude/*" }, upstream = "rude" },
-                },
-                consumers = gateway.array(), global_policies = gateway.array(),
+        slow.timeouts = { connect_ms = 1000, send_ms = SLOW_READ_MS, read_ms = SLOW_READ_MS }
+        local routes = {
+            upstreams = {
+                gateway.upstream("mock", mock),
+                gateway.upstream("ka", ka_mock),
+                slow,
+                gateway.upstream("refused", ports.free()),
+                gateway.upstream("rude", tonumber(rude_port)),
             },
-        })
+            routes = {
+                { id = "echo", paths = { "/echo/*" }, upstream = "mock" },
+                { id = "strip", paths = { "/strip/*" }, upstream = "mock", strip_prefix = true },
+                { id = "ka", paths = { "/ka/*" }, upstream = "ka" },
+                { id = "slow", paths = { "/slow/*" }, upstream = "slow" },
+                { id = "refused", paths = { "/refused/*" }, upstream = "refused" },
+                { id = "rude", paths = { "/rude/*" }, upstream = "rude" },
+            },
+            consumers = gateway.array(), global_policies = gateway.array(),
+        }
+        gw = gateway.start({ node = { limits = LIMITS }, routes = routes })
+        big_gw = gateway.start({ node = { limits = { max_body_bytes = 256 * 1024 * 1024 } },
+            routes = routes })
     end)
 
     teardown(function()
@@ -168,6 +192,49 @@ describe("proxy", function()
                 assert.equal(200, res.status)
                 assert.equal("i=" .. i, echo_of(res).query)
             end
+        end)
+
+        it("passes an early answer from a backend that skips the body, and stays healthy", function()
+            local c = connect(big_gw.port)
+            c:request_stream({ path = "/ka/early?skip_body=1&status=401", length = 4 * 1024 * 1024,
+                total = 4 * 1024 * 1024 })
+            local res = read(c)
+            assert.equal(401, res.status)
+            -- the upstream connection had unread body bytes: never reused
+            for i = 1, 3 do
+                local r = client.request(big_gw.port, { method = "POST", path = "/ka/after?i=" .. i,
+                    body = "x" .. i })
+                assert.equal(200, r.status)
+                local e = echo_of(r)
+                assert.equal("i=" .. i, e.query)
+                assert.equal(2, e.body_length)
+            end
+        end)
+
+        it("keeps an HTTP/1.0 keep-alive connection open", function()
+            local c = connect(gw.port)
+            for i = 1, 2 do
+                assert.is_true(c:request({ path = "/echo/ten?i=" .. i, version = "HTTP/1.0",
+                    headers = { Connection = "keep-alive" } }))
+                local res = read(c)
+                assert.equal(200, res.status)
+                assert.equal("HTTP/1.0", res.version)
+                assert.equal("keep-alive", res.headers.connection)
+                assert.equal("i=" .. i, echo_of(res).query)
+            end
+            -- and without keep-alive, a 1.0 connection closes
+            assert.is_true(c:request({ path = "/echo/ten", version = "HTTP/1.0" }))
+            assert.equal(200, read(c).status)
+            assert.is_true(c:closed(2))
+        end)
+
+        it("closes a connection whose client stops reading (send_timeout_ms)", function()
+            local c = connect(gw.port)
+            assert.is_true(c:request({ path = "/echo/x?bytes=100000000" }))
+            proc.sleep(2.5)
+            local got, how = c:read_raw(5)
+            assert.equal("closed", how)
+            assert.is_true(#got < 100000000, "got all " .. #got .. " bytes")
         end)
 
         it("answers pipelined requests in order", function()
@@ -402,6 +469,13 @@ describe("proxy", function()
 
             local res2 = get(gw.port, "/echo/fwd")
             assert.equal("127.0.0.1", echo_of(res2).headers["x-forwarded-for"])
+
+            local res3 = client.request(gw.port, { path = "/echo/fwd", headers = {
+                { "X-Forwarded-For", "1.1.1.1" }, { "X-Forwarded-For", "2.2.2.2, 3.3.3.3" },
+                { "X-Forwarded-Proto", "https" } } })
+            local h3 = echo_of(res3).headers
+            assert.equal("1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1", h3["x-forwarded-for"])
+            assert.equal("https, http", h3["x-forwarded-proto"])
         end)
 
         it("generates an X-Request-Id and gives the same one to the backend and the client", function()
@@ -455,6 +529,16 @@ describe("proxy", function()
             local nf = get(gw.port, "/echo/x?status=404&bytes=1")
             assert.equal(404, nf.status)
             assert.equal("0", nf.body)
+        end)
+
+        it("takes the authority of an absolute-form target as the Host", function()
+            local c = connect(gw.port)
+            assert.is_true(c:send("GET http://api.example.com/echo/abs?q=1 HTTP/1.1\r\n"
+                .. "Host: other.example.com\r\n\r\n"))
+            local e = echo_of(read(c))
+            assert.equal("/echo/abs", e.path)
+            assert.equal("q=1", e.query)
+            assert.equal("api.example.com", e.headers.host)
         end)
 
         it("forwards the method, path and query as received", function()
@@ -511,6 +595,79 @@ describe("proxy", function()
                 assert.equal(res.headers["x-request-id"], cjson.decode(res.body).request_id)
             end)
         end
+
+        it("answers 502 to an invalid response from the upstream", function()
+            for _, bad in ipairs({
+                "garbage\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nX-Bad: a\0b\r\nContent-Length: 2\r\n\r\nok",
+            }) do
+                local c = connect(gw.port)
+                assert.is_true(c:request({ path = "/rude/bad" }))
+                local peer = accept_request(rude)
+                peer:send(bad)
+                local res = read(c)
+                assert.equal(502, res.status, "for " .. bad)
+                peer:close()
+            end
+        end)
+
+        it("cuts the client connection when the upstream body is truncated", function()
+            local c = connect(gw.port)
+            assert.is_true(c:request({ path = "/rude/cut" }))
+            local peer = accept_request(rude)
+            peer:send("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc")
+            proc.sleep(0.1)
+            peer:close()
+            -- never a complete response: the head went out, then a close
+            local res, err, partial = c:read_response({ timeout = 3 })
+            assert.is_nil(res)
+            assert.equal("closed", err)
+            assert.equal(200, partial.status)
+            assert.equal("abc", partial.body)
+        end)
+
+        it("retries on a new connection when the backend closed an idle pooled one", function()
+            local c = connect(gw.port)
+            assert.is_true(c:request({ path = "/rude/one" }))
+            local peer = accept_request(rude)
+            peer:send("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+            assert.equal("one", read(c).body)
+            -- the pooled connection dies just as the next request comes
+            peer:close()
+            assert.is_true(c:request({ path = "/rude/two" }))
+            local peer2, line = accept_request(rude)
+            assert.matches("^GET /rude/two ", line)
+            peer2:send("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+            local res = read(c)
+            assert.equal(200, res.status)
+            assert.equal("two", res.body)
+            peer2:close()
+        end)
+
+        it("reuses a pooled upstream connection for the next request", function()
+            local c = connect(gw.port)
+            assert.is_true(c:request({ path = "/rude/a" }))
+            local peer = accept_request(rude)
+            peer:send("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+            assert.equal("a", read(c).body)
+            c:close()
+            local c2 = connect(gw.port)
+            assert.is_true(c2:request({ path = "/rude/b" }))
+            assert.matches("^GET /rude/b ", next_request(peer))
+            peer:send("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+            assert.equal("b", read(c2).body)
+            peer:close()
+        end)
+
+        it("answers 504 when the upstream does not take the request body in time", function()
+            local c = connect(big_gw.port)
+            c:request_stream({ path = "/slow/x?delay_ms=3000", length = 32 * 1024 * 1024,
+                total = 32 * 1024 * 1024 })
+            local res = read(c, { timeout = 5 })
+            assert.equal(504, res.status)
+            assert.is_true(c:closed(2))
+        end)
 
         it("answers 504 when the upstream is slower than its read timeout", function()
             local t0 = proc.now()
