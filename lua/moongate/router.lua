@@ -129,13 +129,14 @@ local function match_params(segs, path)
   return params
 end
 
--- v: the mg_req_view_t of the request; host: its Host (lower-cased, port
--- stripped) or nil. Returns route, entry, params.
-function _M.match(rt, v, host_fn)
+-- v: the mg_req_view_t of the request; host_fn(r) gives its Host
+-- (lower-cased, port stripped) or nil, and is called only when a route
+-- names hosts. Returns route, entry, params.
+function _M.match(rt, v, host_fn, r)
   local path_ptr, path_len = v.path, v.path_len
   local host
   if rt.any_host then
-    host = host_fn()
+    host = host_fn(r)
   end
   local method, path
   local entries = rt.entries

@@ -190,6 +190,12 @@ end
 
 function _M.init(path, wid, node_text, routes_text)
   conf_path, worker_id = path, wid
+  -- MOONGATE_JITV=<file>: LuaJIT's trace log (what compiles, what aborts),
+  -- to check the request path stays compiled (bench/, STYLE.md)
+  local jitv = os.getenv("MOONGATE_JITV")
+  if jitv and jitv ~= "" then
+    require("jit.v").start(jitv .. "." .. tostring(wid))
+  end
   local v, err = load(node_text, routes_text)
   if not v then
     return nil, err
@@ -239,7 +245,7 @@ function _M.access(rp)
   local r = ffi_cast(req_ptr, rp)
   local v = ffi_cast(view_ptr, rp)
   local cfg = current
-  local route, entry, params = router.match(cfg.router, v, function() return request_host(r) end)
+  local route, entry, params = router.match(cfg.router, v, request_host, r)
   if not route then
     respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
                                                                            v.request_id_len) })
