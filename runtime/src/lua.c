@@ -8,6 +8,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -174,7 +175,10 @@ void mg__lua_start(mg_req_t *r, int phase)
     r->lua_phase = phase;
     r->lua_busy = 1;
     lua_rawgeti(s->co, LUA_REGISTRYINDEX, ref);
-    lua_pushlightuserdata(s->co, r);
+    /* The handle goes in as a number: LuaJIT compiles ffi.cast from a
+     * number to a pointer but not from a lightuserdata (NYI), and the
+     * request path must stay compiled. x86-64 addresses fit a double. */
+    lua_pushnumber(s->co, (lua_Number)(uintptr_t)r);
     resume(r, 1);
 }
 
