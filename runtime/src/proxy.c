@@ -537,8 +537,12 @@ static int on_r_headers_complete(llhttp_t *p)
     mg_upconn_t *u = up_of(p);
     mg_req_t *r = u->req;
     int status = p->status_code;
+    if (status < 100) return -1; /* llhttp takes "HTTP/1.1 0 x": not a status */
     if (status < 200) {
         if (status == 101) return -1; /* we never asked to upgrade */
+        /* A 1xx has no content whatever its framing headers say (RFC 9110
+         * 15.2); parsed as a body it would reach the client unframed. */
+        p->flags |= F_SKIPBODY;
         u->interim = 1;
         return HPE_PAUSED;
     }
@@ -698,7 +702,9 @@ static void up_process(mg_upconn_t *u)
                         mg__conn_write_copy(c, "\r\n", 2);
                         for (uint32_t i = 0; i < u->nhdrs; i++) {
                             const mg_header_t *h = &u->hdrs[i];
-                            if (mg__hop_by_hop(h->name, h->name_len)) continue;
+                            if (mg__hop_by_hop(h->name, h->name_len) ||
+                                mg__strieq(h->name, h->name_len, "content-length", 14))
+                                continue; /* a client could wait for that content */
                             mg__conn_write_copy(c, h->name, h->name_len);
                             mg__conn_write_copy(c, ": ", 2);
                             mg__conn_write_copy(c, h->value, h->value_len);
