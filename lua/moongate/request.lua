@@ -186,8 +186,13 @@ function req_methods:body()
     n = n + 1
     parts[n] = chunk
   end
-  self._body = concat(parts, "", 1, n)
-  return self._body
+  local body = concat(parts, "", 1, n)
+  -- reading consumed the client's body: the upstream gets these bytes
+  if C.mg_req_set_body(self._r, body, #body) ~= MG_OK then
+    return nil, "request body cannot be kept for the upstream"
+  end
+  self._body = body
+  return body
 end
 
 local req_fields = {

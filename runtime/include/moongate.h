@@ -91,6 +91,9 @@ int mg_req_set_phases(mg_req_t *r, unsigned phases);
 int mg_req_set_route(mg_req_t *r, const char *id, size_t id_len);
 int mg_req_sleep(mg_req_t *r, uint32_t ms);
 int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
+/* After Lua read the whole body (reading consumes it): the bytes the
+ * upstream gets, copied, sent with Content-Length. */
+int mg_req_set_body(mg_req_t *r, const char *data, size_t len);
 
 /* Response */
 int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,

@@ -138,6 +138,9 @@ typedef struct mg_req_s {
     int expect_continue;
     int continue_sent;
     int up_chunked;        /* the body goes upstream chunked */
+    const char *lua_body;  /* mg_req_set_body's copy (arena), sent instead */
+    size_t lua_body_len;
+    int lua_body_set;
     int last_chunk_queued; /* ...and its last chunk was queued */
     /* response */
     int resp_started;  /* head queued to the client */

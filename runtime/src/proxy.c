@@ -288,7 +288,11 @@ static int build_request_head(mg_req_t *r)
         (chost && append_forwarded(r, "X-Forwarded-Host", 16, chost, hostl)) ||
         mg__head_header(r, "X-Request-Id", 12, r->v.request_id, r->v.request_id_len))
         return -1;
-    if (r->body_mode == MG_BODY_CHUNKED) {
+    if (r->lua_body_set) { /* a policy read the body: what it read goes, with its length */
+        char cl[32];
+        int n = snprintf(cl, sizeof(cl), "%zu", r->lua_body_len);
+        if (mg__head_header(r, "Content-Length", 14, cl, (size_t)n)) return -1;
+    } else if (r->body_mode == MG_BODY_CHUNKED) {
         r->up_chunked = 1;
         if (mg__head_add(r, "Transfer-Encoding: chunked\r\n", 28)) return -1;
     } else if (r->v.content_length >= 0 &&
@@ -360,6 +364,7 @@ static void up_send_request(mg_req_t *r, mg_upconn_t *u)
     }
     mg__out_reset(&u->out);
     mg__out_add(&u->out, r->head_buf, r->head_len);
+    if (r->lua_body_set) mg__out_add(&u->out, r->lua_body, r->lua_body_len);
     r->sink = MG_SINK_PROXY;
     r->last_chunk_queued = 0;
     u->nrequests++;
@@ -440,6 +445,13 @@ static void up_attach(mg_req_t *r)
 
 void mg__proxy_start(mg_req_t *r)
 {
+    /* Lua read some of the body without handing it back (mg_req_set_body):
+     * forwarding the rest would send the upstream a body short of its
+     * framing, which it waits for or reads differently. */
+    if (r->sink == MG_SINK_LUA && r->body_mode != MG_BODY_NONE && !r->lua_body_set) {
+        mg__req_fail(r, 500, "the request body was consumed by a policy");
+        return;
+    }
     r->target = pick_target(r->upstream);
     if (!r->target) {
         mg__req_fail(r, 503, "no upstream target available");

@@ -227,6 +227,9 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->span_idx = 0;
     r->expect_continue = r->continue_sent = 0;
     r->up_chunked = 0;
+    r->lua_body = NULL;
+    r->lua_body_len = 0;
+    r->lua_body_set = 0;
     r->last_chunk_queued = 0;
     r->resp_started = r->resp_finished = r->resp_chunked = r->resp_close = r->resp_no_body = 0;
     r->resp_length = -1;
@@ -719,6 +722,20 @@ int mg_req_read_body(mg_req_t *r, const char **data, size_t *len)
             return MG_AGAIN;
         }
     }
+}
+
+int mg_req_set_body(mg_req_t *r, const char *data, size_t len)
+{
+    /* Only once the client's body is all read: bytes of it still to come
+     * would otherwise follow ours upstream. */
+    if (!r->body_done || r->body_error || r->sink == MG_SINK_PROXY || r->resp_started)
+        return MG_DECLINED;
+    if (r->body_mode == MG_BODY_NONE && len == 0) return MG_OK; /* nothing to replace */
+    r->lua_body = mg__arena_dup(&r->arena, data, len);
+    if (!r->lua_body) return MG_ERROR;
+    r->lua_body_len = len;
+    r->lua_body_set = 1;
+    return MG_OK;
 }
 
 /* ---- FFI: response ---------------------------------------------------------- */
