@@ -89,7 +89,8 @@ local function set_header(fn, r, name, value, mode)
     rc = fn(r, name, #name, value, #value, mode)
   end
   if rc ~= MG_OK then
-    error("invalid header " .. name .. " (bad characters, or the response already started)", 3)
+    error("invalid header " .. name .. " (bad characters, a framing or hop-by-hop header,"
+          .. " or the response already started)", 3)
   end
 end
 

@@ -754,6 +754,13 @@ int mg_resp_header(mg_req_t *r, const char *n, size_t nl, size_t idx, const char
 int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
 {
     if (r->resp_started) return MG_DECLINED;
+    /* The gateway frames the response: a second Content-Length or a
+     * Transfer-Encoding the body does not have would make the client read
+     * it differently (request smuggling's mirror image). The mock may: it
+     * plays misbehaving backends. */
+    if (mode != MG_HDR_REMOVE && !r->conn->w->mock &&
+        (mg__hop_by_hop(n, nl) || mg__strieq(n, nl, "content-length", 14)))
+        return MG_EINVAL;
     return add_edit(r, &r->resp_edits, &r->resp_edits_tail, n, nl, v, vl, mode);
 }
 
