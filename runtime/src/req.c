@@ -454,7 +454,9 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
     if (status == 400 || status == 408 || status == 413 || status == 414 || status == 431 ||
         status == 505 || status == 417 || status == 405 || !r->body_done)
         c->keepalive = 0;
-    r->resp_edits = r->resp_edits_tail = NULL; /* policies' headers do not decorate errors */
+    /* Headers a policy set for the response stay (DESIGN.md: "whatever
+     * response the client gets"): a CORS header must reach a 502 too. Only
+     * safe names get this far (mg_resp_set_header). */
     char body[256];
     int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"request_id\":\"%s\"}\n", msg,
                      r->v.request_id_len ? r->v.request_id : "");
