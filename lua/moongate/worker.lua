@@ -330,7 +330,10 @@ function _M.header_filter(rp)
     local p = list[i]
     local ok, err = pcall(p.mod.header_filter, p.conf, ctx)
     if not ok then
-      mg.log.err("route ", ctx.route.id, " policy ", p.name, " header_filter failed: ", err)
+      -- Nothing is sent yet: raising makes C answer the 500 of a failed
+      -- policy with the request id (and log this with it).
+      error("route " .. ctx.route.id .. " policy " .. p.name .. " header_filter failed: "
+            .. tostring(err), 0)
     end
   end
 end
