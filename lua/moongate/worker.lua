@@ -282,6 +282,12 @@ function _M.access(rp)
       request_id = ffi_string(v.request_id, v.request_id_len),
       consumers = cfg.consumers,
     }
+    -- before rewrite/access run: a request they end still gets its log
+    -- phase (a logging policy sees the 401s and 500s too)
+    if route.phase_flags ~= 0 then
+      ctxs[rp] = ctx
+      C.mg_req_set_phases(r, route.phase_flags)
+    end
     local phases = route.phases
     if phases.rewrite then
       ctx.phase = "rewrite"
@@ -294,10 +300,6 @@ function _M.access(rp)
       if run_phase(phases.access, ctx, r, v, route) then
         return
       end
-    end
-    if route.phase_flags ~= 0 then
-      ctxs[rp] = ctx
-      C.mg_req_set_phases(r, route.phase_flags)
     end
     if ctx.upstream then -- a policy chose another upstream
       local h = cfg.upstreams[ctx.upstream]
