@@ -25,7 +25,8 @@ local function logger(level)
     for i = 1, n do
       parts[i] = tostring(parts[i])
     end
-    local msg = concat(parts, " ", 1, n)
+    -- concatenated as they are, as ngx.log and kong.log do
+    local msg = concat(parts, "", 1, n)
     C.mg_log_write(level, msg, #msg)
   end
 end
