@@ -96,7 +96,9 @@ local function compile_route(route, globals, loader)
   if phases.header_filter then
     flags = flags + PHASE_HEADER_FILTER
   end
-  if phases.log then
+  -- the log entry point also releases the request's ctx, so any route that
+  -- keeps one (for header_filter) asks for it too
+  if phases.log or phases.header_filter then
     flags = flags + PHASE_LOG
   end
   route.phases = phases

@@ -280,6 +280,15 @@ void mg__req_free(mg_req_t *r)
 void mg__req_abort(mg_req_t *r)
 {
     if (r->up) mg__proxy_abort(r);
+    mg__lua_release(r); /* a suspended phase never resumes */
+    /* The log phase still runs (it sees the cut request, and releases what
+     * the Lua side keeps for the request); one that yields is abandoned. */
+    if ((r->phases & MG_PHASE_LOG) && !r->log_ran && r->conn->w->ref_log >= 0) {
+        r->log_ran = 1;
+        r->done = 1; /* nothing follows the log phase of an aborted request */
+        mg__lua_start(r, MG_LUA_LOG);
+        mg__lua_release(r);
+    }
     mg__req_free(r);
 }
 

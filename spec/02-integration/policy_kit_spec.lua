@@ -734,6 +734,16 @@ describe("policy kit", function()
             assert.equal(rid .. " logged-raise 500 -", logged_line(rid))
         end)
 
+        it("runs for a request whose client went away before the answer", function()
+            local c = assert(client.connect(gw.port))
+            assert(c:request({ path = "/logged/x?delay_ms=300",
+                               headers = { ["X-Request-Id"] = "gone-client-1" } }))
+            c:close()
+            local line = logged_line("gone-client-1")
+            assert.is_truthy(line)
+            assert.equal("gone-client-1 logged", line:match("^(%S+ %S+)"))
+        end)
+
         it("runs once per request on a keep-alive connection", function()
             local c = assert(client.connect(gw.port))
             local rids = {}
