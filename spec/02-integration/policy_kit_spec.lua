@@ -738,6 +738,7 @@ describe("policy kit", function()
             local c = assert(client.connect(gw.port))
             assert(c:request({ path = "/logged/x?delay_ms=300",
                                headers = { ["X-Request-Id"] = "gone-client-1" } }))
+            c.sock:setoption("linger", { on = true, timeout = 0 }) -- a reset, not a FIN
             c:close()
             local line = logged_line("gone-client-1")
             assert.is_truthy(line)
