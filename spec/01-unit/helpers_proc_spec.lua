@@ -109,7 +109,12 @@ describe("helpers.proc", function()
             fds[#fds + 1] = tonumber(fd)
         end
         table.sort(fds)
-        assert.same({ 0, 1, 2 }, fds)
+        local what = {}
+        for _, fd in ipairs(fds) do
+            local _, target = proc.run("readlink /proc/" .. pid .. "/fd/" .. fd)
+            what[#what + 1] = fd .. "=" .. (target or ""):gsub("%s+$", "")
+        end
+        assert.same({ 0, 1, 2 }, fds, table.concat(what, " "))
     end)
 
     it("alive, kill and wait_exit follow a process to its end", function()
