@@ -429,8 +429,11 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
             return;
         }
         /* A client may half-close after a whole request and still wait
-         * for the answer; anything else in flight dies with the connection. */
-        if (n == UV_EOF && r && c->head_done && !c->lingering && r->body_done) {
+         * for the answer; anything else in flight dies with the connection.
+         * A request without a body is whole once its head is, even before
+         * the parser has been run to its end (body_done). */
+        if (n == UV_EOF && r && c->head_done && !c->lingering &&
+            (r->body_done || r->body_mode == MG_BODY_NONE)) {
             conn_read_stop(c);
             c->keepalive = 0;
             return;
