@@ -29,7 +29,8 @@
  *
  * Environment: MOONGATE_LUA_DIR (default: <exe>/../../lua), FUZZ_LOG=debug|
  * info|warn|error (default: silent), FUZZ_ORACLE=0 to turn the oracle off,
- * FUZZ_DUMP=1 to copy what the gateway wrote to the client onto stderr.
+ * FUZZ_DUMP=1 to copy what the gateway wrote to the client onto stderr,
+ * FUZZ_NO_BUDGET=1 to let Lua run without an instruction budget (and JIT).
  */
 #define _GNU_SOURCE /* memmem */
 #include <errno.h>
@@ -44,7 +45,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <lauxlib.h>
 #include <lua.h>
+#include <luajit.h>
 
 #include "llhttp.h"
 #include "mg.h"
@@ -404,6 +407,24 @@ static void close_all_conns(void)
         mg__conn_close(mg_container_of(w->conns.next, mg_conn_t, link));
 }
 
+/* ---- a Lua budget ------------------------------------------------------------------
+ * A handler that loops without yielding (the mock asked for bytes=1e30
+ * with status=304: every write is refused, none yields) would hang the
+ * worker and the fuzzer with it. Count hooks (which also keep LuaJIT in
+ * its interpreter, where they run) raise an error once an input has run
+ * too many instructions; the request then fails as a policy error would.
+ * The JIT is off for it (count hooks do not run in compiled traces).
+ * Normal inputs run a few thousand instructions. */
+#define LUA_HOOK_EVERY 10000
+#define LUA_BUDGET_HOOKS 1000 /* 10M instructions per input */
+static int lua_hooks;
+
+static void lua_budget_hook(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    if (++lua_hooks > LUA_BUDGET_HOOKS) luaL_error(L, "fuzz: Lua instruction budget exhausted");
+}
+
 /* ---- libFuzzer entry points ------------------------------------------------------ */
 
 /* LuaJIT allocates its heap with mmap, which LeakSanitizer does not scan:
@@ -495,6 +516,10 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
         exit(1);
     }
     mg_log_level = conf.log_level;
+    if (!getenv("FUZZ_NO_BUDGET")) { /* hooks do not run in compiled traces */
+        luaJIT_setmode(mg__worker->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+        lua_sethook(mg__worker->L, lua_budget_hook, LUA_MASKCOUNT, LUA_HOOK_EVERY);
+    }
     return 0;
 }
 
@@ -522,6 +547,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     np = split_pieces(data, client_len, pieces, &hold);
     oracle_reset(data, client_len);
     steps = 0;
+    lua_hooks = 0;
 
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) abort();
     fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
