@@ -75,6 +75,7 @@ int mg_req_set_route(mg_req_t *r, const char *id, size_t id_len);
 int mg_req_sleep(mg_req_t *r, uint32_t ms);
 int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
 int mg_req_set_body(mg_req_t *r, const char *data, size_t len);
+int mg_req_set_body_limit(mg_req_t *r, uint64_t bytes);
 int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
                    size_t *value_len);
 int mg_resp_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,

@@ -11,6 +11,7 @@ local config = require("moongate.config")
 local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
+local consumer_index = require("moongate.consumers")
 local mg = require("moongate")
 
 local C = binding.C
@@ -143,10 +144,7 @@ local function build(routes_conf, lua_path)
       globals[#globals + 1] = { name = g.name, mod = mod, conf = conf, priority = mod.priority or 0 }
     end
   end
-  local consumers = {}
-  for _, c in ipairs(routes_conf.consumers or {}) do
-    consumers[c.id] = c
-  end
+  local consumers = consumer_index.new(routes_conf.consumers)
   for _, route in ipairs(routes_conf.routes or {}) do
     compile_route(route, globals, loader)
     route.upstream_handle = route.upstream and upstreams[route.upstream] or nil

@@ -94,6 +94,7 @@ int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
 /* After Lua read the whole body (reading consumes it): the bytes the
  * upstream gets, copied, sent with Content-Length. */
 int mg_req_set_body(mg_req_t *r, const char *data, size_t len);
+int mg_req_set_body_limit(mg_req_t *r, uint64_t bytes);
 
 /* Response */
 int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,

@@ -303,7 +303,7 @@ static int on_body(llhttp_t *p, const char *at, size_t len)
     mg_conn_t *c = conn_of(p);
     mg_req_t *r = c->req;
     r->body_received += len;
-    if (r->body_received > c->w->conf->limits.max_body_bytes) {
+    if (r->body_received > r->body_limit) {
         c->error_status = 413;
         return -1;
     }

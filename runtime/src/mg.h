@@ -133,6 +133,7 @@ typedef struct mg_req_s {
     int body_done;          /* the parser saw the end of the body */
     int body_error;         /* status the body failed with (413, 400) */
     uint64_t body_received; /* decoded body bytes */
+    uint64_t body_limit;    /* 413 past this: the node limit, or a route's lower one */
     mg_out_t body_spans;    /* body views for Lua, taken one at a time */
     int span_idx;
     int expect_continue;

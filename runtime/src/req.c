@@ -223,6 +223,7 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->body_done = 0;
     r->body_error = 0;
     r->body_received = 0;
+    r->body_limit = w->conf->limits.max_body_bytes;
     mg__out_reset(&r->body_spans);
     r->span_idx = 0;
     r->expect_continue = r->continue_sent = 0;
@@ -848,5 +849,16 @@ int mg_resp_interim(mg_req_t *r, int status, const char *headers, size_t len)
     if (mg__conn_write_copy(r->conn, line, (size_t)n) || mg__conn_write_copy(r->conn, headers, len) ||
         mg__conn_write_copy(r->conn, "\r\n", 2))
         return MG_ERROR;
+    return MG_OK;
+}
+
+/* A route's lower body limit (request-size-limit): a Content-Length above it
+ * is the caller's to refuse; a chunked body is cut at it with a 413. Only
+ * ever lowers the node's limit. */
+int mg_req_set_body_limit(mg_req_t *r, uint64_t bytes)
+{
+    if (bytes < r->body_limit) r->body_limit = bytes;
+    if (r->v.content_length >= 0 && (uint64_t)r->v.content_length > r->body_limit)
+        return MG_DECLINED;
     return MG_OK;
 }
