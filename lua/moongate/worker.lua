@@ -34,6 +34,8 @@ local req_ptr = ffi.typeof("mg_req_t *")
 local SET = C.MG_HDR_SET
 local PHASE_HEADER_FILTER = C.MG_PHASE_HEADER_FILTER
 local PHASE_LOG = C.MG_PHASE_LOG
+local PHASE_BODY_FILTER = C.MG_PHASE_BODY_FILTER
+local char_ptr = ffi.typeof("const char *")
 
 local _M = {}
 
@@ -65,7 +67,7 @@ end
 
 -- ---- compiling a config version -----------------------------------------
 
-local PHASES = { "rewrite", "access", "header_filter", "log" }
+local PHASES = { "rewrite", "access", "header_filter", "body_filter", "log" }
 
 local function compile_route(route, globals, loader)
   local list = {}
@@ -99,7 +101,10 @@ local function compile_route(route, globals, loader)
   end
   -- the log entry point also releases the request's ctx, so any route that
   -- keeps one (for header_filter) asks for it too
-  if phases.log or phases.header_filter then
+  if phases.body_filter then
+    flags = flags + PHASE_BODY_FILTER
+  end
+  if phases.log or phases.header_filter or phases.body_filter then
     flags = flags + PHASE_LOG
   end
   route.phases = phases
@@ -338,6 +343,31 @@ function _M.header_filter(rp)
             .. tostring(err), 0)
     end
   end
+end
+
+-- Each piece of a proxied response body, in order, then the end (eof, an
+-- empty piece). A filter returns the new piece (nil keeps it; "" drops it).
+-- It cannot yield; an error cuts the response (the head is already out).
+function _M.body_filter(rp, ptr, len, eof)
+  local ctx = ctxs[rp]
+  local list = ctx and ctx.route.phases.body_filter
+  if not list then
+    return nil
+  end
+  local chunk = len > 0 and ffi_string(ffi_cast(char_ptr, ptr), len) or ""
+  ctx.phase = "body_filter"
+  for i = 1, #list do
+    local p = list[i]
+    local ok, res = pcall(p.mod.body_filter, p.conf, ctx, chunk, eof)
+    if not ok then
+      mg.log.err("route ", ctx.route.id, " policy ", p.name, " body_filter failed: ", res)
+      error(res, 0)
+    end
+    if res ~= nil then
+      chunk = tostring(res)
+    end
+  end
+  return chunk
 end
 
 function _M.log(rp)

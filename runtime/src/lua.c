@@ -72,6 +72,7 @@ int mg__lua_init(mg_worker_t *w)
     w->ref_access = get_ref(L, m, "access");
     w->ref_header_filter = get_ref(L, m, "header_filter");
     w->ref_log = get_ref(L, m, "log");
+    w->ref_body_filter = get_ref(L, m, "body_filter");
     w->ref_reload = get_ref(L, m, "reload");
     lua_settop(L, 0);
     if (w->ref_access < 0) {
@@ -216,3 +217,31 @@ void mg__lua_reload(mg_worker_t *w)
     }
     lua_settop(L, 0);
 }
+
+/* body_filter: runs on the worker's main state (it may not yield, as in
+ * OpenResty) for each piece of a proxied response body. *out stays valid
+ * until mg__lua_body_filter_done; nil from Lua leaves the piece as it was.
+ * -1: the filter raised (logged); the response can only be cut. */
+int mg__lua_body_filter(mg_req_t *r, const char *p, size_t len, int eof, const char **out,
+                        size_t *out_len)
+{
+    mg_worker_t *w = r->conn->w;
+    lua_State *L = w->L;
+    *out = p;
+    *out_len = len;
+    if (w->ref_body_filter < 0) return 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref_body_filter);
+    lua_pushnumber(L, (lua_Number)(uintptr_t)r);
+    lua_pushnumber(L, (lua_Number)(uintptr_t)p);
+    lua_pushnumber(L, (lua_Number)len);
+    lua_pushboolean(L, eof);
+    if (lua_pcall(L, 4, 1, 0) != 0) {
+        mg_log(MG_LOG_ERROR, "request %s: body_filter: %s", r->v.request_id, lua_tostring(L, -1));
+        lua_settop(L, 0);
+        return -1;
+    }
+    if (lua_type(L, -1) == LUA_TSTRING) *out = lua_tolstring(L, -1, out_len);
+    return 0;
+}
+
+void mg__lua_body_filter_done(mg_req_t *r) { lua_settop(r->conn->w->L, 0); }

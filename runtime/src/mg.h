@@ -154,6 +154,7 @@ typedef struct mg_req_s {
     char *head_buf; /* response or upstream request head being written */
     size_t head_len, head_cap;
     int lua_status; /* status set by a policy, or 0 */
+    char *fblock;   /* body_filter output being written (one per flush) */
     /* Lua */
     struct co_slot_s *co_slot; /* the coroutine running this request's phase */
     int wait;                  /* MG_WAIT_*: what a yielded phase waits for */
@@ -276,7 +277,7 @@ struct mg_worker_s {
     uint32_t buf_size;
     uint64_t rid_seed, rid_counter;
     struct lua_State *L;
-    int ref_access, ref_header_filter, ref_log, ref_reload;
+    int ref_access, ref_header_filter, ref_body_filter, ref_log, ref_reload;
     mg_link_t free_cos;
     llhttp_settings_t req_settings, resp_settings;
     int reload_pending;
@@ -358,6 +359,9 @@ void mg__lua_start(mg_req_t *r, int phase);
 void mg__lua_resume(mg_req_t *r);
 void mg__lua_release(mg_req_t *r);
 void mg__lua_reload(mg_worker_t *w);
+int mg__lua_body_filter(mg_req_t *r, const char *p, size_t len, int eof, const char **out,
+                        size_t *out_len);
+void mg__lua_body_filter_done(mg_req_t *r);
 
 #define MG_LUA_ACCESS 1
 #define MG_LUA_HEADER_FILTER 2

@@ -572,6 +572,10 @@ static int on_r_body(llhttp_t *p, const char *at, size_t len)
     mg_req_t *r = u->req;
     mg_conn_t *c = r->conn;
     r->resp_sent += len;
+    if (r->phases & MG_PHASE_BODY_FILTER) { /* filtered after this parse step */
+        mg__out_add(&r->body_spans, at, len);
+        return 0;
+    }
     if (r->resp_chunked) mg__out_add_chunk(&c->out, at, len);
     else mg__out_add(&c->out, at, len);
     return 0;
@@ -580,7 +584,8 @@ static int on_r_body(llhttp_t *p, const char *at, size_t len)
 static int on_r_chunk_complete(llhttp_t *p)
 {
     mg_upconn_t *u = up_of(p);
-    if (mg__out_room(&u->req->conn->out) < 8) return HPE_PAUSED;
+    if (mg__out_room(&u->req->conn->out) < 8 || mg__out_room(&u->req->body_spans) < 8)
+        return HPE_PAUSED;
     return 0;
 }
 
@@ -656,11 +661,56 @@ static void up_read_stop(mg_upconn_t *u)
     u->reading = 0;
 }
 
+/* Runs the body_filter phase over the pieces this parse step gathered (and
+ * the end, when eof) and queues the result as one chunk. Its bytes live in
+ * r->fblock until the write completes. -1: a filter failed. */
+static int filter_body(mg_req_t *r, int eof)
+{
+    mg_out_t *s = &r->body_spans;
+    size_t used = 0, cap = 0;
+    char *blk = NULL;
+    int n = s->n + (eof ? 1 : 0);
+    for (int i = 0; i < n; i++) {
+        const char *o;
+        size_t ol;
+        int last = i == s->n;
+        if (mg__lua_body_filter(r, last ? "" : s->iov[i].base, last ? 0 : s->iov[i].len, last, &o,
+                                &ol) < 0) {
+            free(blk);
+            return -1;
+        }
+        if (used + ol > cap) {
+            size_t nc = cap ? cap * 2 : 4096;
+            while (nc < used + ol) nc *= 2;
+            char *nb = realloc(blk, nc);
+            if (!nb) {
+                mg__lua_body_filter_done(r);
+                free(blk);
+                return -1;
+            }
+            blk = nb;
+            cap = nc;
+        }
+        memcpy(blk + used, o, ol);
+        used += ol;
+        mg__lua_body_filter_done(r);
+    }
+    mg__out_reset(s);
+    free(r->fblock);
+    r->fblock = blk;
+    if (used) {
+        if (r->resp_chunked) mg__out_add_chunk(&r->conn->out, blk, used);
+        else mg__out_add(&r->conn->out, blk, used);
+    }
+    return 0;
+}
+
 static void send_head(mg_req_t *r, mg_upconn_t *u)
 {
     llhttp_t *p = &u->parser;
     int64_t len;
     if (r->resp_no_body) len = (p->flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -3;
+    else if (r->phases & MG_PHASE_BODY_FILTER) len = MG_LEN_CHUNKED; /* filters change lengths */
     else if (p->flags & F_CHUNKED) len = MG_LEN_CHUNKED;
     else if (p->flags & F_CONTENT_LENGTH) len = (int64_t)p->content_length;
     else len = MG_LEN_CHUNKED; /* close-delimited upstream: chunked keeps the client's connection */
@@ -759,6 +809,13 @@ static void up_process(mg_upconn_t *u)
                     return;
                 }
                 up_fail(r, u, 502, "invalid response from upstream");
+                return;
+            }
+        }
+        if ((r->phases & MG_PHASE_BODY_FILTER) && u->head_sent && !r->resp_no_body &&
+            (r->body_spans.n || (u->msg_done && !r->resp_finished))) {
+            if (filter_body(r, u->msg_done) < 0) {
+                mg__conn_close(c); /* the head is out: cutting is all that is left */
                 return;
             }
         }

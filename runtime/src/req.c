@@ -262,6 +262,8 @@ void mg__req_free(mg_req_t *r)
         r->upstream = NULL;
     }
     arena_reset(&r->arena);
+    free(r->fblock);
+    r->fblock = NULL;
     r->conn = NULL;
     if (r->head_cap > 16384) { /* do not pool an outsized head buffer */
         free(r->head_buf);
