@@ -160,14 +160,20 @@ static void oracle_feed(const char *p, size_t n)
     abort();
 }
 
-/* Reads and checks whatever the gateway wrote, so its writes never block. */
+/* Reads and checks what the gateway wrote, at most DRAIN_BYTES a loop
+ * turn: with the gateway's small send buffer (SO_SNDBUF) its writes go
+ * pending and complete later, as with a slow client, so the write
+ * callbacks and the backpressure paths run too. */
+#define DRAIN_BYTES 16384
 static void drain_client(void)
 {
-    static char buf[65536];
+    static char buf[DRAIN_BYTES];
+    size_t got = 0;
     if (client_fd < 0) return;
-    for (;;) {
-        ssize_t n = read(client_fd, buf, sizeof(buf));
+    while (got < DRAIN_BYTES) {
+        ssize_t n = read(client_fd, buf, sizeof(buf) - got);
         if (n > 0) {
+            got += (size_t)n;
             if (dump_on) fwrite(buf, 1, (size_t)n, stderr);
             oracle_feed(buf, (size_t)n);
             continue;
@@ -244,6 +250,9 @@ static void on_bread(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
             if (b->answering < 0) b->answering = 0;
         }
     }
+    /* Like a busy backend, read no more while answering: the rest of a
+     * request body then waits in the gateway (pending writes). */
+    if (b->answering >= 0) uv_read_stop(s);
 }
 
 static void on_bwritten(uv_write_t *w, int status)
@@ -268,10 +277,33 @@ static int backend_tick(void)
         }
         if (++b->answering == up_npieces) {
             b->answering = -1;
-            if (up_close_after) bconn_close(b);
+            if (up_close_after)
+                bconn_close(b);
+            else
+                uv_read_start((uv_stream_t *)&b->tcp, on_balloc, on_bread);
         }
     }
     return busy;
+}
+
+static int is_backend(const uv_handle_t *h)
+{
+    if (h == (const uv_handle_t *)&bserver) return 1;
+    for (const bconn_t *b = bconns; b; b = b->next)
+        if (h == (const uv_handle_t *)&b->tcp) return 1;
+    return 0;
+}
+
+/* The gateway's own upstream sockets (found on the loop: they live in this
+ * process too) get a small send buffer, so request bodies of a few KiB
+ * already make their writes go pending (loopback TCP takes megabytes). */
+static void shrink_gateway_sndbuf(uv_handle_t *h, void *arg)
+{
+    uv_os_fd_t fd;
+    int small = 4096;
+    (void)arg;
+    if (h->type != UV_TCP || uv_is_closing(h) || is_backend(h)) return;
+    if (uv_fileno(h, &fd) == 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
 }
 
 static void on_bconnection(uv_stream_t *server, int status)
@@ -289,6 +321,7 @@ static void on_bconnection(uv_stream_t *server, int status)
     }
     b->next = bconns;
     bconns = b;
+    uv_walk(loop, shrink_gateway_sndbuf, NULL);
     uv_read_start((uv_stream_t *)&b->tcp, on_balloc, on_bread);
 }
 
@@ -298,7 +331,11 @@ static void backend_start(void)
     struct sockaddr_storage ss;
     int len = sizeof(ss);
     uv_ip4_addr("127.0.0.1", 0, &a);
+    uv_os_fd_t fd;
+    int small = 4096; /* a small window: the gateway's upstream writes go pending */
     if (uv_tcp_init(loop, &bserver) || uv_tcp_bind(&bserver, (struct sockaddr *)&a, 0) ||
+        uv_fileno((uv_handle_t *)&bserver, &fd) ||
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small)) ||
         uv_listen((uv_stream_t *)&bserver, 128, on_bconnection) ||
         uv_tcp_getsockname(&bserver, (struct sockaddr *)&ss, &len)) {
         fprintf(stderr, "fuzz: cannot start the backend\n");
@@ -512,7 +549,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
      * order is fixed. */
     conf.limits.max_header_bytes = 4096;
     conf.limits.max_uri_bytes = 2048;
+#ifdef FUZZ_PROXY
+    conf.limits.max_body_bytes = 49152; /* more than the upstream socket takes at once */
+#else
     conf.limits.max_body_bytes = 16384;
+#endif
     conf.limits.client_header_timeout_ms = 10000;
     conf.limits.client_body_timeout_ms = 11000;
     conf.limits.keepalive_timeout_ms = 12000;
@@ -575,6 +616,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) abort();
     fcntl(sv[0], F_SETFL, fcntl(sv[0], F_GETFL) | O_NONBLOCK);
     fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK);
+    int small = 4096; /* the kernel's minimum, about: see drain_client */
+    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
     client_fd = sv[1];
     /* The loop's clock is cached: a stale one would arm the new
      * connection's header timer in the past. */
