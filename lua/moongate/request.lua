@@ -138,17 +138,37 @@ function req_methods:args()
   return self._args
 end
 
--- Rewrites what the upstream sees; query nil keeps the original.
+-- Rewrites what the upstream sees: path nil keeps the path (the route's
+-- strip_prefix/rewrite or an earlier set_uri), query nil keeps the query.
 function req_methods:set_uri(path, query)
-  local rc
-  if query == nil then
-    rc = C.mg_req_set_uri(self._r, path, #path, nil, 0)
-  else
-    rc = C.mg_req_set_uri(self._r, path, #path, query, #query)
+  if path == nil and query == nil then
+    error("set_uri: path or query required", 2)
   end
+  local rc = C.mg_req_set_uri(self._r, path, path and #path or 0, query, query and #query or 0)
   if rc ~= MG_OK then
-    error("invalid uri " .. tostring(path), 2)
+    error("invalid uri " .. tostring(path) .. (query and "?" .. query or ""), 2)
   end
+end
+
+-- Replaces the query the upstream gets ("" drops it), keeping the path.
+function req_methods:set_query(query)
+  if type(query) ~= "string" then
+    error("set_query: query must be a string", 2)
+  end
+  if C.mg_req_set_uri(self._r, nil, 0, query, #query) ~= MG_OK then
+    error("invalid query " .. query, 2)
+  end
+end
+
+-- Lowers this request's body limit (never raises the node's
+-- limits.max_body_bytes): a chunked body that grows past it gets a 413
+-- from the gateway. Returns false when the request's Content-Length is
+-- already above it (the caller answers 413), true otherwise.
+function req_methods:set_body_limit(bytes)
+  if type(bytes) ~= "number" or bytes < 0 then
+    error("set_body_limit: bytes must be a non-negative number", 2)
+  end
+  return C.mg_req_set_body_limit(self._r, bytes) == MG_OK
 end
 
 -- Reads the body in chunks: returns the next chunk, or nil at the end;

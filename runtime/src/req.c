@@ -652,25 +652,39 @@ int mg_req_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size
     return add_edit(r, &r->req_edits, &r->req_edits_tail, n, nl, v, vl, mode);
 }
 
+/* The upstream request-target: path NULL keeps the path (the route's
+ * strip_prefix/rewrite or an earlier call), query NULL keeps the query.
+ * Both are checked before either is applied. */
 int mg_req_set_uri(mg_req_t *r, const char *path, size_t pl, const char *query, size_t ql)
 {
-    if (pl == 0 || path[0] != '/') return MG_EINVAL;
-    for (size_t i = 0; i < pl; i++) {
-        unsigned char ch = (unsigned char)path[i];
-        if (ch <= 0x20 || ch >= 0x7f || ch == '?' || ch == '#') return MG_EINVAL;
+    if (!path && !query) return MG_EINVAL;
+    if (path) {
+        if (pl == 0 || path[0] != '/') return MG_EINVAL;
+        for (size_t i = 0; i < pl; i++) {
+            unsigned char ch = (unsigned char)path[i];
+            if (ch <= 0x20 || ch >= 0x7f || ch == '?' || ch == '#') return MG_EINVAL;
+        }
     }
-    r->up_path = mg__arena_dup(&r->arena, path, pl);
-    r->up_path_len = (uint32_t)pl;
     if (query) {
         for (size_t i = 0; i < ql; i++) {
             unsigned char ch = (unsigned char)query[i];
             if (ch <= 0x20 || ch >= 0x7f || ch == '#') return MG_EINVAL;
         }
-        r->up_query = mg__arena_dup(&r->arena, query, ql);
+    }
+    if (path) {
+        char *p = mg__arena_dup(&r->arena, path, pl);
+        if (!p) return MG_ERROR;
+        r->up_path = p;
+        r->up_path_len = (uint32_t)pl;
+    }
+    if (query) {
+        char *q = mg__arena_dup(&r->arena, query, ql);
+        if (!q && ql) return MG_ERROR;
+        r->up_query = q;
         r->up_query_len = (uint32_t)ql;
         r->up_query_set = 1;
     }
-    return r->up_path ? MG_OK : MG_ERROR;
+    return MG_OK;
 }
 
 int mg_req_set_upstream(mg_req_t *r, mg_upstream_t *u)
