@@ -45,17 +45,24 @@ local ctxs = {} -- request handle -> ctx, for requests with later phases
 
 -- ---- answering at the gateway ------------------------------------------
 
+-- A table body is JSON; a string body is text/plain unless a policy set
+-- the Content-Type (static-response); no body, no Content-Type.
 local function respond(r, status, body)
-  local ct = "text/plain; charset=utf-8"
+  local ct
   if type(body) == "table" then
     body = json_encode(body)
     ct = "application/json"
-  elseif body == nil then
+  elseif body == nil or body == "" then
     body = ""
   else
     body = tostring(body)
+    if not request.header_of(C.mg_resp_header, r, "Content-Type") then
+      ct = "text/plain; charset=utf-8"
+    end
   end
-  C.mg_resp_set_header(r, "Content-Type", 12, ct, #ct, SET)
+  if ct then
+    C.mg_resp_set_header(r, "Content-Type", 12, ct, #ct, SET)
+  end
   C.mg_resp_send(r, status, body, #body)
 end
 
