@@ -12,6 +12,8 @@
 --   x-fuzz-error: any                       raise an error
 --   x-fuzz-hf: "Name: value"                ctx.resp:set_header in header_filter
 --   x-fuzz-hf-status: N                     ctx.resp:set_status in header_filter
+--   x-fuzz-bf: upper|drop|double|tail|error body_filter: change, drop or double
+--                                           each piece, add one at eof, raise
 
 local mg = require("moongate")
 
@@ -90,6 +92,21 @@ return {
       ctx.resp:set_status(st)
     end
     ctx.vars.upstream_status = ctx.resp.status
+  end,
+  body_filter = function(_, ctx, chunk, eof)
+    local how = ctx.req:header("x-fuzz-bf")
+    if how == "upper" then
+      return chunk:upper()
+    elseif how == "drop" then
+      return ""
+    elseif how == "double" then
+      return chunk .. chunk
+    elseif how == "tail" and eof then
+      return "TAIL"
+    elseif how == "error" and #chunk > 0 then
+      error("fuzz-edit: body_filter asked to fail")
+    end
+    return nil
   end,
   log = function(_, ctx)
     ctx.vars.logged = ctx.resp.status
