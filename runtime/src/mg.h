@@ -336,6 +336,7 @@ int mg__head_add(mg_req_t *r, const char *p, size_t len);
 int mg__head_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl);
 int mg__edited(const mg_hedit_t *e, const char *name, size_t len);
 int mg__hop_by_hop(const char *name, size_t len);
+int mg__has_connection(const mg_header_t *h, uint32_t nh);
 int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len);
 int mg__strieq(const char *a, size_t alen, const char *b, size_t blen);
 const char *mg__status_reason(int status);

@@ -249,6 +249,7 @@ static int build_request_head(mg_req_t *r)
         return -1;
     const char *host = r->abs_host;
     size_t hostl = r->abs_host_len;
+    int has_conn = mg__has_connection(r->hdrs, r->v.nheaders);
     for (uint32_t i = 0; i < r->v.nheaders; i++) {
         const mg_header_t *h = &r->hdrs[i];
         const char *n = h->name;
@@ -262,7 +263,8 @@ static int build_request_head(mg_req_t *r)
         }
         if (mg__hop_by_hop(n, nl) || mg__strieq(n, nl, "content-length", 14) ||
             mg__strieq(n, nl, "expect", 6) || mg__strieq(n, nl, "x-request-id", 12) ||
-            is_forwarding_header(n, nl) || mg__named_in_connection(r->hdrs, r->v.nheaders, n, nl) ||
+            is_forwarding_header(n, nl) ||
+            (has_conn && mg__named_in_connection(r->hdrs, r->v.nheaders, n, nl)) ||
             mg__edited(r->req_edits, n, nl))
             continue;
         if (mg__head_header(r, n, nl, h->value, h->value_len)) return -1;

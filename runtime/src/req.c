@@ -36,6 +36,13 @@ int mg__hop_by_hop(const char *n, size_t len)
     }
 }
 
+int mg__has_connection(const mg_header_t *h, uint32_t nh)
+{
+    for (uint32_t i = 0; i < nh; i++)
+        if (mg__strieq(h[i].name, h[i].name_len, "connection", 10)) return 1;
+    return 0;
+}
+
 /* Is `name` listed in any Connection header of h? (those are hop-by-hop too) */
 int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len)
 {
@@ -377,15 +384,24 @@ int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reaso
     }
     r->v.status = status;
     r->head_len = 0;
-    int n = snprintf(line, sizeof(line), "HTTP/1.%d %d ", r->v.version_minor ? 1 : 0, status);
-    if (mg__head_add(r, line, (size_t)n) || mg__head_add(r, reason, reason_len) ||
+    /* "HTTP/1.x NNN " without printf: this runs for every response */
+    memcpy(line, "HTTP/1.1 ", 9);
+    if (!r->v.version_minor) line[7] = '0';
+    line[9] = (char)('0' + status / 100 % 10);
+    line[10] = (char)('0' + status / 10 % 10);
+    line[11] = (char)('0' + status % 10);
+    line[12] = ' ';
+    int n;
+    if (mg__head_add(r, line, 13) || mg__head_add(r, reason, reason_len) ||
         mg__head_add(r, "\r\n", 2))
         return -1;
+    int has_conn = mg__has_connection(h, nh); /* most responses have none */
     for (uint32_t i = 0; i < nh; i++) {
         const char *name = h[i].name;
         size_t nl = h[i].name_len;
         if (mg__hop_by_hop(name, nl) || mg__strieq(name, nl, "content-length", 14) ||
-            mg__named_in_connection(h, nh, name, nl) || mg__edited(r->resp_edits, name, nl))
+            (has_conn && mg__named_in_connection(h, nh, name, nl)) ||
+            mg__edited(r->resp_edits, name, nl))
             continue;
         if (mg__head_header(r, name, nl, h[i].value, h[i].value_len)) return -1;
     }
