@@ -45,9 +45,13 @@ local schema = {
   end,
 }
 
+local function hex_char(h)
+  return char(tonumber(h, 16))
+end
+
 local function unescape(s)
   s = gsub(s, "+", " ")
-  return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
+  return (gsub(s, "%%(%x%x)", hex_char))
 end
 
 -- the raw query without the parameters named `name` (others kept byte for
