@@ -10,14 +10,17 @@
  *                      whose answer is part of the input.
  *
  * Input format:
- *   client bytes [ UPSTREAM_MARK upstream response bytes ]   (proxy mode)
- *   client bytes                                              (mock mode)
+ *   client bytes [ UPSTREAM_MARK answer [ NEXT_MARK answer ]... ]  (proxy mode)
+ *   client bytes                                                    (mock mode)
  * Each part is cut into pieces at SPLIT_MARK; pieces are written one at a
  * time with the loop run in between, so reads arrive in several pieces.
  * A part that ends with SPLIT_MARK means "stay open": the client keeps its
  * write side open while the timers fire (header/body/keep-alive timeouts);
- * otherwise it half-closes after its last piece. In proxy mode an upstream
- * part ending with SPLIT_MARK makes the backend close after answering.
+ * otherwise it half-closes after its last piece. In proxy mode the backend
+ * gives the n-th request head it sees the n-th answer (the last one for
+ * all after it; without UPSTREAM_MARK, a 200 "ok"), one piece a loop turn,
+ * and closes its connection after an answer that ends with SPLIT_MARK
+ * (an empty one: closes without a word).
  *
  * Time: nothing sleeps. When the connection has gone quiet the harness
  * fires the earliest armed timer of the loop by hand (as if time had jumped
@@ -56,6 +59,9 @@
 #define SPLIT_LEN 2
 #define UPSTREAM_MARK "\xfe\xfdUPSTREAM\xfe\xfd"
 #define UPSTREAM_LEN 12
+#define NEXT_MARK "\xfe\xfdNEXT\xfe\xfd"
+#define NEXT_LEN 8
+#define MAX_ANSWERS 8
 #define MAX_PIECES 64
 #define PUMP_ITERS 64  /* loop turns per phase; the loop never blocks */
 #define MAX_WARPS 24   /* timers fired by hand per input */
@@ -186,10 +192,17 @@ static void drain_client(void)
 /* ---- the backend (proxy mode) ---------------------------------------------- */
 
 #ifdef FUZZ_PROXY
+typedef struct answer_s {
+    piece_t pieces[MAX_PIECES];
+    int np;
+    int close_after;
+} answer_t;
+
 typedef struct bconn_s {
     uv_tcp_t tcp;
     struct bconn_s *next;
-    int answering; /* the next piece to write, or -1 */
+    const answer_t *ans;
+    int answering; /* the next piece of ans to write, or -1 */
     int seen;      /* bytes of "\r\n\r\n" matched so far */
     int closing;
 } bconn_t;
@@ -202,10 +215,24 @@ typedef struct {
 static uv_tcp_t bserver;
 static int bport;
 static bconn_t *bconns;
-static piece_t up_pieces[MAX_PIECES];
-static int up_npieces;
-static int up_close_after;
+static answer_t answers[MAX_ANSWERS];
+static int nanswers, next_answer;
 static const char default_answer[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+/* Cuts the upstream part into answers at NEXT_MARK, each into pieces. */
+static void split_answers(const uint8_t *d, size_t n)
+{
+    nanswers = next_answer = 0;
+    while (nanswers < MAX_ANSWERS) {
+        const uint8_t *m = n >= NEXT_LEN ? memmem(d, n, NEXT_MARK, NEXT_LEN) : NULL;
+        size_t len = m && nanswers < MAX_ANSWERS - 1 ? (size_t)(m - d) : n;
+        answer_t *a = &answers[nanswers++];
+        a->np = split_pieces(d, len, a->pieces, &a->close_after);
+        if (len == n) break;
+        d += len + NEXT_LEN;
+        n -= len + NEXT_LEN;
+    }
+}
 
 static void on_bconn_closed(uv_handle_t *h)
 {
@@ -247,7 +274,10 @@ static void on_bread(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
         b->seen = buf->base[i] == end[b->seen] ? b->seen + 1 : (buf->base[i] == '\r');
         if (b->seen == 4) {
             b->seen = 0;
-            if (b->answering < 0) b->answering = 0;
+            if (b->answering < 0) {
+                b->ans = &answers[next_answer < nanswers - 1 ? next_answer++ : nanswers - 1];
+                b->answering = 0;
+            }
         }
     }
     /* Like a busy backend, read no more while answering: the rest of a
@@ -268,16 +298,16 @@ static int backend_tick(void)
     for (bconn_t *b = bconns; b; b = b->next) {
         if (b->closing || b->answering < 0) continue;
         busy = 1;
-        const piece_t *pc = &up_pieces[b->answering];
+        const piece_t *pc = &b->ans->pieces[b->answering];
         if (pc->n) {
             bwrite_t *w = malloc(sizeof(*w));
             if (!w) abort();
             w->b = uv_buf_init((char *)pc->p, (unsigned)pc->n);
             if (uv_write(&w->w, (uv_stream_t *)&b->tcp, &w->b, 1, on_bwritten) != 0) free(w);
         }
-        if (++b->answering == up_npieces) {
+        if (++b->answering == b->ans->np) {
             b->answering = -1;
-            if (up_close_after)
+            if (b->ans->close_after)
                 bconn_close(b);
             else
                 uv_read_start((uv_stream_t *)&b->tcp, on_balloc, on_bread);
@@ -599,13 +629,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size >= UPSTREAM_LEN ? memmem(data, size, UPSTREAM_MARK, UPSTREAM_LEN) : NULL;
     if (um) {
         client_len = (size_t)(um - data);
-        up_npieces = split_pieces(um + UPSTREAM_LEN, size - client_len - UPSTREAM_LEN, up_pieces,
-                                  &up_close_after);
+        split_answers(um + UPSTREAM_LEN, size - client_len - UPSTREAM_LEN);
     } else {
-        up_pieces[0].p = (const uint8_t *)default_answer;
-        up_pieces[0].n = sizeof(default_answer) - 1;
-        up_npieces = 1;
-        up_close_after = 0;
+        split_answers((const uint8_t *)default_answer, sizeof(default_answer) - 1);
     }
 #endif
     np = split_pieces(data, client_len, pieces, &hold);

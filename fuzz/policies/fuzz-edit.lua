@@ -6,7 +6,7 @@
 --   x-fuzz-del: name                        ctx.req:set_header(name, nil)
 --   x-fuzz-uri: /path[?query]               ctx.req:set_uri
 --   x-fuzz-resp: "Name: value"              ctx.resp:set_header in access
---   x-fuzz-body: any                        read the whole body first
+--   x-fuzz-body: part|any                   read one piece, or the whole body
 --   x-fuzz-sleep: ms                        mg.sleep(ms)
 --   x-fuzz-status: N                        answer N at the gateway
 --   x-fuzz-error: any                       raise an error
@@ -56,7 +56,11 @@ local function access(_, ctx)
   if n then
     ctx.resp:set_header(n, v)
   end
-  if req:header("x-fuzz-body") then
+  local how = req:header("x-fuzz-body")
+  if how == "part" then -- one piece only: the rest is not handed back
+    local piece, err = req:read_body()
+    ctx.vars.body_len = piece and #piece or err
+  elseif how then
     local body, err = req:body()
     ctx.vars.body_len = body and #body or err
   end
