@@ -3,15 +3,16 @@
 --
 -- A config version is compiled once into: the router, one C upstream
 -- handle per upstream, and per route the flat lists of policies for each
--- phase, so a phase no policy of the route uses costs nothing.
+-- phase, so a phase no policy of the route uses costs nothing
+-- (config_version.lua, which reuses the parts of the previous version that
+-- did not change).
 
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
-local config = require("moongate.config")
+local config_version = require("moongate.config_version")
 local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
-local consumer_index = require("moongate.consumers")
 local mg = require("moongate")
 
 local C = binding.C
@@ -22,7 +23,6 @@ local type = type
 local pcall = pcall
 local ipairs = ipairs
 local tostring = tostring
-local sort = table.sort
 local lower = string.lower
 local match = string.match
 local sub = string.sub
@@ -32,9 +32,6 @@ local view_ptr = ffi.typeof("mg_req_view_t *")
 local req_ptr = ffi.typeof("mg_req_t *")
 
 local SET = C.MG_HDR_SET
-local PHASE_HEADER_FILTER = C.MG_PHASE_HEADER_FILTER
-local PHASE_LOG = C.MG_PHASE_LOG
-local PHASE_BODY_FILTER = C.MG_PHASE_BODY_FILTER
 local char_ptr = ffi.typeof("const char *")
 
 local _M = {}
@@ -72,130 +69,60 @@ local function policy_failed(r, v, route, p, err)
   respond(r, 500, { error = "internal error", request_id = rid })
 end
 
--- ---- compiling a config version -----------------------------------------
+-- ---- building config versions -----------------------------------------------
 
-local PHASES = { "rewrite", "access", "header_filter", "body_filter", "log" }
-
-local function compile_route(route, globals, loader)
-  local list = {}
-  for _, g in ipairs(globals) do
-    list[#list + 1] = g
+-- A C upstream handle for the validated upstream u (config_version.lua
+-- keeps it while u's text is unchanged: its balancer state with it; the
+-- keep-alive pools are per target, so they outlive handles anyway).
+local function new_upstream(u)
+  local t = u.timeouts or {}
+  local ka = u.keepalive or {}
+  local h = C.mg_upstream_new(u.id, #u.id, t.connect_ms or 5000, t.send_ms or 60000,
+                              t.read_ms or 60000, ka.size or 64, ka.idle_timeout_ms or 60000,
+                              ka.requests or 1000)
+  if h == nil then
+    return nil, "out of memory creating upstream " .. u.id
   end
-  for _, p in ipairs(route.policies or {}) do
-    if p.enabled ~= false then
-      local mod = loader(p.name)
-      local conf = p.conf or {}
-      if mod.init then
-        conf = mod.init(conf) or conf
-      end
-      list[#list + 1] = { name = p.name, mod = mod, conf = conf, priority = mod.priority or 0 }
+  h = ffi_gc(h, C.mg_upstream_release)
+  for i, tg in ipairs(u.targets or {}) do
+    local rc = C.mg_upstream_add_target(h, tg.host, #tg.host, tg.port, tg.weight or 1)
+    if rc ~= 0 then
+      return nil, ("upstreams.%s.targets[%d]: cannot use %s:%d"):format(u.id, i - 1,
+                                                                      tg.host, tg.port)
     end
   end
-  sort(list, function(a, b) return a.priority > b.priority end)
-  local phases = {}
-  local flags = 0
-  for _, ph in ipairs(PHASES) do
-    local l = {}
-    for _, p in ipairs(list) do
-      if type(p.mod[ph]) == "function" then
-        l[#l + 1] = p
-      end
-    end
-    phases[ph] = #l > 0 and l or nil
-  end
-  if phases.header_filter then
-    flags = flags + PHASE_HEADER_FILTER
-  end
-  -- the log entry point also releases the request's ctx, so any route that
-  -- keeps one (for header_filter) asks for it too
-  if phases.body_filter then
-    flags = flags + PHASE_BODY_FILTER
-  end
-  if phases.log or phases.header_filter or phases.body_filter then
-    flags = flags + PHASE_LOG
-  end
-  route.phases = phases
-  route.phase_flags = flags
-  route.has_access = phases.rewrite ~= nil or phases.access ~= nil
-  -- strip_prefix: the literal prefix of the route's prefix paths
-  if route.strip_prefix then
-    route.strip = true
-  end
+  return h
 end
 
-local function build(routes_conf, lua_path)
-  local loader = config.policy_loader(lua_path)
-  local upstreams = {}
-  for _, u in ipairs(routes_conf.upstreams or {}) do
-    local t = u.timeouts or {}
-    local ka = u.keepalive or {}
-    local h = C.mg_upstream_new(u.id, #u.id, t.connect_ms or 5000, t.send_ms or 60000,
-                                t.read_ms or 60000, ka.size or 64, ka.idle_timeout_ms or 60000,
-                                ka.requests or 1000)
-    if h == nil then
-      return nil, "out of memory creating upstream " .. u.id
-    end
-    h = ffi_gc(h, C.mg_upstream_release)
-    for i, tg in ipairs(u.targets or {}) do
-      local rc = C.mg_upstream_add_target(h, tg.host, #tg.host, tg.port, tg.weight or 1)
-      if rc ~= 0 then
-        return nil, ("upstreams.%s.targets[%d]: cannot use %s:%d"):format(u.id, i - 1,
-                                                                        tg.host, tg.port)
-      end
-    end
-    upstreams[u.id] = h
-  end
-  local globals = {}
-  for _, g in ipairs(routes_conf.global_policies or {}) do
-    if g.enabled ~= false then
-      local mod = loader(g.name)
-      local conf = g.conf or {}
-      if mod.init then
-        conf = mod.init(conf) or conf
-      end
-      globals[#globals + 1] = { name = g.name, mod = mod, conf = conf, priority = mod.priority or 0 }
-    end
-  end
-  local consumers = consumer_index.new(routes_conf.consumers)
-  for _, route in ipairs(routes_conf.routes or {}) do
-    compile_route(route, globals, loader)
-    route.upstream_handle = route.upstream and upstreams[route.upstream] or nil
-  end
-  return {
-    router = router.new(routes_conf.routes or {}),
-    upstreams = upstreams,
-    consumers = consumers,
-    routes = routes_conf.routes or {},
-  }
-end
+local builder = config_version.new({ upstream = new_upstream })
+
+-- MOONGATE_RELOAD_TIMING=1: each reload logs what it took (bench/reload.lua)
+local timing = os.getenv("MOONGATE_RELOAD_TIMING")
+timing = timing ~= nil and timing ~= "" and timing ~= "0"
 
 -- node_text, routes_text: the files' contents as the master last validated
--- them (a worker's start); nil reads the files (a reload).
+-- them (a worker's start); nil reads the files (a reload). The version in
+-- force changes only when the new one is complete.
 local function load(node_text, routes_text)
-  local node, errs = config.load_node(conf_path, node_text)
-  if not node then
-    return nil, table.concat(errs, "; ")
-  end
-  local src = node.config_source
-  if src.type ~= "file" then
-    return nil, "config_source " .. tostring(src.type) .. " is not supported yet"
-  end
-  local routes, rerrs = config.load_routes(src.path, { lua_path = node.lua_path }, routes_text)
-  if not routes then
-    return nil, table.concat(rerrs, "; ")
-  end
-  local uerrs = config.unsupported(node, routes)
-  if #uerrs > 0 then
-    return nil, table.concat(uerrs, "; ")
-  end
-  local ok, built, err = pcall(build, routes, node.lua_path)
+  local t0 = mg.now()
+  local ok, v, err = pcall(builder.build, builder, conf_path, node_text, routes_text)
   if not ok then
-    return nil, tostring(built)
+    return nil, tostring(v)
   end
-  if not built then
+  if not v then
     return nil, err
   end
-  return built
+  builder:commit(v)
+  v.version = (current and current.version or 0) + 1
+  current = v
+  if timing then
+    local s = v.stats
+    mg.log.info(("reloaded configuration version %d in %.2f ms (changed routes: %d, "
+                 .. "reused: %d, validated: %d, policy modules loaded: %d%s)")
+                :format(v.version, (mg.now() - t0) * 1000, s.compiled, s.reused, s.validated,
+                        s.modules_loaded, s.whole and ", whole file" or ""))
+  end
+  return v
 end
 
 -- ---- entry points ----------------------------------------------------------
@@ -212,18 +139,16 @@ function _M.init(path, wid, node_text, routes_text)
   if not v then
     return nil, err
   end
-  v.version = 1
-  current = v
   return true
 end
 
+-- Between requests (lua.c): builds the next version from the files,
+-- reusing what did not change; the old one stays when it fails.
 function _M.reload()
   local v, err = load()
   if not v then
     return nil, err
   end
-  v.version = (current and current.version or 0) + 1
-  current = v
   return true
 end
 

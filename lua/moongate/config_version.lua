@@ -1,0 +1,504 @@
+-- Config versions: routes.json compiled into what a worker serves (the
+-- router, an upstream handle per upstream, per route the flat lists of
+-- policies of each phase), each version built from the one before so that
+-- a change touches only what changed.
+--
+--   local builder = config_version.new{ upstream = function(u) ... end }
+--   local v, err = builder:build(conf_path, node_text, routes_text)
+--   -- v = {router =, upstreams = {id = handle}, consumers =, routes =,
+--   --      stats = {routes =, validated =, compiled =, reused =, ...}}
+--   builder:commit(v)   -- v is now the version in force (its parts are
+--                       -- what the next build reuses)
+--
+-- What is reused, and its key (texts are the exact bytes of the entity in
+-- routes.json, as json_split cuts them):
+--   - a route's decoded and validated table, and its policies' init(conf)
+--     results: the route's text + the identity of each policy module it
+--     names (policy_modules.lua gives the same table while the module's
+--     source is unchanged);
+--   - a route's compiled table (phase lists, flags, upstream handle): the
+--     above + the global policies in force + the upstream it names;
+--   - an upstream's C handle (its balancer state with it): the upstream's
+--     text;
+--   - the global policies' init results: the text of "global_policies" +
+--     the identities of their modules;
+--   - the consumers index: all consumer texts unchanged;
+--   - the router: the same route tables in the same order.
+-- Only the entities whose text is new are decoded and validated (with
+-- config.validate_routes, on a routes.json made of just those plus the
+-- upstreams they name); the checks across entities (duplicate ids, a
+-- route's upstream exists) run over the whole version here. Whenever that
+-- finds an error, or the text cannot be split, the whole text goes
+-- through config.load_routes instead, so the errors are exactly those of
+-- `moongate check`, and a valid but unsplittable file still loads (with
+-- nothing reused).
+--
+-- A compiled route table is never changed once built: a request in flight
+-- keeps the route (and so the policies and upstream) it started with.
+
+local cjson = require("cjson.safe")
+local binding = require("moongate.ffi")
+local config = require("moongate.config")
+local router = require("moongate.router")
+local consumer_index = require("moongate.consumers")
+local json_split = require("moongate.json_split")
+local policy_modules = require("moongate.policy_modules")
+
+local C = binding.C
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local setmetatable = setmetatable
+local io_open = io.open
+local sort = table.sort
+local concat = table.concat
+local new_tab = require("table.new")
+
+local PHASE_HEADER_FILTER = C.MG_PHASE_HEADER_FILTER
+local PHASE_LOG = C.MG_PHASE_LOG
+local PHASE_BODY_FILTER = C.MG_PHASE_BODY_FILTER
+
+local PHASES = { "rewrite", "access", "header_filter", "body_filter", "log" }
+local SPLIT = { routes = true, upstreams = true, consumers = true }
+
+-- decoders as config.lua's (no NaN/Infinity, depth 64); an element sits
+-- two levels down in the whole file, so it may nest two levels less
+local json_top = cjson.new()
+json_top.decode_invalid_numbers(false)
+json_top.decode_max_depth(64)
+local json_elem = cjson.new()
+json_elem.decode_invalid_numbers(false)
+json_elem.decode_max_depth(62)
+
+local _M = {}
+local mt = { __index = _M }
+
+local EMPTY = {
+  routes = {}, upstreams = {}, consumers = {}, consumer_texts = {}, route_list = {}, modules = {},
+}
+
+-- opts.upstream(u): a C handle for the validated upstream u, or nil and
+-- an error (nil opts.upstream: no handles, as for a check).
+function _M.new(opts)
+  opts = opts or {}
+  return setmetatable({
+    modules = policy_modules.new(),
+    make_upstream = opts.upstream,
+    current = EMPTY,
+  }, mt)
+end
+
+-- ---- compiling ---------------------------------------------------------------
+
+-- the policies of list (route or global entries) with their init(conf)
+local function instances(list, get)
+  local out = {}
+  for _, p in ipairs(list or {}) do
+    if p.enabled ~= false then
+      local mod = get(p.name)
+      local conf = p.conf or {}
+      if mod.init then
+        conf = mod.init(conf) or conf
+      end
+      out[#out + 1] = { name = p.name, mod = mod, conf = conf, priority = mod.priority or 0 }
+    end
+  end
+  return out
+end
+
+-- A new compiled route: a copy of the validated route with its phase lists.
+-- Higher priority first; equal priorities keep their order (globals, then
+-- the route's own, as listed), the same in every version.
+local function compile_route(value, pols, globals, handle)
+  local route = {}
+  for k, v in pairs(value) do
+    route[k] = v
+  end
+  local list, order = {}, {}
+  for _, p in ipairs(globals) do
+    list[#list + 1] = p
+    order[p] = #list
+  end
+  for _, p in ipairs(pols) do
+    list[#list + 1] = p
+    order[p] = #list
+  end
+  sort(list, function(a, b)
+    if a.priority ~= b.priority then
+      return a.priority > b.priority
+    end
+    return order[a] < order[b]
+  end)
+  local phases = {}
+  for _, ph in ipairs(PHASES) do
+    local l = {}
+    for _, p in ipairs(list) do
+      if type(p.mod[ph]) == "function" then
+        l[#l + 1] = p
+      end
+    end
+    phases[ph] = #l > 0 and l or nil
+  end
+  local flags = 0
+  if phases.header_filter then
+    flags = flags + PHASE_HEADER_FILTER
+  end
+  if phases.body_filter then
+    flags = flags + PHASE_BODY_FILTER
+  end
+  -- the log entry point also releases the request's ctx, so any route that
+  -- keeps one (for header_filter, body_filter) asks for it too
+  if phases.log or phases.header_filter or phases.body_filter then
+    flags = flags + PHASE_LOG
+  end
+  route.phases = phases
+  route.phase_flags = flags
+  route.has_access = phases.rewrite ~= nil or phases.access ~= nil
+  route.strip = route.strip_prefix or nil
+  route.upstream_handle = handle
+  return route
+end
+
+-- ---- loading -------------------------------------------------------------------
+
+-- the file's contents, or nil (the caller lets config.lua say why)
+local function read_file(path)
+  local f = io_open(path, "rb")
+  if not f then
+    return nil
+  end
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+-- the names of the policies a route or global list names, and their
+-- modules now: {name1, mod1, name2, mod2, ...}
+local function deps_of(list, get)
+  local deps = {}
+  for _, p in ipairs(list or {}) do
+    deps[#deps + 1] = p.name
+    deps[#deps + 1] = get(p.name)
+  end
+  return deps
+end
+
+local function deps_same(deps, get)
+  for k = 1, #deps, 2 do
+    local mod = get(deps[k])
+    if mod == nil or mod ~= deps[k + 1] then
+      return false
+    end
+  end
+  return true
+end
+
+-- The entries of a kind: the previous version's for texts seen before,
+-- new ones (decoded, to be validated) for the others. nil: an element does
+-- not decode.
+local function entries(texts, prev, fresh, keep)
+  local list = new_tab(#texts, 0)
+  for i, text in ipairs(texts) do
+    local e = prev[text]
+    if not (e and (keep == nil or keep(e))) then
+      local value = json_elem.decode(text)
+      if type(value) ~= "table" then
+        return nil
+      end
+      e = { text = text, value = value }
+      fresh[#fresh + 1] = e
+    end
+    list[i] = e
+  end
+  return list
+end
+
+local function values(list)
+  local out = new_tab(#list, 0)
+  for i, e in ipairs(list) do
+    out[i] = e.value
+  end
+  return out
+end
+
+local function same_list(a, b)
+  if #a ~= #b then
+    return false
+  end
+  for i = 1, #a do
+    if a[i] ~= b[i] then
+      return false
+    end
+  end
+  return true
+end
+
+-- Every id once per kind, every route's upstream exists: the checks across
+-- entities that a validation of the changed ones alone cannot make.
+local function cross_checks(ups, routes, consumers)
+  local up_ids = new_tab(0, #ups)
+  for _, e in ipairs(ups) do
+    if up_ids[e.value.id] then
+      return nil
+    end
+    up_ids[e.value.id] = e
+  end
+  local seen = new_tab(0, #routes)
+  for _, e in ipairs(routes) do
+    local r = e.value
+    if seen[r.id] or (r.upstream ~= nil and not up_ids[r.upstream]) then
+      return nil
+    end
+    seen[r.id] = true
+  end
+  seen = new_tab(0, #consumers)
+  for _, e in ipairs(consumers) do
+    if seen[e.value.id] then
+      return nil
+    end
+    seen[e.value.id] = true
+  end
+  return up_ids
+end
+
+-- The split path: nil when anything is off (the caller then takes the
+-- whole-text path, which names the errors).
+local function load_split(prev, text, gen)
+  local doc = json_split.split(text, SPLIT, prev.doc)
+  if not doc then
+    return nil
+  end
+  local top = json_top.decode(doc.skeleton)
+  if type(top) ~= "table" then
+    return nil
+  end
+  local get = gen.get
+  -- a route is reused when its text and its modules are the same; the
+  -- modules are checked route by route only when one of them changed
+  local keep
+  for name, mod in pairs(prev.modules) do
+    if (get(name) or false) ~= mod then
+      keep = function(e) return deps_same(e.deps, get) end
+      break
+    end
+  end
+  local fresh_ups, fresh_routes, fresh_cons = {}, {}, {}
+  local ups = entries(doc.elements.upstreams or {}, prev.upstreams, fresh_ups)
+  local routes = ups and entries(doc.elements.routes or {}, prev.routes, fresh_routes, keep)
+  local cons = routes and entries(doc.elements.consumers or {}, prev.consumers, fresh_cons)
+  if not cons then
+    return nil
+  end
+
+  -- validate the new entities, with the (already valid) upstreams that new
+  -- routes name, so their references resolve
+  local sub_ups = values(fresh_ups)
+  local named = {}
+  for _, e in ipairs(fresh_ups) do
+    if type(e.value.id) == "string" then
+      named[e.value.id] = true
+    end
+  end
+  local by_id = {}
+  for _, e in ipairs(ups) do
+    if type(e.value.id) == "string" then
+      by_id[e.value.id] = e
+    end
+  end
+  for _, e in ipairs(fresh_routes) do
+    local up = e.value.upstream
+    if type(up) == "string" and not named[up] and by_id[up] then
+      named[up] = true
+      sub_ups[#sub_ups + 1] = by_id[up].value
+    end
+  end
+  top.upstreams = sub_ups
+  top.routes = values(fresh_routes)
+  top.consumers = values(fresh_cons)
+  local valid = config.validate_routes(top, { policy_loader = gen.loader })
+  if not valid then
+    return nil
+  end
+  local up_ids = cross_checks(ups, routes, cons)
+  if not up_ids then
+    return nil
+  end
+  for _, e in ipairs(fresh_routes) do
+    e.deps = deps_of(e.value.policies, get)
+  end
+  return {
+    doc = doc, ups = ups, routes = routes, cons = cons, up_ids = up_ids,
+    globals_text = doc.members.global_policies or "",
+    globals = valid.global_policies or {},
+    validated = #fresh_routes,
+  }
+end
+
+-- The whole-text path: config.load_routes' errors, or (a valid file that
+-- json_split does not take) entries without texts, so nothing is reused.
+local function load_whole(path, text, gen)
+  local tbl, errs = config.load_routes(path, { policy_loader = gen.loader }, text)
+  if not tbl then
+    return nil, concat(errs, "; ")
+  end
+  local function wrap(list)
+    local out = {}
+    for i, v in ipairs(list or {}) do
+      out[i] = { value = v }
+    end
+    return out
+  end
+  local loaded = {
+    ups = wrap(tbl.upstreams), routes = wrap(tbl.routes), cons = wrap(tbl.consumers),
+    globals = tbl.global_policies or {}, validated = #(tbl.routes or {}),
+  }
+  for _, e in ipairs(loaded.routes) do
+    e.deps = deps_of(e.value.policies, gen.get)
+  end
+  loaded.up_ids = {}
+  for _, e in ipairs(loaded.ups) do
+    loaded.up_ids[e.value.id] = e
+  end
+  return loaded
+end
+
+-- Builds the next version from the node config at conf_path (node_text:
+-- its contents, when the caller read them) and its routes file
+-- (routes_text likewise). Returns the version, or nil and the errors
+-- ("; "-joined). Raises only on a policy's init() error or a bug; the
+-- caller pcalls. Nothing of the version in force is changed.
+function _M:build(conf_path, node_text, routes_text)
+  if node_text == nil then
+    -- read here (not by load_node) to compare it with the last one
+    node_text = read_file(conf_path)
+  end
+  local node, errs = config.load_node(conf_path, node_text)
+  if not node then
+    return nil, concat(errs, "; ")
+  end
+  -- policies may read node settings (lua_path, redis...) in init(): a
+  -- changed node config rebuilds everything
+  local prev = self.current
+  if node_text ~= prev.node_text then
+    prev = EMPTY
+  end
+  local src = node.config_source
+  if src.type ~= "file" then
+    return nil, "config_source " .. tostring(src.type) .. " is not supported yet"
+  end
+  -- unreadable: load_whole has config.load_routes say why
+  local text = routes_text or read_file(src.path)
+  local gen = self.modules:generation(node.lua_path)
+  local loads = self.modules:load_count()
+
+  local loaded = text and load_split(prev, text, gen)
+  local keyed = loaded ~= nil
+  if not loaded then
+    local err
+    loaded, err = load_whole(src.path, text, gen)
+    if not loaded then
+      return nil, err
+    end
+  end
+  local uerrs = config.unsupported(node, { upstreams = values(loaded.ups) })
+  if #uerrs > 0 then
+    return nil, concat(uerrs, "; ")
+  end
+
+  local get = gen.get
+
+  -- upstream handles: one per upstream text
+  local handles = {}
+  for _, e in ipairs(loaded.ups) do
+    if e.handle == nil and self.make_upstream then
+      local h, err = self.make_upstream(e.value)
+      if not h then
+        return nil, err
+      end
+      e.handle = h
+    end
+    handles[e.value.id] = e.handle
+  end
+
+  -- global policies
+  local globals = prev.globals
+  if not (keyed and globals and globals.text == loaded.globals_text
+          and deps_same(globals.deps, get)) then
+    globals = {
+      text = keyed and loaded.globals_text or nil,
+      deps = deps_of(loaded.globals, get),
+      list = instances(loaded.globals, get),
+    }
+  end
+
+  -- routes
+  local route_list = new_tab(#loaded.routes, 0)
+  local compiled = 0
+  for i, e in ipairs(loaded.routes) do
+    local up = e.value.upstream and loaded.up_ids[e.value.upstream] or false
+    if not (e.compiled and e.c_globals == globals and e.c_up == up) then
+      e.pols = e.pols or instances(e.value.policies, get)
+      e.compiled = compile_route(e.value, e.pols, globals.list, up and up.handle or nil)
+      e.c_globals, e.c_up = globals, up
+      compiled = compiled + 1
+    end
+    route_list[i] = e.compiled
+  end
+
+  -- consumers
+  local consumer_texts = {}
+  for i, e in ipairs(loaded.cons) do
+    consumer_texts[i] = e.text or false
+  end
+  local consumers = prev.consumer_index
+  if not (keyed and consumers and same_list(consumer_texts, prev.consumer_texts)) then
+    consumers = consumer_index.new(values(loaded.cons))
+  end
+
+  local rt = prev.router
+  if not (rt and same_list(route_list, prev.route_list)) then
+    rt = router.new(route_list)
+  end
+
+  local function by_text(list)
+    local map = new_tab(0, keyed and #list or 0)
+    if keyed then
+      for _, e in ipairs(list) do
+        map[e.text] = e
+      end
+    end
+    return map
+  end
+  return {
+    router = rt,
+    upstreams = handles,
+    consumers = consumers,
+    routes = route_list,
+    stats = {
+      routes = #route_list,
+      validated = loaded.validated,
+      compiled = compiled,
+      reused = #route_list - compiled,
+      modules_loaded = self.modules:load_count() - loads,
+      whole = not keyed,
+    },
+    -- what the next build reuses
+    parts = {
+      node_text = node_text,
+      doc = loaded.doc,
+      modules = gen.seen(),
+      routes = by_text(loaded.routes), upstreams = by_text(loaded.ups),
+      consumers = by_text(loaded.cons), consumer_texts = consumer_texts,
+      consumer_index = consumers, globals = globals, route_list = route_list, router = rt,
+    },
+  }
+end
+
+-- Makes v (from build) the version the next build starts from.
+function _M:commit(v)
+  self.current = v.parts
+  v.parts = nil
+end
+
+return _M

@@ -1,0 +1,139 @@
+-- Policy modules by name, loaded once per source text: a reload re-reads
+-- each policy's file and runs it again only when the text changed, so an
+-- unchanged module stays the same table (and what was compiled from it,
+-- per route, stays valid: config_version.lua compares module identities).
+--
+--   local modules = policy_modules.new()          -- one per worker
+--   local gen = modules:generation(node.lua_path) -- one per config load
+--   gen.loader(name)  -- as config.policy_loader's: module, or nil and
+--                     -- "not found"; raises when the module fails to load
+--   gen.get(name)     -- the module, or nil (not found or failing)
+--   gen.seen()        -- {name = module or false} of the names asked
+--
+-- A name is looked up in the lua_path directories, then the shipped
+-- policies (config.policies_dir): <dir>/<name>.lua, <dir>/<name>/init.lua;
+-- the first file that exists wins. Lookups and reads are memoized per
+-- generation: O(policy names) file reads per config load, not O(routes).
+-- Only the policy's own file is compared: a change to a module it
+-- require()s is not seen (package.loaded keeps that one anyway).
+
+local config = require("moongate.config")
+
+local type = type
+local load = load
+local pcall = pcall
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local setmetatable = setmetatable
+local io_open = io.open
+local find = string.find
+
+local _M = {}
+local mt = { __index = _M }
+
+function _M.new()
+  -- file path -> {text =, mod =}: the module last loaded from that file
+  return setmetatable({ files = {} }, mt)
+end
+
+local function read(file)
+  local f = io_open(file, "rb")
+  if not f then
+    return nil
+  end
+  local text = f:read("*a")
+  f:close()
+  return text or ""
+end
+
+-- the module of file with source text; raises as config.policy_loader does
+local function run(self, name, file, text)
+  local known = self.files[file]
+  if known and known.text == text then
+    return known.mod
+  end
+  local chunk, err = load(text, "@" .. file)
+  if not chunk then
+    error(err, 0)
+  end
+  local ok, res = pcall(chunk, name)
+  if not ok then
+    error(file .. ": " .. tostring(res), 0)
+  end
+  if type(res) ~= "table" then
+    error(file .. ": did not return a table", 0)
+  end
+  self.files[file] = { text = text, mod = res }
+  self.loads = (self.loads or 0) + 1
+  return res
+end
+
+-- dirs: the node's lua_path (a list). Returns {loader =, get =}.
+function _M:generation(dirs)
+  local search = {}
+  for i, dir in ipairs(dirs or {}) do
+    search[i] = dir
+  end
+  search[#search + 1] = config.policies_dir
+
+  -- name -> {mod} | {err} | false (not found)
+  local seen = {}
+
+  local function resolve(name)
+    local r = seen[name]
+    if r ~= nil then
+      return r
+    end
+    r = false
+    if type(name) == "string" and find(name, "^[%w_%-]+$") then
+      for _, dir in ipairs(search) do
+        for _, file in ipairs({ dir .. "/" .. name .. ".lua", dir .. "/" .. name .. "/init.lua" }) do
+          local text = read(file)
+          if text then
+            local ok, res = pcall(run, self, name, file, text)
+            r = ok and { mod = res } or { err = res }
+            break
+          end
+        end
+        if r then
+          break
+        end
+      end
+    end
+    seen[name] = r
+    return r
+  end
+
+  local gen = {}
+  function gen.loader(name)
+    local r = resolve(name)
+    if not r then
+      return nil, "not found"
+    end
+    if r.err then
+      error(r.err, 0)
+    end
+    return r.mod
+  end
+  function gen.get(name)
+    local r = resolve(name)
+    return r and r.mod or nil
+  end
+  -- name -> module (false: not found or failing) for each name asked so far
+  function gen.seen()
+    local out = {}
+    for name, r in pairs(seen) do
+      out[name] = r and r.mod or false
+    end
+    return out
+  end
+  return gen
+end
+
+-- How many times a module was (re)loaded from its source, in total.
+function _M:load_count()
+  return self.loads or 0
+end
+
+return _M

@@ -1,0 +1,315 @@
+-- config_version: each config version built from the previous one, so a
+-- change recompiles only what it touches (issue 3, "a one-route change does
+-- not rebuild 5,000 routes' compiled policies").
+local cjson = require("cjson")
+local config = require("moongate.config")
+local config_version = require("moongate.config_version")
+local proc = require("helpers.proc")
+
+local dir, pdir
+
+local function write(path, text)
+    proc.write_file(path, text)
+end
+
+-- a policy whose init() counts its calls (per policy name) in _G.cv_inits
+local function write_policy(name, opts)
+    opts = opts or {}
+    write(pdir .. "/" .. name .. ".lua", ([[
+        return {
+          name = %q, priority = %d, tag = %q,
+          schema = %s,
+          init = function(conf)
+            _G.cv_inits[%q] = (_G.cv_inits[%q] or 0) + 1
+            return { value = conf.value }
+          end,
+          %s = function(conf, ctx) end,
+        }
+    ]]):format(name, opts.priority or 10, opts.tag or "v1",
+        opts.schema or "{ type = 'object' }", name, name, opts.phase or "access"))
+end
+
+local function route(i, extra)
+    local r = { id = "r" .. i, paths = { "/r" .. i .. "/*" }, upstream = "u" .. (i % 2),
+                policies = { { name = "p-one", conf = { value = "r" .. i } } } }
+    for k, v in pairs(extra or {}) do
+        r[k] = v
+    end
+    return r
+end
+
+local function doc(routes, extra)
+    local t = {
+        upstreams = { { id = "u0", targets = { { host = "127.0.0.1", port = 9001 } } },
+                      { id = "u1", targets = { { host = "127.0.0.1", port = 9002 } } } },
+        routes = routes,
+    }
+    for k, v in pairs(extra or {}) do
+        t[k] = v
+    end
+    return t
+end
+
+local function many(n)
+    local list = {}
+    for i = 1, n do
+        list[i] = route(i)
+    end
+    return list
+end
+
+local made -- upstream handles made, by id
+local function new_builder()
+    made = {}
+    return config_version.new({
+        upstream = function(u)
+            made[u.id] = (made[u.id] or 0) + 1
+            return { id = u.id, port = u.targets[1].port }
+        end,
+    })
+end
+
+-- builds routes (a table, or a JSON text) and commits; returns the version
+local function build(b, routes)
+    write(dir .. "/routes.json", type(routes) == "string" and routes or cjson.encode(routes))
+    local v, err = b:build(dir .. "/moongate.json")
+    assert(v, err)
+    b:commit(v)
+    return v
+end
+
+local function by_id(v)
+    local out = {}
+    for _, r in ipairs(v.routes) do
+        out[r.id] = r
+    end
+    return out
+end
+
+describe("config_version", function()
+    before_each(function()
+        dir = proc.tmpdir()
+        pdir = dir .. "/policies"
+        os.execute("mkdir -p " .. pdir)
+        write(dir .. "/moongate.json", cjson.encode({
+            lua_path = { pdir }, config_source = { type = "file", path = "routes.json" } }))
+        write_policy("p-one")
+        write_policy("p-two", { phase = "header_filter", priority = 20 })
+        _G.cv_inits = {}
+    end)
+
+    after_each(function()
+        proc.cleanup(dir)
+        _G.cv_inits = nil
+    end)
+
+    it("compiles every route once, then only the one that changed", function()
+        local b = new_builder()
+        local routes = many(50)
+        local v1 = build(b, doc(routes))
+        assert.same({ routes = 50, validated = 50, compiled = 50, reused = 0, modules_loaded = 1,
+                      whole = false }, v1.stats)
+        assert.equal(50, _G.cv_inits["p-one"])
+        routes[7].policies[1].conf.value = "changed"
+        local v2 = build(b, doc(routes))
+        assert.same({ routes = 50, validated = 1, compiled = 1, reused = 49, modules_loaded = 0,
+                      whole = false }, v2.stats)
+        assert.equal(51, _G.cv_inits["p-one"])
+        local a, c = by_id(v1), by_id(v2)
+        for id, r in pairs(a) do
+            if id == "r7" then
+                assert.are_not.equal(r, c[id])
+                assert.equal("changed", c[id].phases.access[1].conf.value)
+                -- the old version's route is left as it was
+                assert.equal("r7", r.phases.access[1].conf.value)
+            else
+                assert.equal(r, c[id])
+            end
+        end
+        assert.are_not.equal(v1.router, v2.router)
+        assert.same({ u0 = 1, u1 = 1 }, made)
+        assert.equal(v1.upstreams.u0, v2.upstreams.u0)
+    end)
+
+    it("reuses everything, router included, when nothing changed", function()
+        local b = new_builder()
+        local v1 = build(b, doc(many(20)))
+        local v2 = build(b, doc(many(20)))
+        assert.equal(20, v2.stats.reused)
+        assert.equal(v1.router, v2.router)
+        assert.equal(v1.consumers, v2.consumers)
+    end)
+
+    it("adds and removes routes without recompiling the others", function()
+        local b = new_builder()
+        local routes = many(30)
+        local v1 = build(b, doc(routes))
+        table.remove(routes, 10)
+        routes[#routes + 1] = route(31)
+        table.insert(routes, 1, route(0))
+        local v2 = build(b, doc(routes))
+        assert.equal(2, v2.stats.compiled)
+        assert.equal(29, v2.stats.reused)
+        assert.is_nil(by_id(v2).r10)
+        assert.equal(by_id(v1).r11, by_id(v2).r11)
+        assert.same({ "r0", "r1", "r2" }, { v2.routes[1].id, v2.routes[2].id, v2.routes[3].id })
+    end)
+
+    it("re-loads a changed policy module and recompiles exactly the routes using it", function()
+        local b = new_builder()
+        local routes = many(10)
+        for i = 1, 3 do
+            routes[i].policies[2] = { name = "p-two" }
+        end
+        local v1 = build(b, doc(routes))
+        assert.equal(3, _G.cv_inits["p-two"])
+        write_policy("p-two", { phase = "header_filter", priority = 20, tag = "v2" })
+        local v2 = build(b, doc(routes))
+        assert.equal(3, v2.stats.compiled)
+        assert.equal(1, v2.stats.modules_loaded)
+        assert.equal(6, _G.cv_inits["p-two"])
+        local a, c = by_id(v1), by_id(v2)
+        assert.equal("v1", a.r1.phases.header_filter[1].mod.tag)
+        assert.equal("v2", c.r1.phases.header_filter[1].mod.tag)
+        assert.equal(a.r4, c.r4)
+        -- an unchanged source is not run again
+        build(b, doc(routes))
+        assert.equal(6, _G.cv_inits["p-two"])
+    end)
+
+    it("recompiles the phase lists for new global policies but keeps the routes' init", function()
+        local b = new_builder()
+        local v1 = build(b, doc(many(5)))
+        local v2 = build(b, doc(many(5), { global_policies = { { name = "p-two" } } }))
+        assert.equal(5, v2.stats.compiled)
+        assert.equal(5, _G.cv_inits["p-one"])
+        assert.equal(1, _G.cv_inits["p-two"])
+        assert.equal("p-two", by_id(v2).r1.phases.header_filter[1].name)
+        assert.is_nil(by_id(v1).r1.phases.header_filter)
+    end)
+
+    it("re-creates only a changed upstream's handle and recompiles the routes naming it", function()
+        local b = new_builder()
+        local v1 = build(b, doc(many(6)))
+        local d = doc(many(6))
+        d.upstreams[2].targets[1].port = 9999
+        local v2 = build(b, d)
+        assert.same({ u0 = 1, u1 = 2 }, made)
+        assert.equal(3, v2.stats.compiled)
+        assert.equal(9999, by_id(v2).r1.upstream_handle.port)
+        assert.equal(9002, by_id(v1).r1.upstream_handle.port)
+        assert.equal(by_id(v1).r2, by_id(v2).r2)
+    end)
+
+    it("keeps equal priorities in listing order, globals first", function()
+        local b = new_builder()
+        write_policy("p-three", { priority = 10 })
+        local r = route(1)
+        r.policies = { { name = "p-three" }, { name = "p-one" } }
+        local v = build(b, doc({ r }, { global_policies = { { name = "p-one" } } }))
+        local names = {}
+        for i, p in ipairs(v.routes[1].phases.access) do
+            names[i] = p.name
+        end
+        assert.same({ "p-one", "p-three", "p-one" }, names)
+    end)
+
+    describe("refuses an invalid change with the errors of the whole file", function()
+        local function refused(b, routes)
+            local text = type(routes) == "string" and routes or cjson.encode(routes)
+            write(dir .. "/routes.json", text)
+            local v, err = b:build(dir .. "/moongate.json")
+            assert.is_nil(v)
+            local _, errs = config.load_routes(dir .. "/routes.json",
+                { policy_loader = config.policy_loader({ pdir }) })
+            assert.equal(table.concat(errs, "; "), err)
+            return err
+        end
+
+        it("a bad new route, named by its index in the file", function()
+            local b = new_builder()
+            local routes = many(10)
+            build(b, doc(routes))
+            routes[8].paths = { "nope" }
+            assert.matches("routes%[7%]%.paths%[0%]", refused(b, doc(routes)))
+        end)
+
+        it("a new route whose id an unchanged route has", function()
+            local b = new_builder()
+            local routes = many(10)
+            build(b, doc(routes))
+            routes[11] = route(11, { id = "r3" })
+            assert.matches("routes%[10%]%.id: duplicate id", refused(b, doc(routes)))
+        end)
+
+        it("an upstream removed while an unchanged route names it", function()
+            local b = new_builder()
+            build(b, doc(many(4)))
+            local d = doc(many(4))
+            table.remove(d.upstreams, 2)
+            assert.matches("unknown upstream", refused(b, d))
+        end)
+
+        it("a policy whose new schema refuses an unchanged route's conf", function()
+            local b = new_builder()
+            build(b, doc(many(3)))
+            write_policy("p-one", { schema = "{ type = 'object', additionalProperties = false }" })
+            assert.matches("routes%[0%]%.policies%[0%]%.conf", refused(b, doc(many(3))))
+        end)
+
+        it("a policy that no longer loads", function()
+            local b = new_builder()
+            build(b, doc(many(3)))
+            write(pdir .. "/p-one.lua", "return {")
+            assert.matches("failed to load", refused(b, doc(many(3))))
+        end)
+
+        it("text that is not JSON", function()
+            local b = new_builder()
+            build(b, doc(many(3)))
+            assert.matches("invalid JSON", refused(b, '{"routes": [{"id": "x"},'))
+        end)
+
+        it("and then builds the next good change from the version in force", function()
+            local b = new_builder()
+            local routes = many(10)
+            local v1 = build(b, doc(routes))
+            routes[2].paths = { "bad" }
+            refused(b, doc(routes))
+            routes[2] = route(2)
+            routes[3].policies[1].conf.value = "x"
+            local v3 = build(b, doc(routes))
+            assert.equal(1, v3.stats.compiled)
+            assert.equal(by_id(v1).r2, by_id(v3).r2)
+        end)
+    end)
+
+    it("loads a valid file it cannot split, reusing nothing", function()
+        local b = new_builder()
+        build(b, doc(many(3)))
+        local text = cjson.encode(doc(many(3))):gsub('"routes"', '"rout\\u0065s"')
+        local v = build(b, text)
+        assert.is_true(v.stats.whole)
+        assert.equal(3, v.stats.compiled)
+        local v2 = build(b, cjson.encode(doc(many(3))))
+        assert.equal(3, v2.stats.compiled)
+        local v3 = build(b, cjson.encode(doc(many(3))))
+        assert.equal(0, v3.stats.compiled)
+    end)
+
+    it("rebuilds everything when the node config changed", function()
+        local b = new_builder()
+        build(b, doc(many(3)))
+        write(dir .. "/moongate.json", cjson.encode({ lua_path = { pdir }, workers = 2 }))
+        local v = build(b, doc(many(3)))
+        assert.equal(3, v.stats.compiled)
+        assert.same({ u0 = 2, u1 = 2 }, made)
+    end)
+
+    it("takes the texts it is given (a worker's start from the master's snapshot)", function()
+        local b = new_builder()
+        local node = cjson.encode({ lua_path = { pdir } })
+        local v = assert(b:build(dir .. "/moongate.json", node, cjson.encode(doc(many(2)))))
+        assert.equal(2, #v.routes)
+    end)
+end)
