@@ -107,11 +107,13 @@ describe("config_version", function()
         local b = new_builder()
         local routes = many(50)
         local v1 = build(b, doc(routes))
+        v1.stats.router_ms = nil
         assert.same({ routes = 50, validated = 50, compiled = 50, reused = 0, modules_loaded = 1,
                       whole = false }, v1.stats)
         assert.equal(50, _G.cv_inits["p-one"])
         routes[7].policies[1].conf.value = "changed"
         local v2 = build(b, doc(routes))
+        v2.stats.router_ms = nil
         assert.same({ routes = 50, validated = 1, compiled = 1, reused = 49, modules_loaded = 0,
                       whole = false }, v2.stats)
         assert.equal(51, _G.cv_inits["p-one"])
@@ -270,6 +272,37 @@ describe("config_version", function()
             assert.matches("invalid JSON", refused(b, '{"routes": [{"id": "x"},'))
         end)
 
+        it("a route that comes back beside a new one with its id", function()
+            local b = new_builder()
+            local routes = many(5)
+            local x = routes[3]
+            build(b, doc(routes))
+            routes[3] = route(3, { paths = { "/other/*" } }) -- same id, another text
+            build(b, doc(routes))
+            routes[3] = x -- the first text again (its entry is still known)
+            routes[6] = route(6, { id = "r3" })
+            assert.matches("routes%[5%]%.id: duplicate id", refused(b, doc(routes)))
+        end)
+
+        it("a duplicate id after a refused change", function()
+            local b = new_builder()
+            local routes = many(5)
+            build(b, doc(routes))
+            local bad = many(5)
+            bad[6] = route(6, { paths = { "nope" } })
+            refused(b, doc(bad))
+            routes[6] = route(6, { id = "r2" })
+            assert.matches("routes%[5%]%.id: duplicate id", refused(b, doc(routes)))
+        end)
+
+        it("the same route twice", function()
+            local b = new_builder()
+            local routes = many(5)
+            build(b, doc(routes))
+            routes[6] = routes[2]
+            assert.matches("routes%[5%]%.id: duplicate id", refused(b, doc(routes)))
+        end)
+
         it("and then builds the next good change from the version in force", function()
             local b = new_builder()
             local routes = many(10)
@@ -282,6 +315,28 @@ describe("config_version", function()
             assert.equal(1, v3.stats.compiled)
             assert.equal(by_id(v1).r2, by_id(v3).r2)
         end)
+    end)
+
+    it("forgets the entries of removed routes (memory stays bounded under churn)", function()
+        local b = new_builder()
+        local routes = many(20)
+        local v1 = build(b, doc(routes))
+        local function known()
+            local n = 0
+            for _ in pairs(b.index.routes.texts) do
+                n = n + 1
+            end
+            return n
+        end
+        for k = 1, 300 do
+            routes[5] = route(5, { paths = { "/churn" .. k .. "/*" } })
+            local v = build(b, doc(routes))
+            assert.equal(1, v.stats.compiled)
+            assert.is_true(known() <= 20 + 20 + 64 + 1, "entries known: " .. known())
+        end
+        local v = build(b, doc(routes))
+        assert.equal(0, v.stats.compiled)
+        assert.equal(by_id(v1).r6, by_id(v).r6)
     end)
 
     it("loads a valid file it cannot split, reusing nothing", function()

@@ -1,0 +1,370 @@
+-- Change speed (issue 3, item 7; make bench-reload): a gateway with 5,000
+-- routes (each with one or two small policies) in front of the mock backend.
+--
+--   (a) one-route changes, one at a time (a policy conf edited, a route
+--       added, one removed, in turn): the time each worker's reload took,
+--       from the line MOONGATE_RELOAD_TIMING=1 makes it log ("reloaded
+--       configuration version N in X ms (changed routes: ...)").
+--       Target: median < 50 ms per worker.
+--   (b) wrk against one route, steady, then while routes.json is rewritten
+--       and the master SIGHUPed 20 times a second (--cli: `moongate reload`
+--       instead of the SIGHUP): p99 of each run and their ratio.
+--       Target: p99 during changes < 2x the steady p99.
+--
+-- Run from the repository root after `make build`:
+--
+--   luajit bench/reload.lua [--routes 5000] [--changes 20] [--rate 20]
+--                           [--seconds 5] [--workers 1] [--connections 8]
+--                           [--cli] [--keep-tmp]
+--
+-- It needs wrk. Everything runs on loopback; the temp dir (configs, policies,
+-- logs) is removed at the end unless --keep-tmp. Also prints what the master
+-- spent per change (it validates the whole config on every SIGHUP).
+package.path = "./spec/?.lua;./lua/?.lua;./lua/?/init.lua;" .. package.path
+
+local cjson = require("cjson")
+local socket = require("socket")
+local gateway = require("helpers.gateway")
+local proc = require("helpers.proc")
+local client = require("helpers.client")
+
+local gettime = socket.gettime
+local format = string.format
+
+local opts = { routes = 5000, changes = 20, rate = 20, seconds = 5, workers = 1,
+               connections = 8, cli = false, keep_tmp = false }
+do
+  local i = 1
+  while arg[i] do
+    local a = arg[i]
+    local name = a:match("^%-%-([%w%-]+)$")
+    local key = name and name:gsub("%-", "_")
+    if key == "cli" or key == "keep_tmp" then
+      opts[key] = true
+      i = i + 1
+    elseif key and opts[key] ~= nil and tonumber(arg[i + 1]) then
+      opts[key] = tonumber(arg[i + 1])
+      i = i + 2
+    else
+      io.stderr:write("usage: luajit bench/reload.lua [--routes N] [--changes N] [--rate N] "
+                      .. "[--seconds N] [--workers N] [--connections N] [--cli] [--keep-tmp]\n")
+      os.exit(2)
+    end
+  end
+end
+
+if proc.run({ "sh", "-c", "command -v wrk" }) ~= 0 then
+  io.stderr:write("bench/reload.lua: wrk is not installed (make deps)\n")
+  os.exit(2)
+end
+
+-- ---- the config ------------------------------------------------------------
+
+local POLICIES = {
+  ["bench-tag"] = [[
+-- header_filter: one response header from conf (init compiles it)
+return {
+  name = "bench-tag", priority = 10,
+  schema = { type = "object", additionalProperties = false, required = { "value" },
+             properties = { name = { type = "string", default = "X-Bench-Tag" },
+                            value = { type = "string", minLength = 1 } } },
+  init = function(conf) return { name = conf.name, value = conf.value } end,
+  header_filter = function(conf, ctx) ctx.resp:set_header(conf.name, conf.value) end,
+}
+]],
+  ["bench-quota"] = [[
+-- access: a no-op with a schema of a rate-limit's shape
+return {
+  name = "bench-quota", priority = 20,
+  schema = { type = "object", additionalProperties = false, required = { "rate" },
+             properties = { rate = { type = "integer", minimum = 1 },
+                            burst = { type = "integer", minimum = 0, default = 0 },
+                            key = { type = "string", enum = { "ip", "consumer" },
+                                    default = "ip" } } },
+  access = function() end,
+}
+]],
+}
+
+local function route(i, tag)
+  local r = { id = "r" .. i, paths = { "/r" .. i .. "/*" }, methods = { "GET" },
+              upstream = "u" .. (i % 10),
+              policies = { { name = "bench-tag", conf = { value = tag or ("r" .. i) } } } }
+  if i % 2 == 0 then
+    r.policies[2] = { name = "bench-quota", conf = { rate = 100 + i, key = "consumer" } }
+  end
+  return r
+end
+
+local function routes_doc(mock, edit)
+  local ups = {}
+  for i = 0, 9 do
+    ups[#ups + 1] = gateway.upstream("u" .. i, mock)
+  end
+  local routes = {}
+  for i = 1, opts.routes do
+    routes[i] = route(i)
+  end
+  if edit then
+    edit(routes)
+  end
+  return cjson.encode({ upstreams = ups, routes = routes })
+end
+
+-- ---- measuring -------------------------------------------------------------
+
+local function percentile(list, p)
+  local s = {}
+  for i, v in ipairs(list) do
+    s[i] = v
+  end
+  table.sort(s)
+  if #s == 0 then
+    return 0 / 0
+  end
+  return s[math.max(1, math.ceil(#s * p))]
+end
+
+-- wrk's --latency distribution: a time like "1.23ms" / "850.00us" / "1.02s"
+local function ms_of(v, unit)
+  v = tonumber(v)
+  if unit == "us" then
+    return v / 1000
+  elseif unit == "s" then
+    return v * 1000
+  end
+  return v
+end
+
+local function parse_wrk(out)
+  local res = {}
+  local v, u = out:match("\n%s+99%%%s+([%d.]+)(%a+)")
+  res.p99 = v and ms_of(v, u)
+  v, u = out:match("\n%s+50%%%s+([%d.]+)(%a+)")
+  res.p50 = v and ms_of(v, u)
+  res.rps = tonumber(out:match("Requests/sec:%s+([%d.]+)"))
+  res.errors = out:match("Non%-2xx or 3xx responses: (%d+)") or "0"
+  local sock = out:match("Socket errors: ([^\n]+)")
+  res.socket_errors = sock
+  return res
+end
+
+local function wrk_cmd(url, seconds)
+  return format("wrk -t1 -c%d -d%ds --latency %s 2>&1", opts.connections, seconds, url)
+end
+
+-- user+system CPU seconds of pid so far
+local CLK_TCK = 100
+local function cpu_seconds(pid)
+  local stat = proc.read_file("/proc/" .. pid .. "/stat")
+  if not stat then
+    return 0
+  end
+  local rest = stat:match("%) (.*)$")
+  local fields = {}
+  for f in rest:gmatch("%S+") do
+    fields[#fields + 1] = f
+  end
+  -- utime and stime are fields 14 and 15; rest starts at field 3
+  return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
+end
+
+-- the reload timing lines of the log from byte `from` on:
+-- {version =, ms =, changed =, reused =, router_ms =, pid =}
+local function timing_lines(log, from)
+  local out = {}
+  for line in log:sub(from):gmatch("[^\n]+") do
+    local pid, ver, ms, changed, reused = line:match(
+      "(%d+)#w%d+: reloaded configuration version (%d+) in ([%d.]+) ms %(changed routes: (%d+), "
+      .. "reused: (%d+)")
+    if ver then
+      out[#out + 1] = { pid = pid, version = tonumber(ver), ms = tonumber(ms),
+                        changed = tonumber(changed), reused = tonumber(reused),
+                        router_ms = tonumber(line:match("router: ([%d.]+) ms")) }
+    end
+  end
+  return out
+end
+
+local function eventually(fn, timeout)
+  local deadline = gettime() + timeout
+  while true do
+    local v = fn()
+    if v then
+      return v
+    end
+    if gettime() >= deadline then
+      return nil
+    end
+    socket.sleep(0.005)
+  end
+end
+
+-- ---- the run ------------------------------------------------------------------
+
+local results = {}
+local ok_all = true
+local function verdict(pass)
+  ok_all = ok_all and pass
+  return pass and "PASS" or "FAIL"
+end
+
+local function main()
+  local dir = proc.tmpdir()
+  local pdir = dir .. "/policies"
+  os.execute("mkdir -p " .. pdir)
+  for name, src in pairs(POLICIES) do
+    proc.write_file(pdir .. "/" .. name .. ".lua", src)
+  end
+
+  -- other processes skew every figure here: say how busy the machine was
+  local nproc_rc, ncpu = proc.run({ "nproc" })
+  io.write(format("machine: %s CPU(s), load average %s", nproc_rc == 0 and ncpu:match("%d+") or "?",
+                  (proc.read_file("/proc/loadavg") or "?"):match("^(%S+ %S+ %S+)") or "?"), "\n")
+  local mock = gateway.mock()
+  local base = routes_doc(mock)
+  io.write(format("routes.json: %d routes, %d upstreams, %.0f KiB\n", opts.routes, 10, #base / 1024))
+  local t0 = gettime()
+  local gw = gateway.start{
+    routes = base, workers = opts.workers, timeout = 60,
+    node = { lua_path = { pdir }, log = { level = "info", access = "off" } },
+    env = { MOONGATE_RELOAD_TIMING = "1" },
+  }
+  assert(eventually(function()
+    local _, n = gw:log():gsub("worker %d+ started", "")
+    return n >= opts.workers
+  end, 60), "workers did not start:\n" .. gw:log_tail())
+  io.write(format("gateway up in %.2f s (%d worker(s), full compile at start)\n",
+                  gettime() - t0, opts.workers))
+  local res = assert(client.get(gw.port, "/r42/x"))
+  assert(res.status == 200 and res.headers["x-bench-tag"] == "r42", "route r42 does not answer")
+
+  local version = 1 -- every worker's: 1 at start, +1 a reload
+  local function apply(text)
+    gw:write_routes(text)
+    if opts.cli then
+      local rc, out = gw:reload()
+      assert(rc == 0, out)
+    else
+      proc.kill(gw.pid, "HUP")
+    end
+  end
+
+  -- (a) one-route changes, one at a time, in turn: r7's policy conf
+  -- edited, a route added, that route removed
+  local edited, added = "r7", false
+  local function next_text(c)
+    local kind = c % 3
+    if kind == 1 then
+      edited = "edited-" .. c
+    elseif kind == 2 then
+      added = true
+    else
+      added = false
+    end
+    return routes_doc(mock, function(routes)
+      routes[7].policies[1].conf.value = edited
+      if added then
+        routes[#routes + 1] = route(opts.routes + 1)
+      end
+    end)
+  end
+  local per_change, routers, rest = {}, {}, {}
+  for c = 1, opts.changes do
+    local text = next_text(c)
+    local from = #gw:log() + 1
+    apply(text)
+    version = version + 1
+    local lines = eventually(function()
+      local l = timing_lines(gw:log(), from)
+      return #l >= opts.workers and l
+    end, 30)
+    assert(lines, "change " .. c .. " not applied:\n" .. gw:log_tail())
+    for _, l in ipairs(lines) do
+      assert(l.version == version, "a worker is at version " .. l.version .. ", not " .. version)
+      per_change[#per_change + 1] = l.ms
+      routers[#routers + 1] = l.router_ms
+      rest[#rest + 1] = l.ms - l.router_ms
+      assert(l.changed <= 1, "change " .. c .. " recompiled " .. l.changed .. " routes")
+    end
+  end
+  local med = percentile(per_change, 0.5)
+  results.a = format("(a) one-route change, per worker (%d reloads): median %.1f ms, p90 %.1f ms, "
+                     .. "max %.1f ms (router.new median %.1f ms, the rest median %.1f ms)  "
+                     .. "target < 50 ms: %s",
+                     #per_change, med, percentile(per_change, 0.9), percentile(per_change, 1),
+                     percentile(routers, 0.5), percentile(rest, 0.5), verdict(med < 50))
+  io.write(results.a, "\n")
+
+  -- (b) p99 steady, then during changes
+  local url = "http://127.0.0.1:" .. gw.port .. "/r42/x"
+  proc.run(wrk_cmd(url, 1)) -- warm-up
+  local _, out = proc.run(wrk_cmd(url, opts.seconds))
+  local steady = parse_wrk(out)
+  assert(steady.p99, "no p99 from wrk:\n" .. out)
+
+  -- a cycle of texts each one route away from the one before
+  local texts = {}
+  for c = 1, 6 do
+    texts[c] = next_text(opts.changes + c)
+  end
+  local master_cpu0 = cpu_seconds(gw.pid)
+  local from = #gw:log() + 1
+  local wrk = assert(io.popen(wrk_cmd(url, opts.seconds), "r"))
+  local start = gettime()
+  local sent, period = 0, 1 / opts.rate
+  while gettime() - start < opts.seconds - period do
+    sent = sent + 1
+    apply(texts[sent % #texts + 1])
+    local next_at = start + sent * period
+    local wait = next_at - gettime()
+    if wait > 0 then
+      socket.sleep(wait)
+    end
+  end
+  local elapsed = gettime() - start
+  out = wrk:read("*a")
+  wrk:close()
+  local master_cpu = cpu_seconds(gw.pid) - master_cpu0
+  local during = parse_wrk(out)
+  assert(during.p99, "no p99 from wrk:\n" .. out)
+  socket.sleep(1)
+  local applied = timing_lines(gw:log(), from)
+  local apply_ms = {}
+  for i, l in ipairs(applied) do
+    apply_ms[i] = l.ms
+  end
+  local ratio = during.p99 / steady.p99
+  results.b = format("(b) wrk -t1 -c%d %ds on /r42/x: steady p99 %.2f ms (p50 %.2f, %.0f req/s); "
+                     .. "during %d changes/s p99 %.2f ms (p50 %.2f, %.0f req/s, non-2xx %s%s); "
+                     .. "ratio %.2f  target < 2: %s",
+                     opts.connections, opts.seconds, steady.p99, steady.p50, steady.rps,
+                     opts.rate, during.p99, during.p50, during.rps, during.errors,
+                     during.socket_errors and ", socket errors " .. during.socket_errors or "",
+                     ratio, verdict(ratio < 2 and during.errors == "0"))
+  results.b2 = format("    %d changes sent in %.1f s (%s); worker reloads applied: %d (median %.1f ms, "
+                      .. "max %.1f ms); master CPU %.0f ms per change sent",
+                      sent, elapsed, opts.cli and "moongate reload" or "SIGHUP to the master",
+                      #applied, percentile(apply_ms, 0.5), percentile(apply_ms, 1),
+                      master_cpu * 1000 / sent)
+  io.write(results.b, "\n", results.b2, "\n")
+
+  gateway.stop_all()
+  if not opts.keep_tmp then
+    proc.cleanup()
+  else
+    io.write("kept ", dir, "\n")
+  end
+end
+
+local ok, err = pcall(main)
+if not ok then
+  io.stderr:write("bench/reload.lua: ", tostring(err), "\n")
+  gateway.stop_all()
+  if not opts.keep_tmp then
+    proc.cleanup()
+  end
+  os.exit(1)
+end
+io.write(ok_all and "PASS\n" or "FAIL\n")
+os.exit(ok_all and 0 or 1)
