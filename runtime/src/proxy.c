@@ -693,7 +693,7 @@ static int filter_body(mg_req_t *r, int eof)
             blk = nb;
             cap = nc;
         }
-        memcpy(blk + used, o, ol);
+        if (ol) memcpy(blk + used, o, ol); /* blk is NULL while all is empty */
         used += ol;
         mg__lua_body_filter_done(r);
     }
