@@ -88,10 +88,15 @@ local function consume_body(r)
   return total, hex(digest, 32)
 end
 
+-- false when the response takes no more bytes (HEAD, 204/304, a client
+-- gone): the caller stops instead of spinning through the rest
 local function write(r, s, n)
-  if C.mg_resp_write(r, s, n) == MG_AGAIN then
+  local rc = C.mg_resp_write(r, s, n)
+  if rc == MG_AGAIN then
     co_yield()
+    return true
   end
+  return rc == MG_OK
 end
 
 local function as_list(v)
@@ -188,11 +193,14 @@ function _M.access(rp)
   local off = 0
   while left > 0 do
     local n = left < piece and left or piece
+    local ok
     if body then
-      local s = sub(body, off + 1, off + n)
-      write(r, s, n)
+      ok = write(r, sub(body, off + 1, off + n), n)
     else
-      write(r, pattern_ptr + off % 64, n)
+      ok = write(r, pattern_ptr + off % 64, n)
+    end
+    if not ok then
+      break
     end
     off = off + n
     left = left - n
