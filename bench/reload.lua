@@ -8,14 +8,16 @@
 --       Target: median < 50 ms per worker.
 --   (b) wrk against one route, steady, then while routes.json is rewritten
 --       and the master SIGHUPed 20 times a second (--cli: `moongate reload`
---       instead of the SIGHUP): p99 of each run and their ratio.
+--       instead of the SIGHUP; --direct: SIGHUP to the workers themselves,
+--       leaving out the master's validation of the whole config): p99 of
+--       each run and their ratio.
 --       Target: p99 during changes < 2x the steady p99.
 --
 -- Run from the repository root after `make build`:
 --
 --   luajit bench/reload.lua [--routes 5000] [--changes 20] [--rate 20]
 --                           [--seconds 5] [--workers 1] [--connections 8]
---                           [--cli] [--keep-tmp]
+--                           [--cli | --direct] [--keep-tmp]
 --
 -- It needs wrk. Everything runs on loopback; the temp dir (configs, policies,
 -- logs) is removed at the end unless --keep-tmp. Also prints what the master
@@ -32,14 +34,14 @@ local gettime = socket.gettime
 local format = string.format
 
 local opts = { routes = 5000, changes = 20, rate = 20, seconds = 5, workers = 1,
-               connections = 8, cli = false, keep_tmp = false }
+               connections = 8, cli = false, direct = false, keep_tmp = false }
 do
   local i = 1
   while arg[i] do
     local a = arg[i]
     local name = a:match("^%-%-([%w%-]+)$")
     local key = name and name:gsub("%-", "_")
-    if key == "cli" or key == "keep_tmp" then
+    if key == "cli" or key == "direct" or key == "keep_tmp" then
       opts[key] = true
       i = i + 1
     elseif key and opts[key] ~= nil and tonumber(arg[i + 1]) then
@@ -47,7 +49,7 @@ do
       i = i + 2
     else
       io.stderr:write("usage: luajit bench/reload.lua [--routes N] [--changes N] [--rate N] "
-                      .. "[--seconds N] [--workers N] [--connections N] [--cli] [--keep-tmp]\n")
+                      .. "[--seconds N] [--workers N] [--connections N] [--cli | --direct] [--keep-tmp]\n")
       os.exit(2)
     end
   end
@@ -245,6 +247,10 @@ local function main()
     if opts.cli then
       local rc, out = gw:reload()
       assert(rc == 0, out)
+    elseif opts.direct then
+      for _, pid in ipairs(gw:workers()) do
+        proc.kill(pid, "HUP")
+      end
     else
       proc.kill(gw.pid, "HUP")
     end
@@ -344,7 +350,8 @@ local function main()
                      ratio, verdict(ratio < 2 and during.errors == "0"))
   results.b2 = format("    %d changes sent in %.1f s (%s); worker reloads applied: %d (median %.1f ms, "
                       .. "max %.1f ms); master CPU %.0f ms per change sent",
-                      sent, elapsed, opts.cli and "moongate reload" or "SIGHUP to the master",
+                      sent, elapsed, opts.cli and "moongate reload"
+                        or opts.direct and "SIGHUP to the workers" or "SIGHUP to the master",
                       #applied, percentile(apply_ms, 0.5), percentile(apply_ms, 1),
                       master_cpu * 1000 / sent)
   io.write(results.b, "\n", results.b2, "\n")
