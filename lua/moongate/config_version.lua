@@ -60,7 +60,6 @@ local ipairs = ipairs
 local tostring = tostring
 local setmetatable = setmetatable
 local io_open = io.open
-local sort = table.sort
 local concat = table.concat
 local new_tab = require("table.new")
 
@@ -134,30 +133,37 @@ local function compile_route(value, pols, globals, handle)
   for k, v in pairs(value) do
     route[k] = v
   end
-  local list, order = {}, {}
+  local list, n = {}, 0
   for _, p in ipairs(globals) do
-    list[#list + 1] = p
-    order[p] = #list
+    n = n + 1
+    list[n] = p
   end
   for _, p in ipairs(pols) do
-    list[#list + 1] = p
-    order[p] = #list
+    n = n + 1
+    list[n] = p
   end
-  sort(list, function(a, b)
-    if a.priority ~= b.priority then
-      return a.priority > b.priority
+  -- a stable insertion sort: a route has a few policies, and no closure
+  -- is made per route
+  for i = 2, n do
+    local p = list[i]
+    local j = i - 1
+    while j >= 1 and list[j].priority < p.priority do
+      list[j + 1] = list[j]
+      j = j - 1
     end
-    return order[a] < order[b]
-  end)
+    list[j + 1] = p
+  end
   local phases = {}
   for _, ph in ipairs(PHASES) do
-    local l = {}
-    for _, p in ipairs(list) do
+    local l
+    for i = 1, n do
+      local p = list[i]
       if type(p.mod[ph]) == "function" then
+        l = l or {}
         l[#l + 1] = p
       end
     end
-    phases[ph] = #l > 0 and l or nil
+    phases[ph] = l
   end
   local flags = 0
   if phases.header_filter then
