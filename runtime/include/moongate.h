@@ -70,7 +70,7 @@ typedef struct mg_req_view_s {
     uint8_t version_major;
     uint8_t version_minor;
     uint16_t remote_port;
-    int32_t status;   /* response status once known, else 0 */
+    int32_t status; /* response status once known, else 0 */
     uint32_t worker_id;
     int64_t content_length; /* -1 when absent (chunked or no body) */
     double start_time;      /* seconds since the epoch */

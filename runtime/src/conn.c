@@ -28,18 +28,21 @@ static void conn_reject(mg_conn_t *c, int status, const char *why);
 /* RFC 9110 tchar */
 static const unsigned char tchar[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
-    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
-    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
-    ['8'] = 1, ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1,
-    ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
-    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1,
-    ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1,
-    ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1,
-    ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1,
-    ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1,  ['~'] = 1, ['0'] = 1,
+    ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1,  ['7'] = 1, ['8'] = 1,
+    ['9'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1,  ['F'] = 1, ['G'] = 1,
+    ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1,  ['N'] = 1, ['O'] = 1,
+    ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1,  ['V'] = 1, ['W'] = 1,
+    ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1,  ['d'] = 1, ['e'] = 1,
+    ['f'] = 1, ['g'] = 1, ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1,  ['l'] = 1, ['m'] = 1,
+    ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1,  ['t'] = 1, ['u'] = 1,
+    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
 };
 
-static inline mg_conn_t *conn_of(llhttp_t *p) { return (mg_conn_t *)p->data; }
+static inline mg_conn_t *conn_of(llhttp_t *p)
+{
+    return (mg_conn_t *)p->data;
+}
 
 /* ---- parser callbacks ---------------------------------------------------- */
 
@@ -190,8 +193,10 @@ static int parse_target(mg_conn_t *c, mg_req_t *r)
             return 0;
         }
         size_t skip = 0;
-        if (n > 7 && strncasecmp(u, "http://", 7) == 0) skip = 7;
-        else if (n > 8 && strncasecmp(u, "https://", 8) == 0) skip = 8;
+        if (n > 7 && strncasecmp(u, "http://", 7) == 0)
+            skip = 7;
+        else if (n > 8 && strncasecmp(u, "https://", 8) == 0)
+            skip = 8;
         if (!skip) return 400;
         const char *slash = memchr(u + skip, '/', n - skip);
         if (!slash) return 400;
@@ -397,8 +402,10 @@ static void on_timeout(uv_timer_t *t)
 
 static void conn_timer(mg_conn_t *c, uint32_t ms)
 {
-    if (ms) uv_timer_start(&c->timer, on_timeout, ms, 0);
-    else uv_timer_stop(&c->timer);
+    if (ms)
+        uv_timer_start(&c->timer, on_timeout, ms, 0);
+    else
+        uv_timer_stop(&c->timer);
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
@@ -753,7 +760,10 @@ int mg__conn_write_copy(mg_conn_t *c, const char *p, size_t len)
     return 0;
 }
 
-size_t mg__conn_queued(mg_conn_t *c) { return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp); }
+size_t mg__conn_queued(mg_conn_t *c)
+{
+    return uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+}
 
 static void on_out_written(uv_write_t *w, int status)
 {

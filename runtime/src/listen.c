@@ -269,6 +269,7 @@ int mg_listen_open_set(const mg_listen_conf_t *l, int n, int *fds, char *err, si
     return 0;
 
 fail:
-    while (i-- > 0) close(fds[i]);
+    while (i-- > 0)
+        close(fds[i]);
     return r;
 }

@@ -62,7 +62,7 @@ void mg_log(int level, const char *fmt, ...)
     char line[PIPE_BUF];
     const size_t cap = sizeof(line) - 1; /* keep room for the '\n' */
     size_t n;
-    int r, saved_errno = errno;          /* callers log and then read errno */
+    int r, saved_errno = errno; /* callers log and then read errno */
     struct tm tm;
     time_t now;
     va_list ap;
@@ -83,7 +83,7 @@ void mg_log(int level, const char *fmt, ...)
     va_end(ap);
     if (r > 0) {
         if ((size_t)r >= cap - n) {
-            n = cap - 1;  /* vsnprintf wrote cap - n - 1 chars and a NUL */
+            n = cap - 1; /* vsnprintf wrote cap - n - 1 chars and a NUL */
             memcpy(line + n - 3, "...", 3);
         } else {
             n += (size_t)r;

@@ -12,9 +12,9 @@ void mg_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 void mg_log_set_role(const char *role);
 int mg_log_level_parse(const char *name); /* -1 when unknown */
 
-#define mg_log_debug(...)                                                       \
-    do {                                                                        \
-        if (mg_log_level <= MG_LOG_DEBUG) mg_log(MG_LOG_DEBUG, __VA_ARGS__);    \
+#define mg_log_debug(...)                                                                          \
+    do {                                                                                           \
+        if (mg_log_level <= MG_LOG_DEBUG) mg_log(MG_LOG_DEBUG, __VA_ARGS__);                       \
     } while (0)
 
 #endif

@@ -244,4 +244,7 @@ int mg__lua_body_filter(mg_req_t *r, const char *p, size_t len, int eof, const c
     return 0;
 }
 
-void mg__lua_body_filter_done(mg_req_t *r) { lua_settop(r->conn->w->L, 0); }
+void mg__lua_body_filter_done(mg_req_t *r)
+{
+    lua_settop(r->conn->w->L, 0);
+}

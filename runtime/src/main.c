@@ -91,10 +91,14 @@ static int cli_parse(const char *cmd, int argc, char **argv, const char *allowed
         const char *a = argv[i];
         char opt = 0;
 
-        if (strcmp(a, "-c") == 0 || strcmp(a, "--conf") == 0) opt = 'c';
-        else if (strcmp(a, "-d") == 0 || strcmp(a, "--daemon") == 0) opt = 'd';
-        else if (strcmp(a, "--listen") == 0 || strcmp(a, "-l") == 0) opt = 'l';
-        else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0) opt = 'w';
+        if (strcmp(a, "-c") == 0 || strcmp(a, "--conf") == 0)
+            opt = 'c';
+        else if (strcmp(a, "-d") == 0 || strcmp(a, "--daemon") == 0)
+            opt = 'd';
+        else if (strcmp(a, "--listen") == 0 || strcmp(a, "-l") == 0)
+            opt = 'l';
+        else if (strcmp(a, "--workers") == 0 || strcmp(a, "-w") == 0)
+            opt = 'w';
         if (opt == 0 || strchr(allowed, opt) == NULL)
             return cli_fail("%s: unknown option '%s' (see moongate help)", cmd, a);
         if (opt == 'd') {
@@ -260,9 +264,11 @@ static int mock_supervise(mg_node_conf_t *conf, int *fds)
         }
         alive++;
     }
-    for (j = 0; j < conf->workers; j++) close(fds[j]); /* the workers own them */
+    for (j = 0; j < conf->workers; j++)
+        close(fds[j]); /* the workers own them */
     if (rc != 0) {
-        for (j = 0; j < alive; j++) kill(pids[j], SIGTERM);
+        for (j = 0; j < alive; j++)
+            kill(pids[j], SIGTERM);
     }
 
     while (alive > 0) {

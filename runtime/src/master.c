@@ -43,10 +43,10 @@ enum { STOP_NONE = 0, STOP_GRACEFUL, STOP_FAST };
 
 typedef struct {
     int id;
-    pid_t pid;                                /* 0 while not running */
+    pid_t pid;                                 /* 0 while not running */
     uint64_t respawned[MASTER_STORM_RESPAWNS]; /* ring of respawn times, ms */
-    int nrespawned;                           /* total, for the ring index */
-    uv_timer_t respawn_timer;                 /* a delayed respawn */
+    int nrespawned;                            /* total, for the ring index */
+    uv_timer_t respawn_timer;                  /* a delayed respawn */
 } master_worker_t;
 
 static const int master_signums[] = {SIGCHLD, SIGHUP, SIGQUIT, SIGTERM, SIGINT};
@@ -58,13 +58,13 @@ static struct {
     uv_signal_t signals[MASTER_NSIG];
     uv_timer_t stop_timer;
     master_worker_t *workers;
-    int *fds;       /* workers x nlisten; worker i owns fds[i * nlisten ...] */
-    int nfds;       /* how many of fds are open */
-    int stopping;   /* STOP_* */
-    int notify_fd;  /* -d: the pipe to the waiting start command, else -1 */
-    pid_t pid;      /* the master's own pid, after daemonizing */
+    int *fds;      /* workers x nlisten; worker i owns fds[i * nlisten ...] */
+    int nfds;      /* how many of fds are open */
+    int stopping;  /* STOP_* */
+    int notify_fd; /* -d: the pipe to the waiting start command, else -1 */
+    pid_t pid;     /* the master's own pid, after daemonizing */
     int pid_written;
-    int finished;   /* master_finish ran: the handles are closing */
+    int finished; /* master_finish ran: the handles are closing */
 } M;
 
 static int master_spawn(master_worker_t *w);
@@ -377,7 +377,8 @@ static int master_running(void)
 {
     int i, n = 0;
 
-    for (i = 0; i < M.conf->workers; i++) n += M.workers[i].pid > 0;
+    for (i = 0; i < M.conf->workers; i++)
+        n += M.workers[i].pid > 0;
     return n;
 }
 
@@ -410,7 +411,8 @@ static void master_child(master_worker_t *w, const sigset_t *oldmask)
      * would write this process's signals into the master's signal pipe
      * (shared through fork): a SIGQUIT to one worker would stop the whole
      * node. Stopping them restores the default dispositions. */
-    for (i = 0; i < MASTER_NSIG; i++) uv_signal_stop(&M.signals[i]);
+    for (i = 0; i < MASTER_NSIG; i++)
+        uv_signal_stop(&M.signals[i]);
     close(uv_backend_fd(&M.loop)); /* the master's epoll set is not ours */
     /* Until the worker installs its own handlers, a reload must not kill
      * it and a stop must not dump core (SIGQUIT's default): it has nothing
@@ -496,7 +498,8 @@ static void master_finish(void)
 
     if (M.finished) return;
     M.finished = 1;
-    for (i = 0; i < MASTER_NSIG; i++) uv_close((uv_handle_t *)&M.signals[i], master_close_cb);
+    for (i = 0; i < MASTER_NSIG; i++)
+        uv_close((uv_handle_t *)&M.signals[i], master_close_cb);
     uv_close((uv_handle_t *)&M.stop_timer, master_close_cb);
     for (i = 0; i < M.conf->workers; i++)
         uv_close((uv_handle_t *)&M.workers[i].respawn_timer, master_close_cb);
@@ -517,8 +520,8 @@ static void master_reap(void)
             w->pid = 0;
             if (M.stopping) {
                 if (WIFSIGNALED(status)) {
-                    mg_log(MG_LOG_INFO, "worker %d (pid %ld) exited on signal %d", w->id,
-                           (long)pid, WTERMSIG(status));
+                    mg_log(MG_LOG_INFO, "worker %d (pid %ld) exited on signal %d", w->id, (long)pid,
+                           WTERMSIG(status));
                 } else {
                     mg_log_debug("worker %d (pid %ld) exited with code %d", w->id, (long)pid,
                                  WEXITSTATUS(status));
@@ -526,9 +529,8 @@ static void master_reap(void)
                 break;
             }
             if (WIFSIGNALED(status)) {
-                mg_log(MG_LOG_ERROR, "worker %d (pid %ld) exited on signal %d%s; respawning",
-                       w->id, (long)pid, WTERMSIG(status),
-                       WCOREDUMP(status) ? " (core dumped)" : "");
+                mg_log(MG_LOG_ERROR, "worker %d (pid %ld) exited on signal %d%s; respawning", w->id,
+                       (long)pid, WTERMSIG(status), WCOREDUMP(status) ? " (core dumped)" : "");
             } else {
                 mg_log(MG_LOG_ERROR, "worker %d (pid %ld) exited with code %d; respawning", w->id,
                        (long)pid, WEXITSTATUS(status));
@@ -557,7 +559,8 @@ static void master_stop(int how)
 
     if (how <= M.stopping) return; /* a fast stop may cut a graceful one short */
     M.stopping = how;
-    for (i = 0; i < M.conf->workers; i++) uv_timer_stop(&M.workers[i].respawn_timer);
+    for (i = 0; i < M.conf->workers; i++)
+        uv_timer_stop(&M.workers[i].respawn_timer);
     if (how == STOP_GRACEFUL) {
         bound = (uint64_t)M.conf->shutdown_timeout_ms + MASTER_GRACE_EXTRA_MS;
         mg_log(MG_LOG_INFO, "graceful stop: draining %d worker(s), at most %llu ms",
@@ -596,11 +599,13 @@ static void master_changed(const mg_node_conf_t *a, const mg_node_conf_t *b, cha
     int i, same = a->nlisten == b->nlisten;
     size_t n = 0;
 
-    for (i = 0; same && i < a->nlisten; i++) same = master_same_listener(&a->listen[i], &b->listen[i]);
+    for (i = 0; same && i < a->nlisten; i++)
+        same = master_same_listener(&a->listen[i], &b->listen[i]);
     out[0] = '\0';
 #define CHANGED(cond, name)                                                                        \
     do {                                                                                           \
-        if ((cond) && n < len) n += (size_t)snprintf(out + n, len - n, "%s%s", n ? ", " : "", name); \
+        if ((cond) && n < len)                                                                     \
+            n += (size_t)snprintf(out + n, len - n, "%s%s", n ? ", " : "", name);                  \
     } while (0)
     CHANGED(!same, "listen");
     CHANGED(a->workers != b->workers, "workers");
@@ -650,18 +655,12 @@ static void master_signal_cb(uv_signal_t *h, int signum)
 {
     (void)h;
     switch (signum) {
-    case SIGCHLD:
-        master_reap();
-        break;
+    case SIGCHLD: master_reap(); break;
     case SIGHUP:
         if (!M.stopping) master_reload();
         break;
-    case SIGQUIT:
-        master_stop(STOP_GRACEFUL);
-        break;
-    default: /* SIGTERM, SIGINT */
-        master_stop(STOP_FAST);
-        break;
+    case SIGQUIT: master_stop(STOP_GRACEFUL); break;
+    default: /* SIGTERM, SIGINT */ master_stop(STOP_FAST); break;
     }
 }
 
@@ -685,7 +684,8 @@ static int master_open_listeners(void)
             free(set);
             return r;
         }
-        for (i = 0; i < conf->workers; i++) M.fds[i * conf->nlisten + j] = set[i];
+        for (i = 0; i < conf->workers; i++)
+            M.fds[i * conf->nlisten + j] = set[i];
         M.nfds += conf->workers;
         /* Port 0 got a real port: the workers and the log must know it. */
         if (conf->listen[j].port == 0) conf->listen[j].port = mg_listen_port(set[0]);
@@ -702,7 +702,8 @@ static void master_close_listeners(void)
 
     /* Filled column by column: listener j of every worker, then j + 1. */
     for (j = 0; j < per && j * M.conf->workers < M.nfds; j++) {
-        for (i = 0; i < M.conf->workers; i++) close(M.fds[i * per + j]);
+        for (i = 0; i < M.conf->workers; i++)
+            close(M.fds[i * per + j]);
     }
     free(M.fds);
     M.fds = NULL;

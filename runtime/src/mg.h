@@ -33,8 +33,14 @@ typedef struct mg_link_s {
     struct mg_link_s *next, *prev;
 } mg_link_t;
 
-static inline void mg_list_init(mg_link_t *h) { h->next = h->prev = h; }
-static inline int mg_list_empty(const mg_link_t *h) { return h->next == h; }
+static inline void mg_list_init(mg_link_t *h)
+{
+    h->next = h->prev = h;
+}
+static inline int mg_list_empty(const mg_link_t *h)
+{
+    return h->next == h;
+}
 static inline void mg_list_insert_head(mg_link_t *h, mg_link_t *n)
 {
     n->next = h->next;
@@ -96,11 +102,11 @@ enum mg_wait {
 };
 
 enum mg_req_state {
-    MG_REQ_HEAD = 0,  /* reading the request head */
-    MG_REQ_ACCESS,    /* Lua access phase running */
-    MG_REQ_PROXY,     /* talking to the upstream */
-    MG_REQ_LOCAL,     /* Lua (a policy, the mock) is answering */
-    MG_REQ_DONE,      /* response complete */
+    MG_REQ_HEAD = 0, /* reading the request head */
+    MG_REQ_ACCESS,   /* Lua access phase running */
+    MG_REQ_PROXY,    /* talking to the upstream */
+    MG_REQ_LOCAL,    /* Lua (a policy, the mock) is answering */
+    MG_REQ_DONE,     /* response complete */
 };
 
 typedef struct mg_req_s {
@@ -138,8 +144,8 @@ typedef struct mg_req_s {
     int span_idx;
     int expect_continue;
     int continue_sent;
-    int up_chunked;        /* the body goes upstream chunked */
-    const char *lua_body;  /* mg_req_set_body's copy (arena), sent instead */
+    int up_chunked;       /* the body goes upstream chunked */
+    const char *lua_body; /* mg_req_set_body's copy (arena), sent instead */
     size_t lua_body_len;
     int lua_body_set;
     int last_chunk_queued; /* ...and its last chunk was queued */
@@ -239,15 +245,15 @@ typedef struct mg_upconn_s {
     uint32_t reason_len;
     int hdr_state;
     int connected;
-    int reused;         /* served a request before this one */
-    int got_bytes;      /* some response bytes arrived for this request */
-    int head_done;      /* final response head parsed */
-    int msg_done;       /* response complete */
-    int keepalive;      /* may go back to the pool */
+    int reused;    /* served a request before this one */
+    int got_bytes; /* some response bytes arrived for this request */
+    int head_done; /* final response head parsed */
+    int msg_done;  /* response complete */
+    int keepalive; /* may go back to the pool */
     int close_delimited;
-    int interim;        /* parsing a 1xx */
-    int exec_pending;   /* paused: the parser may go on without more bytes */
-    int head_sent;      /* the final head went to the client */
+    int interim;      /* parsing a 1xx */
+    int exec_pending; /* paused: the parser may go on without more bytes */
+    int head_sent;    /* the final head went to the client */
     int closing;
     int reading;
     int handles_open;
@@ -308,9 +314,9 @@ void mg__worker_drained(mg_worker_t *w); /* the last connection closed */
 void mg__conn_accept(uv_stream_t *server, int status);
 mg_conn_t *mg__conn_open_fd(mg_worker_t *w, int fd); /* an already connected socket */
 void mg__conn_close(mg_conn_t *c);
-void mg__conn_pump(mg_conn_t *c);        /* move request body to its sink */
-int mg__conn_body_step(mg_conn_t *c);    /* Lua's body reads */
-void mg__conn_req_done(mg_conn_t *c);    /* response complete and written */
+void mg__conn_pump(mg_conn_t *c);     /* move request body to its sink */
+int mg__conn_body_step(mg_conn_t *c); /* Lua's body reads */
+void mg__conn_req_done(mg_conn_t *c); /* response complete and written */
 void mg__conn_drain_idle(mg_worker_t *w);
 void mg__conn_settings(llhttp_settings_t *s);
 int mg__conn_write_copy(mg_conn_t *c, const char *p, size_t len);
@@ -322,7 +328,7 @@ size_t mg__conn_queued(mg_conn_t *c);
 mg_req_t *mg__req_new(mg_conn_t *c);
 void mg__req_free(mg_req_t *r);
 void mg__req_abort(mg_req_t *r);
-void mg__req_run(mg_req_t *r); /* head parsed: access phase and on */
+void mg__req_run(mg_req_t *r);                           /* head parsed: access phase and on */
 void mg__req_phase_done(mg_req_t *r, int phase, int rc); /* a Lua phase returned */
 void mg__req_fail(mg_req_t *r, int status, const char *msg);
 void mg__req_maybe_done(mg_req_t *r);

@@ -384,8 +384,10 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
         lua_pop(L, 2);
         if (r) {
             lua_getfield(L, -1, "listen");
-            if (lua_isstring(L, -1)) lua_setfield(L, -2, "address");
-            else lua_pop(L, 1);
+            if (lua_isstring(L, -1))
+                lua_setfield(L, -2, "address");
+            else
+                lua_pop(L, 1);
             TRY(node_listener(L, "status", &st, c));
             out->status = st;
         }
@@ -396,11 +398,13 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
     if (r == 1) {
         int lt = lua_gettop(L);
         mg_limits_t *lim = &out->limits;
-        TRY(node_u32(L, lt, "max_header_bytes", "limits.max_header_bytes", &lim->max_header_bytes, c));
+        TRY(node_u32(L, lt, "max_header_bytes", "limits.max_header_bytes", &lim->max_header_bytes,
+                     c));
         TRY(node_u32(L, lt, "max_uri_bytes", "limits.max_uri_bytes", &lim->max_uri_bytes, c));
         v = (double)lim->max_body_bytes;
         /* 2^53: the largest integer a Lua number holds exactly. */
-        TRY(node_num(L, lt, "max_body_bytes", "limits.max_body_bytes", 0, 9007199254740992.0, &v, c));
+        TRY(node_num(L, lt, "max_body_bytes", "limits.max_body_bytes", 0, 9007199254740992.0, &v,
+                     c));
         lim->max_body_bytes = (uint64_t)v;
         TRY(node_u32(L, lt, "client_header_timeout_ms", "limits.client_header_timeout_ms",
                      &lim->client_header_timeout_ms, c));
@@ -522,8 +526,7 @@ int mg_node_load(const char *conf_path, mg_node_conf_t *out, char *err, size_t e
     return 0;
 }
 
-int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const char *msg),
-                       void *ud)
+int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const char *msg), void *ud)
 {
     char lua_root[MG_PATH_MAX], msg[2048];
     lua_State *L;
@@ -541,8 +544,10 @@ int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const c
     }
     /* check returns a list of errors; tolerate nil (valid) and the
      * nil, errs / nil, "message" convention too. */
-    if (lua_isnil(L, -2) && !lua_isnil(L, -1)) lua_remove(L, -2);
-    else lua_pop(L, 1);
+    if (lua_isnil(L, -2) && !lua_isnil(L, -1))
+        lua_remove(L, -2);
+    else
+        lua_pop(L, 1);
 
     if (lua_isnil(L, -1)) {
         n = 0;

@@ -43,7 +43,7 @@ typedef struct mg_node_conf_s {
     mg_listen_conf_t listen[MG_MAX_LISTEN];
     mg_listen_conf_t status; /* status listener (metrics, live/ready) */
     mg_limits_t limits;
-    int log_level; /* MG_LOG_* */
+    int log_level;                /* MG_LOG_* */
     char access_log[MG_PATH_MAX]; /* "" = off, "stdout", or a path */
     uint32_t shutdown_timeout_ms;
     char routes_path[MG_PATH_MAX]; /* config_source.path of a file source, else "" */

@@ -18,7 +18,10 @@ void mg__out_reset(mg_out_t *o)
     o->bytes = 0;
 }
 
-int mg__out_room(const mg_out_t *o) { return MG_OUT_IOV - o->n; }
+int mg__out_room(const mg_out_t *o)
+{
+    return MG_OUT_IOV - o->n;
+}
 
 void mg__out_add(mg_out_t *o, const char *p, size_t len)
 {
@@ -47,7 +50,10 @@ void mg__out_add_chunk(mg_out_t *o, const char *p, size_t len)
     mg__out_add(o, crlf, 2);
 }
 
-void mg__out_add_last_chunk(mg_out_t *o) { mg__out_add(o, last_chunk, 5); }
+void mg__out_add_last_chunk(mg_out_t *o)
+{
+    mg__out_add(o, last_chunk, 5);
+}
 
 int mg__out_flush(mg_out_t *o, uv_stream_t *s, uv_write_cb cb)
 {

@@ -170,9 +170,8 @@ void mg__proxy_release(mg_req_t *r)
     u->req = NULL;
     mg_target_t *t = u->target;
     uv_timer_stop(&u->timer);
-    int keep = u->keepalive && u->msg_done && r->body_done && !r->body_error &&
-               u->pos == u->len && !mg__worker->draining && u->nrequests < t->max_requests &&
-               t->nidle < t->pool_size;
+    int keep = u->keepalive && u->msg_done && r->body_done && !r->body_error && u->pos == u->len &&
+               !mg__worker->draining && u->nrequests < t->max_requests && t->nidle < t->pool_size;
     if (!keep) {
         up_destroy(u);
         return;
@@ -202,7 +201,8 @@ void mg__targets_close(mg_worker_t *w)
 {
     for (mg_link_t *l = w->targets.next; l != &w->targets; l = l->next) {
         mg_target_t *t = mg_container_of(l, mg_target_t, link);
-        while (!mg_list_empty(&t->idle)) up_close(mg_container_of(t->idle.next, mg_upconn_t, link));
+        while (!mg_list_empty(&t->idle))
+            up_close(mg_container_of(t->idle.next, mg_upconn_t, link));
     }
 }
 
@@ -244,7 +244,8 @@ static int build_request_head(mg_req_t *r)
     int hasq = r->up_query_set ? ql > 0 : r->has_query;
     r->head_len = 0;
     if (mg__head_add(r, r->v.method, r->v.method_len) || mg__head_add(r, " ", 1) ||
-        mg__head_add(r, path, pl) || (hasq && (mg__head_add(r, "?", 1) || mg__head_add(r, q, ql))) ||
+        mg__head_add(r, path, pl) ||
+        (hasq && (mg__head_add(r, "?", 1) || mg__head_add(r, q, ql))) ||
         mg__head_add(r, " HTTP/1.1\r\n", 11))
         return -1;
     const char *host = r->abs_host;
@@ -271,7 +272,7 @@ static int build_request_head(mg_req_t *r)
     }
     char thost[80];
     const char *chost = host; /* the client's, for X-Forwarded-Host */
-    if (!host) { /* an HTTP/1.0 client sent none; HTTP/1.1 upstreams need one */
+    if (!host) {              /* an HTTP/1.0 client sent none; HTTP/1.1 upstreams need one */
         int n = snprintf(thost, sizeof(thost), "%s:%d", r->target->host, r->target->port);
         host = thost;
         hostl = (size_t)n;
@@ -297,8 +298,8 @@ static int build_request_head(mg_req_t *r)
     } else if (r->body_mode == MG_BODY_CHUNKED) {
         r->up_chunked = 1;
         if (mg__head_add(r, "Transfer-Encoding: chunked\r\n", 28)) return -1;
-    } else if (r->v.content_length >= 0 &&
-               (r->body_mode == MG_BODY_LENGTH || !mg__strieq(r->v.method, r->v.method_len, "GET", 3))) {
+    } else if (r->v.content_length >= 0 && (r->body_mode == MG_BODY_LENGTH ||
+                                            !mg__strieq(r->v.method, r->v.method_len, "GET", 3))) {
         char cl[32];
         int n = snprintf(cl, sizeof(cl), "%lld", (long long)r->v.content_length);
         if (mg__head_header(r, "Content-Length", 14, cl, (size_t)n)) return -1;
@@ -487,7 +488,10 @@ static void up_fail(mg_req_t *r, mg_upconn_t *u, int status, const char *why)
 
 /* ---- response --------------------------------------------------------------- */
 
-static inline mg_upconn_t *up_of(llhttp_t *p) { return (mg_upconn_t *)p->data; }
+static inline mg_upconn_t *up_of(llhttp_t *p)
+{
+    return (mg_upconn_t *)p->data;
+}
 
 static int on_r_status(llhttp_t *p, const char *at, size_t len)
 {
@@ -535,7 +539,8 @@ static int on_r_value_complete(llhttp_t *p)
     mg_upconn_t *u = up_of(p);
     if (u->head_done) return 0;
     mg_header_t *h = &u->hdrs[u->nhdrs];
-    while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
+    while (h->value_len &&
+           (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
         h->value_len--;
     for (uint32_t i = 0; i < h->value_len; i++) {
         unsigned char ch = (unsigned char)h->value[i];
@@ -578,8 +583,10 @@ static int on_r_body(llhttp_t *p, const char *at, size_t len)
         mg__out_add(&r->body_spans, at, len);
         return 0;
     }
-    if (r->resp_chunked) mg__out_add_chunk(&c->out, at, len);
-    else mg__out_add(&c->out, at, len);
+    if (r->resp_chunked)
+        mg__out_add_chunk(&c->out, at, len);
+    else
+        mg__out_add(&c->out, at, len);
     return 0;
 }
 
@@ -641,7 +648,8 @@ static void on_up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
             return;
         }
         if (u->msg_done) return;
-        up_fail(r, u, 502, n == UV_EOF ? "upstream closed the connection early" : "upstream read failed");
+        up_fail(r, u, 502,
+                n == UV_EOF ? "upstream closed the connection early" : "upstream read failed");
         return;
     }
     u->got_bytes = 1;
@@ -683,7 +691,8 @@ static int filter_body(mg_req_t *r, int eof)
         }
         if (used + ol > cap) {
             size_t nc = cap ? cap * 2 : 4096;
-            while (nc < used + ol) nc *= 2;
+            while (nc < used + ol)
+                nc *= 2;
             char *nb = realloc(blk, nc);
             if (!nb) {
                 mg__lua_body_filter_done(r);
@@ -701,8 +710,10 @@ static int filter_body(mg_req_t *r, int eof)
     free(r->fblock);
     r->fblock = blk;
     if (used) {
-        if (r->resp_chunked) mg__out_add_chunk(&r->conn->out, blk, used);
-        else mg__out_add(&r->conn->out, blk, used);
+        if (r->resp_chunked)
+            mg__out_add_chunk(&r->conn->out, blk, used);
+        else
+            mg__out_add(&r->conn->out, blk, used);
     }
     return 0;
 }
@@ -711,11 +722,16 @@ static void send_head(mg_req_t *r, mg_upconn_t *u)
 {
     llhttp_t *p = &u->parser;
     int64_t len;
-    if (r->resp_no_body) len = (p->flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -3;
-    else if (r->phases & MG_PHASE_BODY_FILTER) len = MG_LEN_CHUNKED; /* filters change lengths */
-    else if (p->flags & F_CHUNKED) len = MG_LEN_CHUNKED;
-    else if (p->flags & F_CONTENT_LENGTH) len = (int64_t)p->content_length;
-    else len = MG_LEN_CHUNKED; /* close-delimited upstream: chunked keeps the client's connection */
+    if (r->resp_no_body)
+        len = (p->flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -3;
+    else if (r->phases & MG_PHASE_BODY_FILTER)
+        len = MG_LEN_CHUNKED; /* filters change lengths */
+    else if (p->flags & F_CHUNKED)
+        len = MG_LEN_CHUNKED;
+    else if (p->flags & F_CONTENT_LENGTH)
+        len = (int64_t)p->content_length;
+    else
+        len = MG_LEN_CHUNKED; /* close-delimited upstream: chunked keeps the client's connection */
     int status = r->lua_status ? r->lua_status : p->status_code;
     const char *reason = r->lua_status ? NULL : u->reason;
     if (mg__req_head_write(r, status, reason, u->reason_len, u->hdrs, u->nhdrs, len)) {

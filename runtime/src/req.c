@@ -50,9 +50,11 @@ int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name,
         if (!mg__strieq(h[i].name, h[i].name_len, "connection", 10)) continue;
         const char *p = h[i].value, *end = p + h[i].value_len;
         while (p < end) {
-            while (p < end && (*p == ' ' || *p == '\t' || *p == ',')) p++;
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
             const char *s = p;
-            while (p < end && *p != ',' && *p != ' ' && *p != '\t') p++;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                p++;
             if (p > s && mg__strieq(s, (size_t)(p - s), name, len)) return 1;
         }
     }
@@ -156,8 +158,8 @@ static void make_request_id(mg_worker_t *w, mg_req_t *r)
         uint32_t j = 0;
         for (; j < h->value_len; j++) {
             char ch = h->value[j];
-            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-                  ch == '-' || ch == '_' || ch == '.'))
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') ||
+                  (ch >= 'A' && ch <= 'Z') || ch == '-' || ch == '_' || ch == '.'))
                 break;
         }
         if (j < h->value_len) break;
@@ -171,12 +173,14 @@ static void make_request_id(mg_worker_t *w, mg_req_t *r)
     static const char hex[] = "0123456789abcdef";
     uint64_t x[2];
     for (int k = 0; k < 2; k++) {
-        uint64_t z = (w->rid_seed += 0x9e3779b97f4a7c15ULL) ^ (w->rid_counter++ * 0xbf58476d1ce4e5b9ULL);
+        uint64_t z =
+            (w->rid_seed += 0x9e3779b97f4a7c15ULL) ^ (w->rid_counter++ * 0xbf58476d1ce4e5b9ULL);
         z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
         z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
         x[k] = z ^ (z >> 31);
     }
-    for (int i = 0; i < 32; i++) r->v.request_id[i] = hex[(x[i / 16] >> ((i % 16) * 4)) & 15];
+    for (int i = 0; i < 32; i++)
+        r->v.request_id[i] = hex[(x[i / 16] >> ((i % 16) * 4)) & 15];
     r->v.request_id[32] = 0;
     r->v.request_id_len = 32;
 }
@@ -308,7 +312,8 @@ int mg__head_reserve(mg_req_t *r, size_t more)
 {
     if (r->head_len + more <= r->head_cap) return 0;
     size_t cap = r->head_cap ? r->head_cap : 1024;
-    while (cap < r->head_len + more) cap *= 2;
+    while (cap < r->head_len + more)
+        cap *= 2;
     char *b = realloc(r->head_buf, cap);
     if (!b) return -1;
     r->head_buf = b;
@@ -619,8 +624,7 @@ static int header_lookup(const mg_header_t *h, uint32_t nh, const mg_hedit_t *ed
     return MG_DECLINED;
 }
 
-int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const char **v,
-                  size_t *vl)
+int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const char **v, size_t *vl)
 {
     return header_lookup(r->hdrs, r->v.nheaders, r->req_edits, name, nl, idx, v, vl);
 }
@@ -657,8 +661,10 @@ static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const cha
     e->value_len = (uint32_t)vl;
     e->mode = mode;
     e->next = NULL;
-    if (*tail) (*tail)->next = e;
-    else *head = e;
+    if (*tail)
+        (*tail)->next = e;
+    else
+        *head = e;
     *tail = e;
     return MG_OK;
 }
@@ -846,7 +852,8 @@ int mg_resp_finish(mg_req_t *r)
     if (r->resp_finished) return MG_OK;
     r->resp_finished = 1;
     if (r->resp_no_body) return MG_OK;
-    if (r->resp_chunked) mg__conn_write_copy(r->conn, "0\r\n\r\n", 5);
+    if (r->resp_chunked)
+        mg__conn_write_copy(r->conn, "0\r\n\r\n", 5);
     else if (r->resp_length >= 0 && r->resp_sent < (uint64_t)r->resp_length)
         r->resp_close = 1; /* short body: only a close tells the client */
     return MG_OK;
@@ -878,8 +885,8 @@ int mg_resp_interim(mg_req_t *r, int status, const char *headers, size_t len)
     if (r->v.version_minor == 0) return MG_OK;
     char line[48];
     int n = snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", status, mg__status_reason(status));
-    if (mg__conn_write_copy(r->conn, line, (size_t)n) || mg__conn_write_copy(r->conn, headers, len) ||
-        mg__conn_write_copy(r->conn, "\r\n", 2))
+    if (mg__conn_write_copy(r->conn, line, (size_t)n) ||
+        mg__conn_write_copy(r->conn, headers, len) || mg__conn_write_copy(r->conn, "\r\n", 2))
         return MG_ERROR;
     return MG_OK;
 }

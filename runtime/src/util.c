@@ -80,13 +80,13 @@ void mg__access_log(mg_req_t *r)
     strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%SZ", &tm);
     double total = (double)(mg__now_ns() - r->start_ns) / 1e6;
     int pl = r->v.path_len > 512 ? 512 : (int)r->v.path_len;
-    int n = snprintf(line, sizeof(line),
-                     "%s - [%s] \"%.*s %.*s HTTP/1.%d\" %d %llu %.*s route=%.*s up_ms=%.3f ms=%.3f\n",
-                     r->v.remote_addr, ts, (int)r->v.method_len, r->v.method ? r->v.method : "", pl,
-                     r->v.path ? r->v.path : "", r->v.version_minor, r->v.status,
-                     (unsigned long long)r->resp_sent, (int)r->v.request_id_len, r->v.request_id,
-                     (int)r->route_id_len, r->route_id ? r->route_id : "-",
-                     (double)r->up_ns / 1e6, total);
+    int n = snprintf(
+        line, sizeof(line),
+        "%s - [%s] \"%.*s %.*s HTTP/1.%d\" %d %llu %.*s route=%.*s up_ms=%.3f ms=%.3f\n",
+        r->v.remote_addr, ts, (int)r->v.method_len, r->v.method ? r->v.method : "", pl,
+        r->v.path ? r->v.path : "", r->v.version_minor, r->v.status,
+        (unsigned long long)r->resp_sent, (int)r->v.request_id_len, r->v.request_id,
+        (int)r->route_id_len, r->route_id ? r->route_id : "-", (double)r->up_ns / 1e6, total);
     if (n > 0) {
         if (n > (int)sizeof(line)) n = (int)sizeof(line);
         ssize_t wr = write(access_fd, line, (size_t)n);

@@ -32,7 +32,10 @@ double mg_time_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-int mg_worker_id(void) { return mg__worker ? mg__worker->id : -1; }
+int mg_worker_id(void)
+{
+    return mg__worker ? mg__worker->id : -1;
+}
 
 /* ---- buffers ------------------------------------------------------------------ */
 
@@ -77,7 +80,8 @@ static void start_drain(mg_worker_t *w)
 {
     if (w->draining) return;
     w->draining = 1;
-    for (int i = 0; i < w->nlisten; i++) uv_close((uv_handle_t *)&w->listeners[i], NULL);
+    for (int i = 0; i < w->nlisten; i++)
+        uv_close((uv_handle_t *)&w->listeners[i], NULL);
     mg__targets_close(w);
     mg__conn_drain_idle(w);
     uv_timer_start(&w->drain_timer, on_drain_timeout, w->conf->shutdown_timeout_ms, 0);

@@ -41,7 +41,8 @@ static void test_out(void)
 
     /* many chunks: framing buffers are distinct per chunk */
     mg__out_reset(&o);
-    for (int i = 0; i < 10; i++) mg__out_add_chunk(&o, data, (size_t)i + 1);
+    for (int i = 0; i < 10; i++)
+        mg__out_add_chunk(&o, data, (size_t)i + 1);
     flatten(&o, buf, &n);
     CHECK_MEM(buf, 10, "1\r\nh\r\n2\r\nh");
     CHECK(o.nframes == 10);
@@ -49,14 +50,26 @@ static void test_out(void)
 
 static void test_hop_by_hop(void)
 {
-    const char *yes[] = {"Connection", "keep-alive", "Proxy-Connection", "TE", "Trailer",
-                         "Transfer-Encoding", "UPGRADE", "Proxy-Authenticate", "Proxy-Authorization"};
+    const char *yes[] = {"Connection",
+                         "keep-alive",
+                         "Proxy-Connection",
+                         "TE",
+                         "Trailer",
+                         "Transfer-Encoding",
+                         "UPGRADE",
+                         "Proxy-Authenticate",
+                         "Proxy-Authorization"};
     const char *no[] = {"Host", "Content-Length", "X-Connection", "Trailers", "Te2", "Cookie"};
-    for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) CHECK(mg__hop_by_hop(yes[i], strlen(yes[i])));
-    for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++) CHECK(!mg__hop_by_hop(no[i], strlen(no[i])));
+    for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++)
+        CHECK(mg__hop_by_hop(yes[i], strlen(yes[i])));
+    for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++)
+        CHECK(!mg__hop_by_hop(no[i], strlen(no[i])));
 
     mg_header_t h[2] = {
-        {.name = "Connection", .name_len = 10, .value = "close, X-Secret ,x-other", .value_len = 24},
+        {.name = "Connection",
+         .name_len = 10,
+         .value = "close, X-Secret ,x-other",
+         .value_len = 24},
         {.name = "X-Secret", .name_len = 8, .value = "1", .value_len = 1},
     };
     CHECK(mg__named_in_connection(h, 2, "x-secret", 8));
@@ -74,7 +87,7 @@ static void test_arena(void)
     char *p = mg__arena_dup(&a, "abc", 3);
     CHECK(p && memcmp(p, "abc", 3) == 0);
     void *q = mg__arena_alloc(&a, 24);
-    CHECK(((uintptr_t)q & 7) == 0); /* edits are structs: 8-aligned */
+    CHECK(((uintptr_t)q & 7) == 0);                /* edits are structs: 8-aligned */
     char *r = mg__arena_dup(&a, big, sizeof(big)); /* larger than the first block */
     CHECK(r && r[0] == 'x' && r[sizeof(big) - 1] == 'x');
     CHECK(a.extra != NULL);

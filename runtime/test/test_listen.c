@@ -34,7 +34,8 @@ static int passed, failed;
             passed++;                                                                              \
         } else {                                                                                   \
             failed++;                                                                              \
-            fprintf(stderr, "%s:%d: got \"%s\", want \"%s\"\n", __FILE__, __LINE__, (got), (want)); \
+            fprintf(stderr, "%s:%d: got \"%s\", want \"%s\"\n", __FILE__, __LINE__, (got),         \
+                    (want));                                                                       \
         }                                                                                          \
     } while (0)
 
@@ -164,7 +165,8 @@ static int count_fds(void)
     int n = 0;
 
     if (d == NULL) return -1;
-    while ((e = readdir(d)) != NULL) n += e->d_name[0] != '.';
+    while ((e = readdir(d)) != NULL)
+        n += e->d_name[0] != '.';
     closedir(d);
     return n;
 }
@@ -206,7 +208,8 @@ static void test_open(void)
     CHECK(mg_listen_open_set(&l, 4, fds, err, sizeof(err)) == 0);
     port = mg_listen_port(fds[0]);
     CHECK(port > 0);
-    for (i = 1; i < 4; i++) CHECK(mg_listen_port(fds[i]) == port);
+    for (i = 1; i < 4; i++)
+        CHECK(mg_listen_port(fds[i]) == port);
     l.port = port;
     l.address[0] = '\0'; /* the message is rebuilt from host and port */
     snprintf(want, sizeof(want), "listen 127.0.0.1:%d: address already in use", port);
@@ -214,7 +217,8 @@ static void test_open(void)
     CHECK(mg_listen_open_set(&l, 2, more, err, sizeof(err)) == -EADDRINUSE);
     CHECK_STR(err, want);
     CHECK(count_fds() == before);
-    for (i = 0; i < 4; i++) close(fds[i]);
+    for (i = 0; i < 4; i++)
+        close(fds[i]);
 
     /* Freed: the same port opens again at once (SO_REUSEADDR). */
     CHECK(mg_listen_open_set(&l, 2, fds, err, sizeof(err)) == 0);
