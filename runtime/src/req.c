@@ -396,7 +396,6 @@ int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reaso
     line[10] = (char)('0' + status / 10 % 10);
     line[11] = (char)('0' + status % 10);
     line[12] = ' ';
-    int n;
     if (mg__head_add(r, line, 13) || mg__head_add(r, reason, reason_len) ||
         mg__head_add(r, "\r\n", 2))
         return -1;
@@ -418,7 +417,7 @@ int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reaso
     if (len == MG_LEN_CHUNKED && r->v.version_minor == 0) len = MG_LEN_CLOSE;
     if (len >= 0) {
         if (status != 204 && status >= 200) {
-            n = snprintf(line, sizeof(line), "%lld", (long long)len);
+            int n = snprintf(line, sizeof(line), "%lld", (long long)len);
             if (mg__head_header(r, "Content-Length", 14, line, (size_t)n)) return -1;
         }
     } else if (len == MG_LEN_CHUNKED && !bodyless) {
