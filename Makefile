@@ -145,6 +145,11 @@ bench: build
 bench-reload: build
 	luajit bench/reload.lua $(BENCH_RELOAD_ARGS)
 
+### bench-router: router lookup, build time and memory at 100/1k/10k/100k routes (PASS/FAIL vs the 10k targets)
+.PHONY: bench-router
+bench-router: build
+	luajit bench/router.lua
+
 ### rock: luarocks lint, then build and install into a local tree (build/rock)
 rock:
 	luarocks lint moongate-scm-1.rockspec

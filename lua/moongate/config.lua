@@ -817,6 +817,17 @@ local function check_method(m)
 end
 
 
+-- route predicates: header names are RFC 9110 tokens
+local function check_header_names(headers)
+  for name in pairs(headers) do
+    if not find(name, "^[%w!#$%%&'*+%-%.^_`|~]+$") then
+      return false, "invalid header name " .. quote(name)
+    end
+  end
+  return true
+end
+
+
 local function check_targets(targets)
   for _, t in ipairs(targets) do
     if t.weight > 0 then
@@ -841,6 +852,12 @@ local policy_entry_def = {
 }
 
 local policies_def = { type = "array", items = policy_entry_def, default = {} }
+
+-- a route predicate's allowed value: one string, or a list of them
+local predicate_values_def = {
+  oneOf = { { type = "string" },
+            { type = "array", minItems = 1, uniqueItems = true, items = { type = "string" } } },
+}
 
 local routes_def = {
   type = "object",
@@ -910,6 +927,9 @@ local routes_def = {
                     items = { type = "string", check = check_route_path } },
           methods = { type = "array", minItems = 1, uniqueItems = true,
                       items = { type = "string", check = check_method } },
+          headers = { type = "object", additionalProperties = predicate_values_def,
+                      check = check_header_names },
+          query = { type = "object", additionalProperties = predicate_values_def },
           upstream = { type = "string", minLength = 1 },
           strip_prefix = { type = "boolean", default = false },
           priority = int(0),

@@ -1,176 +1,813 @@
--- Route matching. This is the simple router of the runtime-core stage:
--- routes are tried in precedence order (priority, then exact host over
--- wildcard over none, then exact path over longer prefix over shorter) and
--- the first that matches wins. O(routes) per request; the radix router of
--- the router issue replaces it behind the same new()/match() interface.
+-- Route matching: the routes of a config version compiled into segment
+-- tries held in FFI arrays.
+--
+--   local rt = router.new(routes)            -- once per config version
+--   local route, entry, params = router.match(rt, v, host_fn, r)
+--
+-- v is the request's mg_req_view_t; host_fn(r) gives its Host (lower-cased,
+-- port stripped) or nil, and is called only when some route names hosts.
+-- entry.kind is "exact", "prefix" or "param"; for "prefix", entry.len is
+-- the length of the matched prefix (what strip_prefix drops); entry.path is
+-- the pattern. params maps parameter names to values (nil without any).
+--
+-- Precedence (README "Routing"). Each (route, path, host) is an entry with
+-- one rank, ordered by
+--   priority (higher first), host (exact > wildcard > none),
+--   path (exact > more segments > more literal segments > without "/*"),
+--   listing order (the route listed first, then its first path and host);
+-- a request goes to the matching entry of lowest rank whose predicates
+-- (methods, headers, query) pass. Predicates have no side effects, so
+-- checking them in rank order, or only on candidates that could still win,
+-- gives the same answer.
+--
+-- Layout. One trie per host bucket (each exact host, each wildcard host,
+-- and one for the routes without hosts); a trie level is a path segment
+-- (the bytes between two "/"). A node has literal children, found in one
+-- Lua table for the whole router keyed by node number * 2^32 + hash of the
+-- segment, and at most one parameter child, which takes any non-empty
+-- segment. A node holds the entries whose pattern ends there, `exact` (the
+-- path ends here) and `prefix` (the path ends here or goes on), chained
+-- best first, and the lowest rank under it, so a walk skips what cannot
+-- win. The nodes are one int32 array, 64 bytes a node with the segment's
+-- bytes inline when they fit: a level costs about two cache lines, and the
+-- GC sees a handful of objects instead of several per route. The segment
+-- is compared byte for byte after the hash lookup (a request's segment may
+-- collide with a route's); two segments of one node never share a hash
+-- (new tries other multipliers until they do not).
+--
+-- Cost of a lookup: one pass over the path bytes (a multiply-add each) per
+-- trie walked, one table lookup and one memcmp per segment, a branch per
+-- parameter child met: independent of the number of routes. The walk is
+-- one loop over bytes, segments, parameter branches and tries (a loop
+-- nested in another breaks LuaJIT traces into pieces). It allocates
+-- nothing unless the winner has parameters (their values and the params
+-- table), a query predicate is checked (the decoded query, once) or a
+-- header predicate is (the header's value). A wildcard host is looked up
+-- by its suffix/prefix at each dot: a short string each, made only when
+-- some wildcard has that length.
+-- Build: O(total pattern length) and no sort of the entries, unless there
+-- are so many priorities and path shapes that ranks pass 2^29.
 
+local bit = require("bit")
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
+local request = require("moongate.request")
+local new_tab = require("table.new")
 
 local C = binding.C
+local ffi_cast = ffi.cast
+local ffi_copy = ffi.copy
 local ffi_string = ffi.string
+local tobit = bit.tobit
 local ipairs = ipairs
+local pairs = pairs
+local next = next
+local type = type
+local tonumber = tonumber
+local error = error
+local setmetatable = setmetatable
 local sort = table.sort
+local concat = table.concat
 local sub = string.sub
 local byte = string.byte
 local lower = string.lower
 local find = string.find
+local match = string.match
+local huge = math.huge
+local header_of = request.header_of
+local decode_args = request.decode_args
 
 local _M = {}
 
 local SLASH = byte("/")
 
--- "/a/*" -> prefix "/a" (matches "/a" and "/a/..."); "/a/b" exact;
--- "/users/:id" -> segments with parameters.
-local function compile_path(p)
-  if sub(p, -2) == "/*" then
-    local prefix = sub(p, 1, -3)
-    return { kind = "prefix", prefix = prefix, len = #prefix, rank = #prefix }
+-- A node: NODE int32 slots (64 bytes) of the nodes array, node k at k * NODE
+-- (node 0 is "none"):
+local NODE = 16
+local N_MIN = 0        -- the lowest rank code (see ranks_of) in this subtree
+local N_PARAM = 1      -- the parameter child, or 0
+local N_EXACT = 2      -- the best entry whose pattern ends here, or 0
+local N_PREFIX = 3     -- likewise for the "/*" patterns ending here
+local N_LEN = 4        -- the length of the segment leading here (0: roots, parameters)
+local N_OFF = 5        -- where that segment is in the labels array, when not inline
+local N_EXACT_RANK = 6 -- the rank code of N_EXACT: a candidate is judged
+local N_PREFIX_RANK = 7 -- without reading the entry arrays
+local INLINE_AT = 32   -- the byte offset of the inline segment in a node
+local INLINE_MAX = 32  -- the longest inline segment
+
+local ID_STEP = 2 ^ 32 -- a child's key: parent * ID_STEP + segment hash
+local RANK_MAX = 2 ^ 29 - 1 -- times 4 in a rank code
+
+local int32_arr = ffi.typeof("int32_t[?]")
+local uint8_arr = ffi.typeof("uint8_t[?]")
+local uint8_ptr = ffi.typeof("uint8_t *")
+local int32_ptr = ffi.typeof("int32_t *")
+
+-- ---- compiling ------------------------------------------------------------
+
+-- char is signed on x86 and unsigned on ARM: the hash takes bytes as a
+-- char of the C view reads them, so the walk needs no conversion
+local CHAR_SIGNED = ffi.new("char[1]", { 255 })[0] < 0
+
+-- The hash of a segment: h = (h * mult + byte) mod 2^32 (mult < 2^20 keeps
+-- h * mult exact).
+local function hash(s, mult)
+  local h = 0
+  for k = 1, #s do
+    local b = byte(s, k)
+    if b >= 128 and CHAR_SIGNED then
+      b = b - 256
+    end
+    h = tobit(h * mult + b)
   end
-  if find(p, "/:", 1, true) then
-    local segs = {}
-    for seg in p:gmatch("[^/]+") do
-      if sub(seg, 1, 1) == ":" then
-        segs[#segs + 1] = { param = sub(seg, 2) }
+  return h
+end
+_M.segment_hash = hash -- for specs: to make colliding segments
+
+-- Multipliers tried in turn until no two segments of one node collide.
+local MULTS = { 1000003, 999983, 786433, 524287, 393241, 262147, 196613, 131071 }
+
+-- Splits a path pattern into segments (false for a parameter). Returns
+-- kind, segments, names, parameter segment numbers, the literal body (when
+-- there are no parameters) and the path rank (higher is better).
+--   "/users/:id/posts" -> "param", { "users", false, "posts" }, { "id" }, { 2 }
+--   "/a/*" -> "prefix", { "a" }, body "/a";  "/*" -> "prefix", {}, body ""
+--   "/" -> "exact", { "" };  "/a/" -> "exact", { "a", "" }
+local function parse_path(p)
+  local star = sub(p, -2) == "/*"
+  local body = star and sub(p, 1, -3) or p
+  local segs, names, psegs = {}, {}, {}
+  if body ~= "" then
+    local pos = 2
+    while true do
+      local slash = find(body, "/", pos, true)
+      local seg = sub(body, pos, (slash or #body + 1) - 1)
+      local name = match(seg, "^:([%a_][%w_]*)$")
+      if name then
+        segs[#segs + 1] = false
+        names[#names + 1] = name
+        psegs[#psegs + 1] = #segs
       else
-        segs[#segs + 1] = { lit = seg }
+        segs[#segs + 1] = seg
       end
-    end
-    return { kind = "param", segs = segs, rank = #p }
-  end
-  return { kind = "exact", path = p, len = #p, rank = 1e9 }
-end
-
-local function host_rank(h)
-  if not h then
-    return 0
-  end
-  if sub(h, 1, 2) == "*." or sub(h, -2) == ".*" then
-    return 1
-  end
-  return 2
-end
-
-function _M.new(routes)
-  local entries = {}
-  for _, route in ipairs(routes) do
-    local methods
-    if route.methods and #route.methods > 0 then
-      methods = {}
-      for _, m in ipairs(route.methods) do
-        methods[m] = true
+      if not slash then
+        break
       end
-    end
-    local hosts = route.hosts and #route.hosts > 0 and route.hosts or { false }
-    for _, h in ipairs(hosts) do
-      for _, p in ipairs(route.paths or { "/*" }) do
-        local cp = compile_path(p)
-        cp.route = route
-        cp.methods = methods
-        cp.host = h and lower(h) or nil
-        cp.hrank = host_rank(cp.host)
-        cp.priority = route.priority or 0
-        entries[#entries + 1] = cp
-      end
+      pos = slash + 1
     end
   end
-  sort(entries, function(a, b)
-    if a.priority ~= b.priority then
-      return a.priority > b.priority
-    end
-    if a.hrank ~= b.hrank then
-      return a.hrank > b.hrank
-    end
-    return a.rank > b.rank
-  end)
-  local any_host = false
-  for _, e in ipairs(entries) do
-    if e.host then
-      any_host = true
-    end
+  local n = #segs
+  local kind = star and "prefix" or (#names > 0 and "param" or "exact")
+  local rank
+  if kind == "exact" then
+    rank = 2 ^ 50
+  else
+    -- segment counts fit in 15 bits: a path is shorter than max_uri_bytes
+    rank = n * 2 ^ 32 + (n - #names) * 2 ^ 16 + (star and 0 or 1)
   end
-  return { entries = entries, any_host = any_host }
+  return kind, segs, names, psegs, #names == 0 and body or nil, rank
 end
 
-local function host_matches(pattern, host)
-  if pattern == host then
-    return true
+-- host class (0 exact, 1 wildcard), bucket kind and bucket key
+local function host_bucket(h)
+  if sub(h, 1, 2) == "*." then
+    return 1, "suffix", sub(h, 2) -- "*.example.com" -> ".example.com"
+  elseif sub(h, -2) == ".*" then
+    return 1, "prefix", sub(h, 1, -2) -- "example.*" -> "example."
   end
-  if sub(pattern, 1, 2) == "*." then
-    local suffix = sub(pattern, 2)
-    return #host > #suffix and sub(host, -#suffix) == suffix
-  end
-  if sub(pattern, -2) == ".*" then
-    local prefix = sub(pattern, 1, -2)
-    return #host > #prefix and sub(host, 1, #prefix) == prefix
-  end
-  return false
+  return 0, "exact", h
 end
 
-local function match_params(segs, path)
-  local params, i = {}, 0
-  for seg in path:gmatch("[^/]+") do
-    i = i + 1
-    local s = segs[i]
-    if not s then
-      return nil
-    end
-    if s.lit then
-      if s.lit ~= seg then
-        return nil
+local function by_name(a, b)
+  return a.name < b.name
+end
+
+-- { name = value or list of values } -> list of { name =, allowed = set }
+local function compile_values(t, lower_names)
+  if not t or next(t) == nil then
+    return nil
+  end
+  local list = {}
+  for name, allowed in pairs(t) do
+    local set = {}
+    if type(allowed) == "table" then
+      for _, a in ipairs(allowed) do
+        set[a] = true
       end
     else
-      params[s.param] = seg
+      set[allowed] = true
+    end
+    list[#list + 1] = { name = lower_names and lower(name) or name, allowed = set }
+  end
+  sort(list, by_name) -- checked in a fixed order
+  return list
+end
+
+local function greater(a, b)
+  return a > b
+end
+
+-- distinct values of list[1..n] -> their 0-based position, best first
+local function dense(list, n)
+  local seen, vals = {}, {}
+  for i = 1, n do
+    local x = list[i]
+    if not seen[x] then
+      seen[x] = true
+      vals[#vals + 1] = x
     end
   end
-  if i ~= #segs then
-    return nil
+  sort(vals, greater)
+  local pos = {}
+  for i, x in ipairs(vals) do
+    pos[x] = i - 1
+  end
+  return pos, #vals
+end
+
+-- Rank codes of the n entries in an int32 array: the rank (lower is
+-- better; one number from priority, host class, path rank and listing
+-- order, each made dense, or ordinals from a sort when that number could
+-- pass 2^29) times 4, plus 2 when the entry has parameters, plus 1 when it
+-- has predicates. Codes compare as ranks (they differ by 4 or more) and
+-- tell what a candidate needs without reading its entry.
+local function ranks_of(n, prio, hclass, prank, preds, params)
+  local ranks = int32_arr(n + 1)
+  local ppos, np = dense(prio, n)
+  local rpos, nr = dense(prank, n)
+  if np * 3 * nr * (n + 1) <= RANK_MAX then
+    for i = 1, n do
+      local rank = ((ppos[prio[i]] * 3 + hclass[i]) * nr + rpos[prank[i]]) * (n + 1) + i
+      ranks[i] = rank * 4 + (params[i] and 2 or 0) + (preds[i] and 1 or 0)
+    end
+    return ranks
+  end
+  local order = {}
+  for i = 1, n do
+    order[i] = i
+  end
+  sort(order, function(a, b)
+    if prio[a] ~= prio[b] then
+      return prio[a] > prio[b]
+    elseif hclass[a] ~= hclass[b] then
+      return hclass[a] < hclass[b]
+    elseif prank[a] ~= prank[b] then
+      return prank[a] > prank[b]
+    end
+    return a < b
+  end)
+  for r = 1, n do
+    local i = order[r]
+    ranks[i] = r * 4 + (params[i] and 2 or 0) + (preds[i] and 1 or 0)
+  end
+  return ranks
+end
+
+-- The tries of the entries, or nil when two segments of one node have the
+-- same hash under mult. t: what new gathered; returns nodes, labels, kids,
+-- roots (bucket kind -> key -> node) and the entry chains (next_entry).
+local function build_tries(t, mult)
+  local n, ranks = t.n, t.ranks
+  -- one more node's room to start the nodes on a 64-byte line
+  local mem = int32_arr((t.max_nodes + 2) * NODE)
+  local skew = tonumber(ffi_cast("uintptr_t", mem) % 64)
+  local nodes8 = ffi_cast(uint8_ptr, mem) + (skew == 0 and 0 or 64 - skew)
+  local nodes = ffi_cast(int32_ptr, nodes8)
+  local labels = uint8_arr(t.label_bytes + 1)
+  local next_entry = int32_arr(n + 1)
+  local kids, label_of, hashes = {}, {}, {}
+  local count, loff = 0, 0
+  local buckets = { exact = {}, suffix = {}, prefix = {}, none = {} }
+
+  local function new_node(seg, rank)
+    count = count + 1
+    local base = count * NODE
+    nodes[base + N_MIN] = rank
+    local len = #seg
+    nodes[base + N_LEN] = len
+    if len <= INLINE_MAX then
+      ffi_copy(nodes8 + base * 4 + INLINE_AT, seg, len)
+    else
+      nodes[base + N_OFF] = loff
+      ffi_copy(labels + loff, seg, len)
+      loff = loff + len
+    end
+    label_of[count] = seg
+    return count
+  end
+
+  for i = 1, n do
+    local rank = ranks[i]
+    local set = buckets[t.bkind[i]]
+    local key = t.bkey[i] or ""
+    local node = set[key]
+    if not node then
+      node = new_node("", rank)
+      set[key] = node
+    elseif rank < nodes[node * NODE + N_MIN] then
+      nodes[node * NODE + N_MIN] = rank
+    end
+    local segs = t.segs[i]
+    for k = 1, #segs do
+      local seg = segs[k]
+      local child
+      if seg then
+        local h = hashes[seg]
+        if not h then
+          h = hash(seg, mult)
+          hashes[seg] = h
+        end
+        local ckey = node * ID_STEP + h
+        child = kids[ckey]
+        if not child then
+          child = new_node(seg, rank)
+          kids[ckey] = child
+        elseif label_of[child] ~= seg then
+          return nil -- two segments of this node share a hash
+        end
+      else
+        child = nodes[node * NODE + N_PARAM]
+        if child == 0 then
+          child = new_node("", rank)
+          nodes[node * NODE + N_PARAM] = child
+        end
+      end
+      if rank < nodes[child * NODE + N_MIN] then
+        nodes[child * NODE + N_MIN] = rank
+      end
+      node = child
+    end
+    -- chain the entry in rank order
+    local is_prefix = t.kinds[i] == "prefix"
+    local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
+    local first = nodes[slot]
+    if first == 0 or rank < ranks[first] then
+      next_entry[i] = first
+      nodes[slot] = i
+      nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] = rank
+    else
+      local prev = first
+      while next_entry[prev] ~= 0 and ranks[next_entry[prev]] < rank do
+        prev = next_entry[prev]
+      end
+      next_entry[i] = next_entry[prev]
+      next_entry[prev] = i
+    end
+  end
+  -- the bound above counted every segment of every entry; shared ones
+  -- were made once: keep what was used
+  local used = int32_arr((count + 2) * NODE)
+  skew = tonumber(ffi_cast("uintptr_t", used) % 64)
+  local used8 = ffi_cast(uint8_ptr, used) + (skew == 0 and 0 or 64 - skew)
+  ffi_copy(used8, nodes8, (count + 1) * NODE * 4)
+  return ffi_cast(int32_ptr, used8), labels, kids, buckets, next_entry, count, used
+end
+
+local DEFAULT_PATHS = { "/*" }
+local NO_HOST = { false }
+
+local function default_header(r, name)
+  return header_of(C.mg_req_header, r, name)
+end
+
+-- routes: the validated routes list (not changed). opts.header: function(r,
+-- name) giving a request header's value (default: the request's, as
+-- ctx.req:header gives it).
+function _M.new(routes, opts)
+  if type(routes) ~= "table" then
+    error("routes must be a list", 2)
+  end
+  opts = opts or {}
+  -- The entries, numbered in listing order. What a lookup needs of them is
+  -- in arrays; the entry tables match returns are made on an entry's
+  -- first match (a table per route would be most of the memory).
+  local n = 0
+  local pairs_ = {}      -- [2e - 1] route, [2e] its entry table once made
+  local paths, kinds, lens = {}, {}, {}
+  local params_info, preds_of = {}, {} -- only for the entries that have them
+  -- what ranks and places the entries (dropped after the build)
+  local prio, hclass, prank, segments, bkind, bkey = {}, {}, {}, {}, {}, {}
+  local has_preds, has_params = {}, {}
+  local max_nodes, label_bytes = 0, 0
+  -- method-only predicates and parameter lists repeat from route to route:
+  -- one table for each distinct one
+  local shared = {}
+  for _, route in ipairs(routes) do
+    local preds
+    local headers = compile_values(route.headers, true)
+    local query = compile_values(route.query, false)
+    if route.methods and #route.methods > 0 then
+      local key = "m " .. concat(route.methods, " ")
+      preds = not (headers or query) and shared[key]
+      if not preds then
+        local methods = {}
+        for _, m in ipairs(route.methods) do
+          methods[m] = true
+        end
+        preds = { methods = methods, headers = headers, query = query }
+        if not (headers or query) then
+          shared[key] = preds
+        end
+      end
+    elseif headers or query then
+      preds = { headers = headers, query = query }
+    end
+    local hosts = route.hosts and #route.hosts > 0 and route.hosts or NO_HOST
+    local route_paths = route.paths and #route.paths > 0 and route.paths or DEFAULT_PATHS
+    for _, p in ipairs(route_paths) do
+      local kind, segs, names, psegs, body, path_rank = parse_path(p)
+      local info
+      if not body then
+        local key = "p " .. concat(names, " ") .. " " .. concat(psegs, " ")
+        info = shared[key]
+        if not info then
+          info = { names = names, psegs = psegs }
+          shared[key] = info
+        end
+      end
+      for _, h in ipairs(hosts) do
+        n = n + 1
+        -- route and entry side by side: the winner costs one cache line
+        pairs_[2 * n - 1], pairs_[2 * n] = route, false
+        paths[n], kinds[n] = p, kind
+        lens[n] = kind == "prefix" and body and #body or false
+        params_info[n], preds_of[n] = info, preds
+        has_preds[n] = preds ~= nil
+        has_params[n] = body == nil
+        prio[n], prank[n], segments[n] = route.priority or 0, path_rank, segs
+        if h then
+          hclass[n], bkind[n], bkey[n] = host_bucket(lower(h))
+        else
+          hclass[n], bkind[n] = 2, "none"
+        end
+        max_nodes = max_nodes + 1 + #segs
+        for _, seg in ipairs(segs) do
+          if seg and #seg > INLINE_MAX then
+            label_bytes = label_bytes + #seg
+          end
+        end
+      end
+    end
+  end
+  local ranks = ranks_of(n, prio, hclass, prank, has_preds, has_params)
+
+  local t = { n = n, ranks = ranks, kinds = kinds, segs = segments, bkind = bkind,
+              bkey = bkey, max_nodes = max_nodes, label_bytes = label_bytes }
+  local nodes, labels, kids, buckets, next_entry, count, mem, mult
+  for _, m in ipairs(MULTS) do
+    nodes, labels, kids, buckets, next_entry, count, mem = build_tries(t, m)
+    if nodes then
+      mult = m
+      break
+    end
+  end
+  if not nodes then
+    error("router: segment hashes collide under every multiplier")
+  end
+
+  local suffix_lens, prefix_lens = {}, {}
+  for key in pairs(buckets.suffix) do
+    suffix_lens[#key] = true
+  end
+  for key in pairs(buckets.prefix) do
+    prefix_lens[#key] = true
+  end
+  return {
+    none = buckets.none[""],
+    exact_hosts = buckets.exact,
+    suffix_hosts = next(buckets.suffix) and buckets.suffix or nil,
+    prefix_hosts = next(buckets.prefix) and buckets.prefix or nil,
+    suffix_lens = suffix_lens,
+    prefix_lens = prefix_lens,
+    any_host = next(buckets.exact) ~= nil or next(buckets.suffix) ~= nil
+               or next(buckets.prefix) ~= nil,
+    nodes = nodes,
+    nodes8 = ffi_cast(uint8_ptr, nodes),
+    nodes_mem = mem, -- what nodes points into: keeps it alive
+    labels = labels,
+    kids = kids,
+    mult = mult,
+    pairs = pairs_,
+    paths = paths,
+    kinds = kinds,
+    lens = lens,
+    params_info = params_info,
+    preds_of = preds_of,
+    ranks = ranks,
+    next_entry = next_entry,
+    header = opts.header or default_header,
+    size = n,
+    node_count = count,
+  }
+end
+
+-- ---- matching ---------------------------------------------------------------
+
+-- The lookup in progress: a worker matches one request at a time and match
+-- never yields. The arrays are reused, never reallocated.
+local best, best_rank, best_end
+local req_v, req_r, req_rt, req_method, req_args
+local roots = {}                      -- the tries to walk
+local seg_s, seg_e = {}, {}           -- the path's segments met so far
+local stk_node, stk_off, stk_d = {}, {}, {} -- parameter children to try
+
+local function values_pass(list, get, for_query)
+  for k = 1, #list do
+    local pred = list[k]
+    local val = get(pred.name)
+    local allowed = pred.allowed
+    if type(val) == "string" then
+      if not allowed[val] then
+        return false
+      end
+    elseif for_query and type(val) == "table" then
+      -- a repeated parameter: every value must be allowed, so the backend
+      -- sees an allowed one whichever it reads
+      for j = 1, #val do
+        if not allowed[val[j]] then
+          return false
+        end
+      end
+    else
+      return false
+    end
+  end
+  return true
+end
+
+local function get_header(name)
+  return req_rt.header(req_r, name)
+end
+
+local function get_arg(name)
+  local args = req_args
+  if not args then
+    local v = req_v
+    args = decode_args(v.query_len > 0 and ffi_string(v.query, v.query_len) or "")
+    req_args = args
+  end
+  return args[name]
+end
+
+local function passes(preds)
+  local methods = preds.methods
+  if methods then
+    local m = req_method
+    if not m then
+      -- interned: no allocation for a method that some route names
+      m = ffi_string(req_v.method, req_v.method_len)
+      req_method = m
+    end
+    if not methods[m] then
+      return false
+    end
+  end
+  if preds.headers and not values_pass(preds.headers, get_header, false) then
+    return false
+  end
+  if preds.query and not values_pass(preds.query, get_arg, true) then
+    return false
+  end
+  return true
+end
+
+-- the rest of a chain whose first entry failed its predicates
+local function consider_chain(e, i)
+  local rt = req_rt
+  local ranks, preds_of, next_entry = rt.ranks, rt.preds_of, rt.next_entry
+  e = next_entry[e]
+  while e ~= 0 do
+    local rp = ranks[e]
+    if rp >= best_rank then
+      return
+    end
+    if rp % 2 == 0 or passes(preds_of[e]) then
+      best, best_rank, best_end = e, rp, i
+      return
+    end
+    e = next_entry[e]
+  end
+end
+
+-- e: the first entry of a chain whose patterns ended at offset i, rp its
+-- rank code, known to beat the best. Keeps the first entry of the
+-- chain that beats the best and whose predicates pass.
+local function consider(e, rp, i)
+  if rp % 2 == 0 or passes(req_rt.preds_of[e]) then
+    best, best_rank, best_end = e, rp, i
+    return
+  end
+  consider_chain(e, i)
+end
+
+-- Walks roots[1..nroots] along the path of v: depth first, the literal
+-- child before the parameter child (kept on a stack). One loop: an
+-- iteration either arrives at a node (candidates), or hashes one byte of
+-- the segment being read, or ends that segment (children). Pointers are
+-- read from v and rt at each use rather than kept in locals: a cdata
+-- pointer live at a trace exit is boxed there (an allocation).
+local function walk(rt, v, len, nroots)
+  local nodes, kids, mult = rt.nodes, rt.kids, rt.mult
+  local k, i, d = roots[1], 0, 0
+  local ri, sp = 1, 0
+  local j, h = 0, 0
+  -- 1: at node k, 0: reading a segment (a number: true and false are two
+  -- types to the JIT, and a loop variable changing type breaks the trace)
+  local arrived = 1
+  while true do
+    if arrived == 1 then
+      arrived = 0
+      local base = k * NODE
+      if nodes[base + N_MIN] < best_rank then
+        local pre = nodes[base + N_PREFIX]
+        if pre ~= 0 and nodes[base + N_PREFIX_RANK] < best_rank then
+          consider(pre, nodes[base + N_PREFIX_RANK], i)
+        end
+        if i < len then
+          if v.path[i] == SLASH then
+            j, h = i + 1, 0 -- read the next segment
+            goto continue
+          end
+        else
+          local ex = nodes[base + N_EXACT]
+          if ex ~= 0 and nodes[base + N_EXACT_RANK] < best_rank then
+            consider(ex, nodes[base + N_EXACT_RANK], i)
+          end
+        end
+      end
+    else
+      local c = j < len and v.path[j] or SLASH
+      if c ~= SLASH then
+        h = tobit(h * mult + c)
+        j = j + 1
+        goto continue
+      end
+      -- the segment (i, j) ends: the children of node k
+      d = d + 1
+      seg_s[d], seg_e[d] = i + 1, j
+      local pc = nodes[k * NODE + N_PARAM]
+      if pc ~= 0 and j > i + 1 then
+        sp = sp + 1
+        stk_node[sp], stk_off[sp], stk_d[sp] = pc, j, d
+      end
+      local child = kids[k * ID_STEP + h]
+      if child then
+        -- the hash may be another segment's: compare the bytes
+        local cbase = child * NODE
+        local n = nodes[cbase + N_LEN]
+        if n == j - i - 1 and (n == 0 or C.memcmp(v.path + i + 1, n <= INLINE_MAX
+            and rt.nodes8 + (cbase * 4 + INLINE_AT) or rt.labels + nodes[cbase + N_OFF], n) == 0) then
+          k, i, arrived = child, j, 1
+          goto continue
+        end
+      end
+    end
+    -- this branch is done: the last parameter child left, or the next trie
+    if sp > 0 then
+      k, i, d = stk_node[sp], stk_off[sp], stk_d[sp]
+      sp = sp - 1
+    elseif ri < nroots then
+      ri = ri + 1
+      k, i, d = roots[ri], 0, 0
+    else
+      return
+    end
+    arrived = 1
+    ::continue::
+  end
+end
+
+-- adds to roots the wildcard buckets of host at the dot at k; returns
+-- their count. A suffix or prefix is made into a string only when some
+-- bucket has its length (and no allocation then when it names one).
+local function wildcards_at(rt, host, hlen, k, nroots)
+  local sfx = rt.suffix_hosts
+  if sfx and rt.suffix_lens[hlen - k + 1] then
+    local root = sfx[sub(host, k)] -- "a.example.com" -> ".example.com"
+    if root then
+      nroots = nroots + 1
+      roots[nroots] = root
+    end
+  end
+  local pfx = rt.prefix_hosts
+  if pfx and rt.prefix_lens[k] then
+    local root = pfx[sub(host, 1, k)] -- "example.org" -> "example."
+    if root then
+      nroots = nroots + 1
+      roots[nroots] = root
+    end
+  end
+  return nroots
+end
+
+-- adds the wildcard buckets of host to roots; returns their count. The
+-- first three dots are unrolled: a loop of one to three turns, entered per
+-- request, is one the JIT gives up on.
+local function wildcard_roots(rt, host, nroots)
+  local hlen = #host
+  local k = find(host, ".", 2, true)
+  if not k or k >= hlen then
+    return nroots
+  end
+  nroots = wildcards_at(rt, host, hlen, k, nroots)
+  k = find(host, ".", k + 1, true)
+  if not k or k >= hlen then
+    return nroots
+  end
+  nroots = wildcards_at(rt, host, hlen, k, nroots)
+  k = find(host, ".", k + 1, true)
+  if not k or k >= hlen then
+    return nroots
+  end
+  nroots = wildcards_at(rt, host, hlen, k, nroots)
+  k = find(host, ".", k + 1, true)
+  while k and k < hlen do
+    nroots = wildcards_at(rt, host, hlen, k, nroots)
+    k = find(host, ".", k + 1, true)
+  end
+  return nroots
+end
+
+local function segment(v, d)
+  local s = seg_s[d]
+  return ffi_string(v.path + s, seg_e[d] - s)
+end
+
+-- The entry table of entry number k, made on its first match: route,
+-- path, kind, len (plain prefixes), names (parameters).
+local function make_entry(rt, k)
+  local info = rt.params_info[k]
+  local e = {
+    route = rt.pairs[2 * k - 1], path = rt.paths[k], kind = rt.kinds[k],
+    len = rt.lens[k] or nil, names = info and info.names,
+  }
+  if info and e.kind == "prefix" then
+    -- "/users/:id/*": the stripped length differs per request, so match
+    -- returns a view of the entry with that len
+    e.view_mt = { __index = e }
+  end
+  rt.pairs[2 * k] = e
+  return e
+end
+
+-- the winner's parameters; unrolled for one or two (a short loop here
+-- would be a trace of its own, left after an iteration or two)
+local function params_of(info, v)
+  local names, psegs = info.names, info.psegs
+  local n = #names
+  local params = new_tab(0, n)
+  params[names[1]] = segment(v, psegs[1])
+  if n > 1 then
+    params[names[2]] = segment(v, psegs[2])
+    for k = 3, n do
+      params[names[k]] = segment(v, psegs[k])
+    end
   end
   return params
 end
 
--- v: the mg_req_view_t of the request; host_fn(r) gives its Host
--- (lower-cased, port stripped) or nil, and is called only when a route
--- names hosts. Returns route, entry, params.
 function _M.match(rt, v, host_fn, r)
-  local path_ptr, path_len = v.path, v.path_len
-  local host
+  local nroots = 0
   if rt.any_host then
-    host = host_fn(r)
-  end
-  local method, path
-  local entries = rt.entries
-  for i = 1, #entries do
-    local e = entries[i]
-    local ok = true
-    if e.host and not (host and host_matches(e.host, host)) then
-      ok = false
-    end
-    if ok then
-      local kind = e.kind
-      local params
-      if kind == "prefix" then
-        local n = e.len
-        -- no Lua string is made for the path: compare the C view in place
-        ok = path_len >= n and C.memcmp(path_ptr, e.prefix, n) == 0
-             and (path_len == n or path_ptr[n] == SLASH or n == 0)
-      elseif kind == "exact" then
-        ok = path_len == e.len and C.memcmp(path_ptr, e.path, e.len) == 0
-      else
-        path = path or ffi_string(path_ptr, path_len)
-        params = match_params(e.segs, path)
-        ok = params ~= nil
+    local host = host_fn(r)
+    if host then
+      local root = rt.exact_hosts[host]
+      if root then
+        nroots = 1
+        roots[1] = root
       end
-      if ok and e.methods then
-        method = method or ffi_string(v.method, v.method_len)
-        ok = e.methods[method] == true
-      end
-      if ok then
-        return e.route, e, params
+      if rt.suffix_hosts or rt.prefix_hosts then
+        nroots = wildcard_roots(rt, host, nroots)
       end
     end
   end
-  return nil
+  local none = rt.none
+  if none then
+    nroots = nroots + 1
+    roots[nroots] = none
+  end
+  if nroots == 0 then
+    return nil
+  end
+  best, best_rank, best_end = 0, huge, 0
+  req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
+  walk(rt, v, v.path_len, nroots)
+  local route, e, params
+  if best ~= 0 then
+    local pair = rt.pairs
+    route, e = pair[2 * best - 1], pair[2 * best]
+    if not e then
+      e = make_entry(rt, best)
+    end
+    if best_rank % 4 >= 2 then -- parameters
+      params = params_of(rt.params_info[best], v)
+      if e.view_mt then
+        e = setmetatable({ len = best_end }, e.view_mt)
+      end
+    end
+  end
+  req_v, req_r, req_rt, req_args = nil, nil, nil, nil
+  return route, e, params
 end
 
 return _M

@@ -1,0 +1,442 @@
+-- Router microbenchmark (make bench-router): lookup mean, build time and
+-- memory of lua/moongate/router.lua at 100 / 1k / 10k / 100k routes, with
+-- PASS/FAIL against the targets at 10k (lookup < 2 us and flat as the count
+-- grows, build < 100 ms, memory < 20 MB). Run from the repository root with
+-- plain luajit after `make build` (moongate.ffi loads build/libmoongate.so):
+--
+--   luajit bench/router.lua [--lookups N] [--sizes 100,1000,...] [--samples N]
+--                             [--jv FILE]
+--
+-- The routes are a mix like a large deployment's: 40% exact paths, 30%
+-- prefixes, 20% paths with two parameters, 10% on hosts (half exact hosts,
+-- half wildcard), a third of them with methods, 2% with a header predicate,
+-- 1% with a query predicate, a few priorities. Lookups are random paths of
+-- existing routes (each checked against the route it must reach) plus 10%
+-- misses, through fake mg_req_view_t cdata built once. Printed per size:
+--   lookup ns  mean over the random requests (cycling through SAMPLES of
+--              them: the tries of most routes are out of the CPU caches)
+--   hot ns     the same lookups cycling through HOT requests only (their
+--              tries stay cached: what is left is the work of a lookup)
+--   build ms, memory MB (collectgarbage("count") after a full GC), hits,
+--   B/lookup   garbage per lookup (the collector stopped)
+--   compiled/GC/I  where the profiler's samples fell: compiled code, the
+--              garbage collector, the interpreter
+-- Timings are the median of 5 rounds. --jv FILE writes LuaJIT's -jv log
+-- of the timed loop (what compiles, what aborts).
+package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
+
+local ffi = require("ffi")
+local jit = require("jit")
+require("moongate.ffi")
+local router = require("moongate.router")
+
+local floor = math.floor
+local clock = os.clock
+local format = string.format
+
+local SIZES = { 100, 1000, 10000, 100000 }
+local LOOKUPS = 400000
+local SAMPLES = 20000 -- distinct requests per size, cycled through
+local HOT = 256       -- requests of the hot measure
+local MISS_RATIO = 0.1
+local JV_FILE
+local CHILD -- --child N: measure N routes, print one RESULT line (see below)
+
+do
+  local i = 1
+  while arg[i] do
+    local a, b = arg[i], arg[i + 1]
+    if a == "--child" then
+      CHILD = assert(tonumber(b), "--child N")
+      i = i + 1
+    elseif a == "--lookups" then
+      LOOKUPS = assert(tonumber(b), "--lookups N")
+      i = i + 1
+    elseif a == "--sizes" then
+      SIZES = {}
+      for n in b:gmatch("%d+") do
+        SIZES[#SIZES + 1] = tonumber(n)
+      end
+      i = i + 1
+    elseif a == "--samples" then
+      SAMPLES = assert(tonumber(b), "--samples N")
+      i = i + 1
+    elseif a == "--jv" then
+      JV_FILE = b
+      i = i + 1
+    else
+      io.stderr:write("usage: luajit bench/router.lua [--lookups N] [--sizes A,B,...] [--samples N] [--jv FILE]\n")
+      os.exit(2)
+    end
+    i = i + 1
+  end
+end
+
+-- a fixed pseudo-random sequence (same routes and requests every run)
+local seed = 12345
+local function rand(n)
+  seed = (seed * 1103515245 + 12345) % 2147483648
+  return floor(seed / 65536) % n + 1
+end
+
+local WORDS = { "items", "orders", "users", "catalog", "search", "billing", "accounts",
+                "events", "reports", "media" }
+
+-- routes[k] and a function giving a request that must reach it
+local function make_routes(n)
+  local routes, gens = {}, {}
+  for k = 1, n do
+    local svc = "svc-" .. k
+    local w = WORDS[k % #WORDS + 1]
+    local kind = k % 10
+    local route = { id = "r" .. k, upstream = "u" }
+    local gen
+    if kind <= 3 then
+      local p = "/api/v" .. (k % 3 + 1) .. "/" .. svc .. "/" .. w
+      route.paths = { p }
+      gen = function() return p end
+    elseif kind <= 6 then
+      local p = "/" .. svc .. "/" .. w
+      route.paths = { p .. "/*" }
+      route.strip_prefix = true
+      gen = function() return p .. "/" .. WORDS[rand(#WORDS)] .. "/" .. rand(100000) end
+    elseif kind <= 8 then
+      local p = "/api/v2/" .. svc .. "/"
+      route.paths = { p .. w .. "/:id/lines/:line" }
+      gen = function() return p .. w .. "/" .. rand(1e6) .. "/lines/" .. rand(50) end
+    else
+      local host
+      if k % 20 == 9 then
+        host = svc .. ".example.com"
+        route.hosts = { host }
+      else
+        route.hosts = { "*." .. svc .. ".example.net" }
+        host = "t" .. rand(9) .. "." .. svc .. ".example.net"
+      end
+      route.paths = { "/v1/*" }
+      gen = function() return "/v1/" .. w .. "/" .. rand(1000), host end
+    end
+    if k % 3 == 0 then
+      route.methods = (k % 2 == 0) and { "GET" } or { "GET", "POST" }
+    end
+    if k % 50 == 1 then
+      route.headers = { ["x-canary"] = { "1", "true" } }
+    elseif k % 100 == 2 then
+      route.query = { v = "2" }
+    end
+    if k % 97 == 0 then
+      route.priority = 10
+    end
+    routes[k] = route
+    gens[k] = gen
+  end
+  -- what every deployment has
+  routes[#routes + 1] = { id = "health", paths = { "/health" }, upstream = "u" }
+  routes[#routes + 1] = { id = "static", paths = { "/static/*" }, upstream = "u" }
+  return routes, gens
+end
+
+-- The fake requests: one array of views, their strings in one buffer, so
+-- that the bench's own data costs few cache lines per lookup. The request
+-- handle "r" is the request's number: host_of and bench_header look it up.
+local req_hosts, req_headers = {}, {}
+
+local function host_of(r)
+  return req_hosts[r]
+end
+
+local function bench_header(r, name)
+  local h = req_headers[r]
+  return h and h[name]
+end
+
+local function make_requests(routes, gens, n)
+  local list, want = {}, {}
+  local nroutes = #gens
+  local bytes = 0
+  for s = 1, n do
+    local path
+    local method, query, host = "GET", nil, "api.example.org"
+    req_headers[s] = nil
+    if s % floor(1 / MISS_RATIO) == 0 then
+      local miss = rand(3)
+      path = miss == 1 and "/api/v4/nosuch-" .. rand(1e6) .. "/items"
+             or miss == 2 and "/svc-" .. rand(nroutes) .. "x/items/1"
+             or "/api/v2/svc-" .. rand(nroutes) .. "/nothing/1/2"
+      want[s] = false
+    else
+      local k = rand(nroutes)
+      local route = routes[k]
+      local rhost
+      path, rhost = gens[k]()
+      host = rhost or host
+      if route.methods then
+        method = route.methods[rand(#route.methods)]
+      end
+      if route.headers then
+        req_headers[s] = { ["x-canary"] = "1" }
+      end
+      if route.query then
+        query = "a=1&v=2"
+      end
+      want[s] = route
+    end
+    req_hosts[s] = host
+    list[s] = { path, method, query or "" }
+    bytes = bytes + #path + #method + #(query or "")
+  end
+  local views = ffi.new("mg_req_view_t[?]", n + 1)
+  local buf = ffi.new("char[?]", bytes + 1)
+  local off = 0
+  local function put(str)
+    local p = buf + off
+    ffi.copy(p, str, #str)
+    off = off + #str
+    return p, #str
+  end
+  -- a pointer to each view, made once: views + j in the timed loop would
+  -- be a cdata allocated per lookup (the bench's garbage, not the router's)
+  local ptrs = {}
+  for s = 1, n do
+    local v = views[s]
+    v.path, v.path_len = put(list[s][1])
+    v.method, v.method_len = put(list[s][2])
+    v.query, v.query_len = put(list[s][3])
+    ptrs[s] = views + s
+  end
+  return { views = views, buf = buf, ptrs = ptrs, n = n }, want
+end
+
+local function mb(kb)
+  return kb / 1024
+end
+
+local function full_gc()
+  collectgarbage("collect")
+  collectgarbage("collect")
+end
+
+-- the timed loop: its own function so that it is the trace being watched
+local function lookups(rt, reqs, count)
+  local match = router.match
+  local ptrs, n = reqs.ptrs, reqs.n
+  local hits = 0
+  local j = 1
+  for _ = 1, count do
+    local route = match(rt, ptrs[j], host_of, j)
+    if route then
+      hits = hits + 1
+    end
+    j = j + 1
+    if j > n then
+      j = 1
+    end
+  end
+  return hits
+end
+
+-- the share of profiler samples in each VM state while fn runs: "N"
+-- compiled code, "I" interpreter, "C" C functions, "G" garbage collector,
+-- "J" trace compiler
+local function vm_states(fn)
+  local profile = require("jit.profile")
+  local counts, total = {}, 0
+  profile.start("vi1", function(_, samples, state)
+    counts[state] = (counts[state] or 0) + samples
+    total = total + samples
+  end)
+  fn()
+  profile.stop()
+  local share = {}
+  for state, c in pairs(counts) do
+    share[state] = c / total
+  end
+  return share
+end
+
+local function median(t)
+  table.sort(t)
+  return t[floor((#t + 1) / 2)]
+end
+
+-- ns per lookup: the median of ROUNDS timed rounds (the machine may be
+-- shared; a median is robust to a round that another process slowed)
+local ROUNDS = 5
+local function time_lookups(rt, reqs, count)
+  local per = {}
+  local hits = 0
+  for k = 1, ROUNDS do
+    local t0 = clock()
+    hits = lookups(rt, reqs, floor(count / ROUNDS))
+    per[k] = (clock() - t0) * 1e9 / floor(count / ROUNDS)
+  end
+  return median(per), hits / floor(count / ROUNDS)
+end
+
+local function run(size)
+  local routes, gens = make_routes(size)
+  local opts = { header = bench_header }
+
+  -- build time: from scratch, median of 3
+  local times = {}
+  for t = 1, 3 do
+    full_gc()
+    local t0 = clock()
+    local rt = router.new(routes, opts)
+    times[t] = (clock() - t0) * 1000
+    assert(rt.size == #routes)
+  end
+  local build_ms = median(times)
+
+  -- memory: what the router holds, after a full GC
+  full_gc()
+  local before = collectgarbage("count")
+  local rt = router.new(routes, opts)
+  full_gc()
+  local mem_mb = mb(collectgarbage("count") - before)
+
+  local reqs, want = make_requests(routes, gens, SAMPLES)
+
+  -- correctness: each request reaches the route it was made for
+  local wrong = 0
+  for s = 1, reqs.n do
+    local v = reqs.ptrs[s]
+    local route = router.match(rt, v, host_of, s)
+    if (route or false) ~= want[s] then
+      wrong = wrong + 1
+      if wrong <= 3 then
+        io.stderr:write(format("  mismatch: %s -> %s (want %s)\n",
+          ffi.string(v.path, v.path_len),
+          route and route.id or "none", want[s] and want[s].id or "none"))
+      end
+    end
+  end
+
+  -- warm-up (lets the JIT compile), then the timed rounds with GC on
+  lookups(rt, reqs, 100000)
+  if JV_FILE then
+    require("jit.v").on(JV_FILE .. "." .. size)
+  end
+  local lookup_ns, hits = time_lookups(rt, reqs, LOOKUPS)
+  if JV_FILE then
+    require("jit.v").off()
+  end
+  -- the same requests, cycling through the first HOT of them only: their
+  -- tries stay in the CPU caches, what is left is the work of a lookup
+  local hot = { ptrs = reqs.ptrs, n = HOT }
+  lookups(rt, hot, 50000)
+  local hot_ns = time_lookups(rt, hot, LOOKUPS)
+
+  local states = vm_states(function() lookups(rt, reqs, LOOKUPS) end)
+
+  -- garbage per lookup: the same loop with the collector stopped
+  full_gc()
+  collectgarbage("stop")
+  local g0 = collectgarbage("count")
+  lookups(rt, reqs, 100000)
+  local garbage = (collectgarbage("count") - g0) * 1024 / 100000
+  collectgarbage("restart")
+
+  return {
+    size = size, routes = #routes, build_ms = build_ms, mem_mb = mem_mb,
+    lookup_ns = lookup_ns, hot_ns = hot_ns, hits = hits, wrong = wrong,
+    garbage = garbage, states = states,
+  }
+end
+
+-- Each size is measured in a process of its own: a fresh VM, as a worker
+-- has one router, and the JIT's traces (or a profiler signal aborting one)
+-- from a size never carry over to the next.
+local FIELDS = { "size", "routes", "lookup_ns", "hot_ns", "build_ms", "mem_mb", "hits", "wrong",
+                 "garbage", "N", "G", "I" }
+
+if CHILD then
+  local res = run(CHILD)
+  res.N, res.G, res.I = res.states.N or 0, res.states.G or 0, res.states.I or 0
+  local out = {}
+  for k, name in ipairs(FIELDS) do
+    out[k] = format("%.6g", res[name])
+  end
+  print("RESULT " .. table.concat(out, " "))
+  os.exit(0)
+end
+
+local function measure(size)
+  local cmd = format("%s %s --child %d --lookups %d --samples %d%s", arg[-1] or "luajit", arg[0],
+                     size, LOOKUPS, SAMPLES, JV_FILE and (" --jv " .. JV_FILE) or "")
+  local p = assert(io.popen(cmd, "r"))
+  local out = p:read("*a")
+  p:close()
+  local line = out:match("RESULT ([^\n]*)")
+  if not line then
+    io.stderr:write(out)
+    error("bench child for " .. size .. " routes failed: " .. cmd)
+  end
+  local res, k = {}, 0
+  for x in line:gmatch("%S+") do
+    k = k + 1
+    res[FIELDS[k]] = tonumber(x)
+  end
+  res.states = { N = res.N, G = res.G, I = res.I }
+  return res
+end
+
+print(format("router bench: %s, %d lookups per size in %d rounds (median), over %d distinct"
+  .. " requests (%d%% misses); hot: the first %d of them", jit.version, LOOKUPS, ROUNDS, SAMPLES,
+  MISS_RATIO * 100, HOT))
+print(format("%8s %10s %8s %9s %10s %7s %8s %14s", "routes", "lookup ns", "hot ns", "build ms",
+  "memory MB", "hits", "B/lookup", "compiled/GC/I"))
+local results = {}
+for _, size in ipairs(SIZES) do
+  local res = measure(size)
+  results[#results + 1] = res
+  local st = res.states
+  print(format("%8d %10.0f %8.0f %9.1f %10.2f %6.0f%% %8.1f %6.0f/%.0f/%.0f%%%s", res.size,
+    res.lookup_ns, res.hot_ns, res.build_ms, res.mem_mb, res.hits * 100, res.garbage,
+    (st.N or 0) * 100, (st.G or 0) * 100, (st.I or 0) * 100,
+    res.wrong > 0 and format("  (%d WRONG MATCHES)", res.wrong) or ""))
+end
+
+-- targets
+local at10k
+local fastest, slowest = math.huge, 0
+local hot_fastest, hot_slowest = math.huge, 0
+local wrong, interpreted = 0, 0
+for _, res in ipairs(results) do
+  if res.size == 10000 then
+    at10k = res
+  end
+  fastest = math.min(fastest, res.lookup_ns)
+  slowest = math.max(slowest, res.lookup_ns)
+  hot_fastest = math.min(hot_fastest, res.hot_ns)
+  hot_slowest = math.max(hot_slowest, res.hot_ns)
+  wrong = wrong + res.wrong
+  interpreted = math.max(interpreted, res.states.I or 0)
+end
+
+local failed = 0
+local function target(ok, what)
+  print((ok and "PASS " or "FAIL ") .. what)
+  if not ok then
+    failed = failed + 1
+  end
+end
+
+if at10k then
+  target(at10k.lookup_ns < 2000, format("lookup mean at 10k routes < 2 us: %.0f ns", at10k.lookup_ns))
+  target(at10k.build_ms < 100, format("build at 10k routes < 100 ms: %.1f ms", at10k.build_ms))
+  target(at10k.mem_mb < 20, format("memory at 10k routes < 20 MB: %.2f MB", at10k.mem_mb))
+else
+  print("(10k not measured: --sizes without 10000)")
+end
+if #results > 1 then
+  target(slowest < 2 * fastest, format("lookup flat as routes grow (slowest < 2x fastest): "
+    .. "%.0f..%.0f ns, x%.2f", fastest, slowest, slowest / fastest))
+  target(hot_slowest < 1.5 * hot_fastest, format("hot lookup flat as routes grow (the work of a "
+    .. "lookup; slowest < 1.5x fastest): %.0f..%.0f ns, x%.2f", hot_fastest, hot_slowest,
+    hot_slowest / hot_fastest))
+end
+target(wrong == 0, "every request reached the route it was made for")
+target(interpreted < 0.1, format("lookups run compiled (interpreter < 10%% of samples): %.1f%%",
+  interpreted * 100))
+os.exit(failed == 0 and 0 or 1, true)

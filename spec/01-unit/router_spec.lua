@@ -1,0 +1,631 @@
+-- The router alone: lookups through fake mg_req_view_t cdata (what the
+-- worker hands it), checked against README's precedence rules, and against
+-- a plain linear-scan reference on random route tables.
+local ffi = require("ffi")
+require("moongate.ffi")
+local router = require("moongate.router")
+local deepcompare = require("luassert.util").deepcompare
+
+local anchors = {} -- the strings the views point into stay alive
+
+local function view(path, method, query)
+  local v = ffi.new("mg_req_view_t")
+  method = method or "GET"
+  anchors[#anchors + 1] = path
+  anchors[#anchors + 1] = method
+  v.path, v.path_len = path, #path
+  v.method, v.method_len = method, #method
+  if query then
+    anchors[#anchors + 1] = query
+    v.query, v.query_len = query, #query
+  end
+  return v
+end
+
+-- the request "r" of these specs is a table: { host =, headers = {lower-cased name = value} }
+local function header_of(r, name)
+  return r.headers and r.headers[name]
+end
+
+local host_calls = 0
+local function host_of(r)
+  host_calls = host_calls + 1
+  return r.host
+end
+
+local function build(routes)
+  for i, r in ipairs(routes) do
+    r.id = r.id or ("r" .. i)
+  end
+  return router.new(routes, { header = header_of })
+end
+
+-- req: { path, method =, query =, host =, headers = }; returns the route
+-- id (or nil), the entry and params
+local function lookup(rt, req)
+  if type(req) == "string" then
+    req = { req }
+  end
+  local route, entry, params = router.match(rt, view(req[1], req.method, req.query), host_of, req)
+  return route and route.id, entry, params
+end
+
+local function id_of(routes, req)
+  return (lookup(build(routes), req))
+end
+
+describe("router", function()
+  describe("paths", function()
+    it("matches an exact path byte for byte", function()
+      local rt = build({ { id = "ab", paths = { "/a/b" } } })
+      assert.equal("ab", lookup(rt, "/a/b"))
+      for _, p in ipairs({ "/a/b/", "/a/bc", "/a", "/a/b/c", "/A/b", "//a/b", "/a//b", "a/b", "" }) do
+        assert.is_nil(lookup(rt, p), p)
+      end
+      local _, entry = lookup(rt, "/a/b")
+      assert.equal("exact", entry.kind)
+      assert.equal("/a/b", entry.path)
+    end)
+
+    it("keeps the trailing slash significant", function()
+      local rt = build({ { id = "slash", paths = { "/a/b/" } }, { id = "bare", paths = { "/a/b" } },
+                         { id = "root", paths = { "/" } } })
+      assert.equal("slash", lookup(rt, "/a/b/"))
+      assert.equal("bare", lookup(rt, "/a/b"))
+      assert.equal("root", lookup(rt, "/"))
+      assert.is_nil(lookup(rt, "/a/b//"))
+      assert.is_nil(lookup(rt, "/a"))
+    end)
+
+    it("takes /a/* as /a and everything under /a/, never /ab", function()
+      local rt = build({ { id = "a", paths = { "/a/*" } } })
+      for _, p in ipairs({ "/a", "/a/", "/a/b", "/a/b/c/", "/a//x" }) do
+        assert.equal("a", lookup(rt, p), p)
+      end
+      for _, p in ipairs({ "/ab", "/ab/c", "/", "/b/a", "/A" }) do
+        assert.is_nil(lookup(rt, p), p)
+      end
+      local _, entry, params = lookup(rt, "/a/b")
+      assert.equal("prefix", entry.kind)
+      assert.equal(2, entry.len)
+      assert.is_nil(params)
+    end)
+
+    it("takes /* as every path", function()
+      local rt = build({ { id = "all", paths = { "/*" } } })
+      for _, p in ipairs({ "/", "/x", "/x/y/", "", "*" }) do
+        assert.equal("all", lookup(rt, p), p)
+      end
+      local _, entry = lookup(rt, "/x")
+      assert.equal(0, entry.len)
+    end)
+
+    it("gives a route without paths every path", function()
+      assert.equal("any", id_of({ { id = "any" } }, "/what/ever"))
+    end)
+
+    it("matches raw bytes: percent-encodings are not decoded, other bytes pass as they are", function()
+      local rt = build({ { id = "enc", paths = { "/caf%C3%A9" } },
+                         { id = "utf8", paths = { "/caf\xC3\xA9/*" } },
+                         { id = "ab", paths = { "/a/b" } },
+                         { id = "user", paths = { "/u/:name" } } })
+      assert.equal("enc", lookup(rt, "/caf%C3%A9"))
+      assert.is_nil(lookup(rt, "/caf%c3%a9"))
+      assert.equal("utf8", lookup(rt, "/caf\xC3\xA9/menu"))
+      assert.is_nil(lookup(rt, "/caf\xC3\xA8/menu"))
+      assert.is_nil(lookup(rt, "/a%2Fb"))
+      assert.is_nil(lookup(rt, "/a%2fb"))
+      local _, _, params = lookup(rt, "/u/a%2Fb")
+      assert.same({ name = "a%2Fb" }, params)
+      _, _, params = lookup(rt, "/u/\xFF\x80")
+      assert.same({ name = "\xFF\x80" }, params)
+    end)
+  end)
+
+  describe("parameters", function()
+    it("take one non-empty segment each", function()
+      local rt = build({ { id = "u", paths = { "/users/:id" } },
+                         { id = "l", paths = { "/orders/:order/lines/:line" } } })
+      local id, entry, params = lookup(rt, "/users/42")
+      assert.equal("u", id)
+      assert.equal("param", entry.kind)
+      assert.same({ id = "42" }, params)
+      assert.same({ order = "o-1", line = "3" }, select(3, lookup(rt, "/orders/o-1/lines/3")))
+      for _, p in ipairs({ "/users", "/users/", "/users/42/", "/users/42/x", "/users//",
+                           "/orders/1/lines/", "/orders//lines/2", "/orders/1/line/2" }) do
+        assert.is_nil(lookup(rt, p), p)
+      end
+    end)
+
+    it("work before a /* prefix, and strip_prefix's length follows the value", function()
+      local rt = build({ { id = "t", paths = { "/t/:tenant/*" } } })
+      local id, entry, params = lookup(rt, "/t/acme/orders/1")
+      assert.equal("t", id)
+      assert.equal("prefix", entry.kind)
+      assert.equal(#"/t/acme", entry.len)
+      assert.same({ tenant = "acme" }, params)
+      local _, entry2, params2 = lookup(rt, "/t/initech")
+      assert.equal(#"/t/initech", entry2.len)
+      assert.same({ tenant = "initech" }, params2)
+      -- the first view is not changed by the second lookup
+      assert.equal(#"/t/acme", entry.len)
+      assert.is_nil(lookup(rt, "/t/"))
+    end)
+
+    it("of two routes sharing a parameter node keep their own names", function()
+      local rt = build({ { id = "a", paths = { "/u/:id" } }, { id = "b", paths = { "/u/:uid/posts/:pid" } } })
+      assert.same({ id = "7" }, select(3, lookup(rt, "/u/7")))
+      assert.same({ uid = "7", pid = "9" }, select(3, lookup(rt, "/u/7/posts/9")))
+    end)
+
+    it("are tried when the literal branch dead-ends", function()
+      local rt = build({ { id = "lit", paths = { "/a/b/c" } }, { id = "par", paths = { "/a/:x/d" } } })
+      assert.equal("lit", lookup(rt, "/a/b/c"))
+      local id, _, params = lookup(rt, "/a/b/d")
+      assert.equal("par", id)
+      assert.same({ x = "b" }, params)
+    end)
+  end)
+
+  describe("precedence", function()
+    it("exact path over parameter over prefix", function()
+      local routes = { { id = "prefix", paths = { "/users/*" } },
+                       { id = "param", paths = { "/users/:id" } },
+                       { id = "exact", paths = { "/users/me" } } }
+      local rt = build(routes)
+      assert.equal("exact", lookup(rt, "/users/me"))
+      assert.equal("param", lookup(rt, "/users/42"))
+      assert.equal("prefix", lookup(rt, "/users/42/x"))
+      assert.equal("prefix", lookup(rt, "/users"))
+    end)
+
+    it("the longer prefix over the shorter", function()
+      local rt = build({ { id = "short", paths = { "/a/*" } }, { id = "long", paths = { "/a/b/*" } },
+                         { id = "root", paths = { "/*" } } })
+      assert.equal("long", lookup(rt, "/a/b/c"))
+      assert.equal("long", lookup(rt, "/a/b"))
+      assert.equal("short", lookup(rt, "/a/bc"))
+      assert.equal("short", lookup(rt, "/a"))
+      assert.equal("root", lookup(rt, "/b"))
+    end)
+
+    it("more segments first, then more literal segments, then without /*", function()
+      -- /a/:x/c has 3 segments: it beats /a/b/* (2) on /a/b/c
+      assert.equal("params3", id_of({ { id = "lit2", paths = { "/a/b/*" } },
+                                     { id = "params3", paths = { "/a/:x/c" } } }, "/a/b/c"))
+      -- two segments each: the one with more literal segments wins
+      assert.equal("me", id_of({ { id = "param", paths = { "/users/:id" } },
+                                { id = "me", paths = { "/users/me/*" } } }, "/users/me"))
+      -- same segments, same literals: without "/*" wins
+      assert.equal("full", id_of({ { id = "star", paths = { "/u/:id/*" } },
+                                  { id = "full", paths = { "/u/:id" } } }, "/u/1"))
+    end)
+
+    it("priority first, over host and path", function()
+      local routes = { { id = "exact", paths = { "/a" }, hosts = { "api.example.com" } },
+                       { id = "catchall", paths = { "/*" }, priority = 5 } }
+      assert.equal("catchall", id_of(routes, { "/a", host = "api.example.com" }))
+      routes[1].priority = 6
+      assert.equal("exact", id_of(routes, { "/a", host = "api.example.com" }))
+      assert.equal("neg", id_of({ { id = "neg", paths = { "/a" }, priority = -1 },
+                                  { id = "zero", paths = { "/b" } } }, "/a"))
+      assert.equal("zero", id_of({ { id = "neg", paths = { "/*" }, priority = -1 },
+                                   { id = "zero", paths = { "/*" } } }, "/a"))
+    end)
+
+    it("exact host over wildcard over none, before the path", function()
+      local routes = { { id = "none", paths = { "/a/b" } },
+                       { id = "wild", paths = { "/a/*" }, hosts = { "*.example.com" } },
+                       { id = "exact", paths = { "/*" }, hosts = { "api.example.com" } } }
+      local rt = build(routes)
+      assert.equal("exact", lookup(rt, { "/a/b", host = "api.example.com" }))
+      assert.equal("wild", lookup(rt, { "/a/b", host = "www.example.com" }))
+      assert.equal("none", lookup(rt, { "/a/b", host = "example.org" }))
+      assert.equal("none", lookup(rt, { "/a/b" }))
+    end)
+
+    it("the route listed first among ties, then its first path", function()
+      local routes = { { id = "first", paths = { "/x/*" } }, { id = "second", paths = { "/x/*" } } }
+      assert.equal("first", id_of(routes, "/x/1"))
+      assert.equal("a", id_of({ { id = "a", paths = { "/a/:x" } }, { id = "b", paths = { "/a/:y" } } }, "/a/1"))
+      -- one route, two paths that tie: the first path's parameter names
+      local rt2 = build({ { id = "two", paths = { "/b/:first", "/b/:second" } } })
+      assert.same({ first = "1" }, select(3, lookup(rt2, "/b/1")))
+      -- wildcard hosts tie with each other: the path decides, then the order
+      local rt = build({ { id = "w1", paths = { "/*" }, hosts = { "*.example.com" } },
+                         { id = "w2", paths = { "/p/*" }, hosts = { "*.b.example.com" } },
+                         { id = "w3", paths = { "/*" }, hosts = { "a.*" } } })
+      assert.equal("w2", lookup(rt, { "/p/1", host = "a.b.example.com" }))
+      assert.equal("w1", lookup(rt, { "/q", host = "a.b.example.com" }))
+      assert.equal("w3", lookup(rt, { "/q", host = "a.example.org" }))
+    end)
+  end)
+
+  describe("hosts", function()
+    it("matches *.example.com on any depth below it, and example.* on any ending", function()
+      local rt = build({ { id = "sfx", hosts = { "*.example.com" } }, { id = "pfx", hosts = { "example.*" } } })
+      assert.equal("sfx", lookup(rt, { "/", host = "a.example.com" }))
+      assert.equal("sfx", lookup(rt, { "/", host = "a.b.example.com" }))
+      assert.equal("pfx", lookup(rt, { "/", host = "example.com.evil.org" })) -- "example." + anything
+      assert.is_nil(lookup(rt, { "/", host = "aexample.com" }))
+      assert.equal("pfx", lookup(rt, { "/", host = "example.org" }))
+      assert.equal("pfx", lookup(rt, { "/", host = "example.co.uk" }))
+      assert.is_nil(lookup(rt, { "/", host = "www.example.org" }))
+      assert.is_nil(lookup(rt, { "/", host = "example" }))
+      assert.is_nil(lookup(rt, { "/", host = "example." }))
+      assert.is_nil(lookup(rt, { "/" }))
+      -- "example.com" is both "example.*" and not "*.example.com"
+      assert.equal("pfx", lookup(rt, { "/", host = "example.com" }))
+    end)
+
+    it("compares hosts lower-cased, and lets host-less routes take any host", function()
+      local rt = build({ { id = "api", hosts = { "API.Example.com" }, paths = { "/x" } },
+                         { id = "any", paths = { "/y" } } })
+      assert.equal("api", lookup(rt, { "/x", host = "api.example.com" }))
+      assert.is_nil(lookup(rt, { "/x", host = "other.example.com" }))
+      assert.equal("any", lookup(rt, { "/y", host = "whatever.org" }))
+    end)
+
+    it("asks for the Host only when some route names hosts", function()
+      local rt = build({ { id = "a", paths = { "/a" } } })
+      host_calls = 0
+      assert.equal("a", lookup(rt, { "/a", host = "x" }))
+      assert.equal(0, host_calls)
+      rt = build({ { id = "a", paths = { "/a" }, hosts = { "x" } } })
+      assert.equal("a", lookup(rt, { "/a", host = "x" }))
+      assert.equal(1, host_calls)
+    end)
+  end)
+
+  describe("predicates", function()
+    it("methods: GET-only and POST-only routes on one prefix coexist", function()
+      local rt = build({ { id = "get", paths = { "/a/*" }, methods = { "GET", "HEAD" } },
+                         { id = "post", paths = { "/a/*" }, methods = { "POST" } } })
+      assert.equal("get", lookup(rt, { "/a/1", method = "GET" }))
+      assert.equal("get", lookup(rt, { "/a/1", method = "HEAD" }))
+      assert.equal("post", lookup(rt, { "/a/1", method = "POST" }))
+      assert.is_nil(lookup(rt, { "/a/1", method = "PUT" }))
+    end)
+
+    it("a failing candidate falls through to the next: shorter prefix, wildcard host, lower priority", function()
+      local rt = build({
+        { id = "long-post", paths = { "/a/b/*" }, methods = { "POST" } },
+        { id = "short", paths = { "/a/*" } },
+        { id = "exact-host-put", paths = { "/h" }, hosts = { "h.example.com" }, methods = { "PUT" } },
+        { id = "wild-host", paths = { "/h" }, hosts = { "*.example.com" } },
+        { id = "top-delete", paths = { "/*" }, methods = { "DELETE" }, priority = 9 },
+        { id = "exact-get", paths = { "/p/q" }, methods = { "GET" } },
+        { id = "param", paths = { "/p/:x" } },
+      })
+      assert.equal("long-post", lookup(rt, { "/a/b/c", method = "POST" }))
+      assert.equal("short", lookup(rt, { "/a/b/c", method = "GET" }))
+      assert.equal("exact-host-put", lookup(rt, { "/h", method = "PUT", host = "h.example.com" }))
+      assert.equal("wild-host", lookup(rt, { "/h", method = "GET", host = "h.example.com" }))
+      assert.equal("top-delete", lookup(rt, { "/a", method = "DELETE" }))
+      assert.equal("short", lookup(rt, { "/a", method = "GET" }))
+      assert.equal("exact-get", lookup(rt, { "/p/q", method = "GET" }))
+      local id, _, params = lookup(rt, { "/p/q", method = "POST" })
+      assert.equal("param", id)
+      assert.same({ x = "q" }, params)
+    end)
+
+    it("headers: one value or a list, names in any case, a missing header fails", function()
+      local rt = build({ { id = "canary", paths = { "/*" }, headers = { ["X-Canary"] = { "1", "true" } } },
+                         { id = "beta", paths = { "/*" }, headers = { ["x-beta"] = "yes", ["x-tier"] = "gold" } },
+                         { id = "stable", paths = { "/*" } } })
+      assert.equal("canary", lookup(rt, { "/", headers = { ["x-canary"] = "1" } }))
+      assert.equal("canary", lookup(rt, { "/", headers = { ["x-canary"] = "true" } }))
+      assert.equal("stable", lookup(rt, { "/", headers = { ["x-canary"] = "TRUE" } }))
+      assert.equal("stable", lookup(rt, { "/", headers = { ["x-canary"] = "1, 1" } }))
+      assert.equal("beta", lookup(rt, { "/", headers = { ["x-beta"] = "yes", ["x-tier"] = "gold" } }))
+      assert.equal("stable", lookup(rt, { "/", headers = { ["x-beta"] = "yes" } }))
+      assert.equal("stable", lookup(rt, { "/" }))
+    end)
+
+    it("query: decoded values, one or a list; a repeated parameter needs every value allowed", function()
+      local rt = build({ { id = "v2", paths = { "/api/*" }, query = { v = "2" } },
+                         { id = "v34", paths = { "/api/*" }, query = { v = { "3", "4" }, beta = "" } },
+                         { id = "api", paths = { "/api/*" } } })
+      assert.equal("v2", lookup(rt, { "/api/x", query = "v=2" }))
+      assert.equal("v2", lookup(rt, { "/api/x", query = "a=1&v=2&b" }))
+      assert.equal("v2", lookup(rt, { "/api/x", query = "v=%32" }))
+      assert.equal("v2", lookup(rt, { "/api/x", query = "v=2&v=2" }))
+      assert.equal("api", lookup(rt, { "/api/x", query = "v=2&v=3" }))
+      assert.equal("api", lookup(rt, { "/api/x", query = "v" }))
+      assert.equal("api", lookup(rt, { "/api/x", query = "v=20" }))
+      assert.equal("api", lookup(rt, { "/api/x" }))
+      assert.equal("v34", lookup(rt, { "/api/x", query = "v=4&beta=" }))
+      assert.equal("api", lookup(rt, { "/api/x", query = "v=4" }))
+    end)
+  end)
+
+  describe("edge cases", function()
+    it("no routes, and no match, give nil", function()
+      assert.is_nil(id_of({}, "/"))
+      assert.is_nil(id_of({ { paths = { "/a" } } }, "/b"))
+      assert.is_nil(id_of({ { paths = { "/a" }, hosts = { "x.com" } } }, { "/a", host = "y.com" }))
+    end)
+
+    it("refuses a routes value that is not a list", function()
+      assert.has_error(function() router.new(nil) end, "routes must be a list")
+    end)
+
+    it("never takes a segment whose hash collides with a route's for that route", function()
+      local rt = build({ { id = "probe", paths = { "/x" } } })
+      local mult = rt.mult
+      -- find two different 6-byte segments with one hash
+      local seen, s1, s2 = {}, nil, nil
+      -- 1 in 2^32 per pair: a collision within ~100k random strings (math.random:
+      -- an LCG's strings are as linear as the hash and never collide)
+      math.randomseed(7)
+      for _ = 1, 1e6 do
+        if s1 then
+          break
+        end
+        local b = {}
+        for k = 1, 6 do
+          b[k] = string.char(math.random(97, 122))
+        end
+        local s = table.concat(b)
+        local h = router.segment_hash(s, mult)
+        if seen[h] and seen[h] ~= s then
+          s1, s2 = seen[h], s
+        end
+        seen[h] = s
+      end
+      assert.is_string(s1, "no colliding segments found")
+      rt = build({ { id = "one", paths = { "/" .. s1 } }, { id = "pre", paths = { "/p/" .. s1 .. "/*" } },
+                   { id = "par", paths = { "/q/:x/" .. s1 } } })
+      if rt.mult == mult then
+        assert.equal("one", lookup(rt, "/" .. s1))
+        assert.is_nil(lookup(rt, "/" .. s2))
+        assert.equal("pre", lookup(rt, "/p/" .. s1 .. "/z"))
+        assert.is_nil(lookup(rt, "/p/" .. s2 .. "/z"))
+        assert.equal("par", lookup(rt, "/q/1/" .. s1))
+        assert.is_nil(lookup(rt, "/q/1/" .. s2))
+      end
+      -- both as siblings: the build picks another multiplier, both match
+      rt = build({ { id = "one", paths = { "/" .. s1 } }, { id = "two", paths = { "/" .. s2 } } })
+      assert.are_not.equal(mult, rt.mult)
+      assert.equal("one", lookup(rt, "/" .. s1))
+      assert.equal("two", lookup(rt, "/" .. s2))
+    end)
+
+    it("does not keep state from one lookup to the next", function()
+      local rt = build({ { id = "p", paths = { "/u/:id" } }, { id = "m", paths = { "/m" }, methods = { "POST" } },
+                         { id = "q", paths = { "/q" }, query = { a = "1" } } })
+      assert.equal("m", lookup(rt, { "/m", method = "POST" }))
+      assert.is_nil(lookup(rt, { "/m", method = "GET" }))
+      assert.equal("q", lookup(rt, { "/q", query = "a=1" }))
+      assert.is_nil(lookup(rt, { "/q", query = "a=2" }))
+      assert.same({ id = "1" }, select(3, lookup(rt, "/u/1")))
+      assert.is_nil(select(3, lookup(rt, "/m")))
+    end)
+  end)
+
+  describe("route predicates in the config schema", function()
+    local config = require("moongate.config")
+    local function errors(route)
+      local ok, errs = config.validate_routes({ routes = { route } },
+                                              { policy_loader = function() return {} end })
+      return ok and {} or errs
+    end
+
+    it("accepts headers and query as one value or a list of values", function()
+      assert.same({}, errors({ id = "r", headers = { ["X-Canary"] = "1", ["x-tier"] = { "a", "b" } },
+                               query = { v = "2", w = { "x", "" } } }))
+      assert.same({}, errors({ id = "r", headers = {}, query = {} }))
+    end)
+
+    it("refuses other values and bad header names, naming the JSON path", function()
+      assert.same({ 'routes[0].headers: invalid header name "bad name"' },
+                  errors({ id = "r", headers = { ["bad name"] = "1" } }))
+      assert.same({ "routes[0].headers.x: expected string or array, got number" },
+                  errors({ id = "r", headers = { x = 1 } }))
+      assert.same({ "routes[0].headers.x: must have at least 1 item" },
+                  errors({ id = "r", headers = { x = {} } }))
+      assert.same({ "routes[0].query.v[0]: expected string, got boolean" },
+                  errors({ id = "r", query = { v = { true } } }))
+      assert.same({ "routes[0].query.v[1]: duplicate item, same as [0]" },
+                  errors({ id = "r", query = { v = { "1", "1" } } }))
+    end)
+  end)
+
+  -- A plain reference: every (route, path, host) in precedence order, the
+  -- first that matches wins. The router must agree on random tables.
+  describe("agrees with a linear scan", function()
+    local function seg_count(p)
+      local n = 0
+      for _ in p:gmatch("/") do
+        n = n + 1
+      end
+      return n
+    end
+
+    local function ref_rank(path)
+      local star = path:sub(-2) == "/*"
+      local body = star and path:sub(1, -3) or path
+      local params = 0
+      for _ in body:gmatch("/:[%a_][%w_]*") do
+        params = params + 1
+      end
+      if not star and params == 0 then
+        return { 1, 0, 0, 0 }
+      end
+      local segs = seg_count(body)
+      return { 0, segs, segs - params, star and 0 or 1 }
+    end
+
+    local function ref_path_match(pattern, path)
+      local star = pattern:sub(-2) == "/*"
+      local body = star and pattern:sub(1, -3) or pattern
+      -- compare segment by segment
+      local psegs, rsegs = {}, {}
+      if body ~= "" then
+        for s in (body:sub(2) .. "/"):gmatch("([^/]*)/") do
+          psegs[#psegs + 1] = s
+        end
+      end
+      if path:sub(1, 1) ~= "/" then
+        return star and body == ""
+      end
+      for s in (path:sub(2) .. "/"):gmatch("([^/]*)/") do
+        rsegs[#rsegs + 1] = s
+      end
+      if star then
+        if #rsegs < #psegs then
+          return false
+        end
+      elseif #rsegs ~= #psegs then
+        return false
+      end
+      local params = {}
+      for i, ps in ipairs(psegs) do
+        local name = ps:match("^:([%a_][%w_]*)$")
+        if name then
+          if rsegs[i] == "" then
+            return false
+          end
+          params[name] = rsegs[i]
+        elseif ps ~= rsegs[i] then
+          return false
+        end
+      end
+      return true, params
+    end
+
+    local function ref_host_match(pattern, host)
+      if not pattern then
+        return true
+      end
+      if not host then
+        return false
+      end
+      if pattern:sub(1, 2) == "*." then
+        local sfx = pattern:sub(2)
+        return #host > #sfx and host:sub(-#sfx) == sfx
+      elseif pattern:sub(-2) == ".*" then
+        local pfx = pattern:sub(1, -2)
+        return #host > #pfx and host:sub(1, #pfx) == pfx
+      end
+      return pattern == host
+    end
+
+    local function ref_new(routes)
+      local list = {}
+      for ri, r in ipairs(routes) do
+        for pi, p in ipairs(r.paths or { "/*" }) do
+          for hi, h in ipairs(r.hosts or { false }) do
+            local hr = not h and 0 or ((h:sub(1, 2) == "*." or h:sub(-2) == ".*") and 1 or 2)
+            list[#list + 1] = { route = r, path = p, host = h or nil, prio = r.priority or 0, hr = hr,
+                                pr = ref_rank(p), idx = { ri, pi, hi } }
+          end
+        end
+      end
+      table.sort(list, function(a, b)
+        if a.prio ~= b.prio then return a.prio > b.prio end
+        if a.hr ~= b.hr then return a.hr > b.hr end
+        for k = 1, 4 do
+          if a.pr[k] ~= b.pr[k] then return a.pr[k] > b.pr[k] end
+        end
+        for k = 1, 3 do
+          if a.idx[k] ~= b.idx[k] then return a.idx[k] < b.idx[k] end
+        end
+        return false
+      end)
+      return list
+    end
+
+    local function ref_match(list, req)
+      for _, e in ipairs(list) do
+        local ok, params = ref_path_match(e.path, req[1])
+        if ok and ref_host_match(e.host, req.host) then
+          local m = e.route.methods
+          local mok = not m
+          for _, x in ipairs(m or {}) do
+            if x == (req.method or "GET") then
+              mok = true
+            end
+          end
+          if mok then
+            return e.route.id, params
+          end
+        end
+      end
+    end
+
+    it("on 300 random tables of exact, prefix and parameter paths, hosts, methods and priorities", function()
+      local seed = 42
+      local function rnd(n)
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        return math.floor(seed / 65536) % n + 1
+      end
+      local SEGS = { "a", "b", "ab", "", "c" }
+      local HOSTS = { "x.com", "a.x.com", "*.x.com", "x.*", "b.a.x.com" }
+      local METHODS = { "GET", "POST" }
+      local function rand_pattern()
+        local n = rnd(4) - 1
+        local parts = {}
+        for k = 1, n do
+          local r = rnd(6)
+          parts[k] = r == 6 and (":p" .. k) or SEGS[rnd(#SEGS)]
+        end
+        local p = "/" .. table.concat(parts, "/")
+        if rnd(3) == 1 then
+          p = (p == "/" and "" or p) .. "/*"
+        end
+        return p
+      end
+      local function rand_path()
+        local n = rnd(5) - 1
+        local parts = {}
+        for k = 1, n do
+          parts[k] = rnd(5) == 1 and tostring(rnd(3)) or SEGS[rnd(#SEGS)]
+        end
+        return "/" .. table.concat(parts, "/")
+      end
+      local mismatches = {}
+      for _ = 1, 300 do
+        local routes = {}
+        for i = 1, rnd(12) do
+          local r = { id = "r" .. i, paths = {} }
+          for k = 1, rnd(2) do
+            local p = rand_pattern()
+            local dup = false
+            for _, q in ipairs(r.paths) do
+              dup = dup or q == p
+            end
+            if not dup then
+              r.paths[k] = p
+            end
+          end
+          if rnd(3) == 1 then
+            r.hosts = { HOSTS[rnd(#HOSTS)] }
+          end
+          if rnd(3) == 1 then
+            r.methods = { METHODS[rnd(2)] }
+          end
+          if rnd(5) == 1 then
+            r.priority = rnd(3) - 2
+          end
+          routes[i] = r
+        end
+        local rt = router.new(routes)
+        local list = ref_new(routes)
+        for _ = 1, 30 do
+          local req = { rand_path(), host = rnd(4) > 1 and HOSTS[rnd(#HOSTS)]:gsub("%*", "q") or nil,
+                        method = METHODS[rnd(2)] }
+          local want, want_params = ref_match(list, req)
+          local got, _, got_params = lookup(rt, req)
+          local same_params = (next(want_params or {}) == nil and got_params == nil)
+                              or (got_params ~= nil and deepcompare(want_params, got_params))
+          if want ~= got or (want and not same_params) then
+            mismatches[#mismatches + 1] = ("%s %s %s: want %s, got %s"):format(req.method, tostring(req.host),
+                                                                              req[1], tostring(want), tostring(got))
+          end
+        end
+      end
+      assert.same({}, mismatches)
+    end)
+  end)
+end)

@@ -1,0 +1,192 @@
+-- Routing through a real gateway in front of the mock backend (which echoes
+-- the request it received as JSON): which route a request takes, the path
+-- the backend receives after strip_prefix and rewrite, the parameters a
+-- policy sees, and the 404 JSON when nothing matches. Routes that only
+-- need to say "this one was taken" rewrite the path to /tag/<route id>.
+local cjson = require("cjson")
+local client = require("helpers.client")
+local gateway = require("helpers.gateway")
+
+local POLICY_DIR = gateway.root .. "/spec/fixtures/policies-it"
+
+local function tagged(id, t)
+    t.id = id
+    t.upstream = "mock"
+    t.rewrite = "/tag/" .. id
+    return t
+end
+
+local ROUTES = {
+    -- strip_prefix and rewrite
+    { id = "strip", paths = { "/svc/*" }, upstream = "mock", strip_prefix = true },
+    { id = "strip-rewrite", paths = { "/v1/*" }, upstream = "mock", strip_prefix = true,
+      rewrite = "/api/v2/" },
+    { id = "tenant", paths = { "/t/:tenant/*" }, upstream = "mock", strip_prefix = true },
+    { id = "kept", paths = { "/keep/*" }, upstream = "mock" },
+    -- paths: exact over parameter over prefix
+    tagged("p-prefix", { paths = { "/p/*" } }),
+    tagged("p-param", { paths = { "/p/:id" } }),
+    tagged("p-exact", { paths = { "/p/me" } }),
+    -- hosts: exact over wildcard over none
+    tagged("h-none", { paths = { "/h/*" } }),
+    tagged("h-wild", { paths = { "/h/*" }, hosts = { "*.example.com" } }),
+    tagged("h-exact", { paths = { "/h/*" }, hosts = { "api.example.com" } }),
+    tagged("h-suffix", { paths = { "/h/*" }, hosts = { "example.*" } }),
+    -- methods: one prefix, two routes
+    tagged("m-get", { paths = { "/m/*" }, methods = { "GET" } }),
+    tagged("m-post", { paths = { "/m/*" }, methods = { "POST" } }),
+    -- a failing longer prefix falls back to the shorter one
+    tagged("f-long-put", { paths = { "/f/a/*" }, methods = { "PUT" } }),
+    tagged("f-short", { paths = { "/f/*" } }),
+    -- header and query predicates
+    tagged("canary", { paths = { "/c/*" }, headers = { ["X-Canary"] = { "1", "yes" } } }),
+    tagged("stable", { paths = { "/c/*" } }),
+    tagged("q-v2", { paths = { "/q" }, query = { v = "2" } }),
+    tagged("q-any", { paths = { "/q" } }),
+    -- priority beats a more specific path
+    tagged("pr-exact", { paths = { "/pr/exact" } }),
+    tagged("pr-high", { paths = { "/pr/*" }, priority = 10 }),
+    -- percent-encoded paths are matched as received
+    tagged("enc", { paths = { "/enc/a%20b" } }),
+    -- parameters as a policy sees them (it-inspect answers with ctx.params)
+    { id = "inspect", paths = { "/users/:id/posts/:post" }, upstream = "mock",
+      policies = { { name = "it-inspect", conf = {} } } },
+}
+
+describe("routing", function()
+    local gw
+
+    setup(function()
+        local mock = gateway.mock()
+        gw = gateway.start({
+            routes = {
+                upstreams = { gateway.upstream("mock", mock) },
+                routes = ROUTES,
+            },
+            node = { lua_path = { POLICY_DIR } },
+        })
+    end)
+
+    teardown(function()
+        client.close_all()
+        gateway.stop_all()
+    end)
+
+    -- what the backend received: {method, path, query, headers}
+    local function echo(opts)
+        local res, err = client.request(gw.port, opts)
+        assert.is_truthy(res, "request failed: " .. tostring(err))
+        assert.equal(200, res.status, res.body)
+        local ok, e = pcall(cjson.decode, res.body)
+        assert.is_true(ok, "not the mock's echo: " .. tostring(res.body))
+        return e
+    end
+
+    local function taken(path, opts)
+        opts = opts or {}
+        opts.path = path
+        local e = echo(opts)
+        return e.path:match("^/tag/(.*)$") or e.path
+    end
+
+    describe("the path the backend receives", function()
+        it("without the prefix under strip_prefix, the query kept", function()
+            local e = echo({ path = "/svc/a/b?x=1&y=%20" })
+            assert.equal("/a/b", e.path)
+            assert.equal("x=1&y=%20", e.query)
+            assert.equal("/", echo({ path = "/svc" }).path)
+            assert.equal("/", echo({ path = "/svc/" }).path)
+        end)
+
+        it("the rewrite plus the rest under strip_prefix and rewrite", function()
+            assert.equal("/api/v2/users/7", echo({ path = "/v1/users/7" }).path)
+            assert.equal("/api/v2/", echo({ path = "/v1" }).path)
+        end)
+
+        it("without the matched prefix, parameter value included, under /t/:tenant/*", function()
+            assert.equal("/orders/7", echo({ path = "/t/acme/orders/7" }).path)
+            assert.equal("/", echo({ path = "/t/initech" }).path)
+        end)
+
+        it("unchanged without strip_prefix, percent-encodings included", function()
+            assert.equal("/keep/a%2Fb/c", echo({ path = "/keep/a%2Fb/c" }).path)
+        end)
+    end)
+
+    describe("precedence", function()
+        it("exact path over parameter over prefix", function()
+            assert.equal("p-exact", taken("/p/me"))
+            assert.equal("p-param", taken("/p/42"))
+            assert.equal("p-prefix", taken("/p/42/x"))
+            assert.equal("p-prefix", taken("/p/me/"))
+            assert.equal("p-prefix", taken("/p"))
+        end)
+
+        it("exact host over wildcard over none; a port in Host does not matter", function()
+            assert.equal("h-exact", taken("/h/1", { host = "api.example.com" }))
+            assert.equal("h-exact", taken("/h/1", { host = "API.Example.com:8080" }))
+            assert.equal("h-wild", taken("/h/1", { host = "www.example.com" }))
+            assert.equal("h-suffix", taken("/h/1", { host = "example.org" }))
+            assert.equal("h-none", taken("/h/1", { host = "other.test" }))
+        end)
+
+        it("priority first", function()
+            assert.equal("pr-high", taken("/pr/exact"))
+        end)
+    end)
+
+    describe("predicates", function()
+        it("methods: GET and POST routes on one prefix", function()
+            assert.equal("m-get", taken("/m/x", { method = "GET" }))
+            assert.equal("m-post", taken("/m/x", { method = "POST", body = "" }))
+            local res = client.request(gw.port, { method = "DELETE", path = "/m/x" })
+            assert.equal(404, res.status)
+        end)
+
+        it("a longer prefix whose method fails falls back to the shorter", function()
+            assert.equal("f-long-put", taken("/f/a/b", { method = "PUT", body = "" }))
+            assert.equal("f-short", taken("/f/a/b", { method = "GET" }))
+        end)
+
+        it("headers: a listed value takes the route, any other does not", function()
+            assert.equal("canary", taken("/c/x", { headers = { ["X-Canary"] = "1" } }))
+            assert.equal("canary", taken("/c/x", { headers = { ["x-canary"] = "yes" } }))
+            assert.equal("stable", taken("/c/x", { headers = { ["X-Canary"] = "0" } }))
+            assert.equal("stable", taken("/c/x"))
+        end)
+
+        it("query: the decoded value must match", function()
+            assert.equal("q-v2", taken("/q?v=2"))
+            assert.equal("q-v2", taken("/q?a=1&v=%32"))
+            assert.equal("q-any", taken("/q?v=3"))
+            assert.equal("q-any", taken("/q?v=2&v=3"))
+            assert.equal("q-any", taken("/q"))
+        end)
+    end)
+
+    it("matches percent-encoded paths as received, without decoding", function()
+        assert.equal("enc", taken("/enc/a%20b"))
+        assert.equal(404, client.get(gw.port, "/enc/a%20B").status)
+        assert.equal(404, client.get(gw.port, "/enc/a+b").status)
+    end)
+
+    it("gives a policy the path parameters in ctx.params", function()
+        local res = client.get(gw.port, "/users/alice/posts/42")
+        assert.equal(200, res.status, res.body)
+        local body = cjson.decode(res.body)
+        assert.equal("inspect", body.route)
+        assert.same({ id = "alice", post = "42" }, body.params)
+    end)
+
+    it("answers 404 with a JSON body when no route matches", function()
+        for _, path in ipairs({ "/nothing", "/svcx", "/users/alice/posts", "/users//posts/1" }) do
+            local res = client.get(gw.port, path)
+            assert.equal(404, res.status, path)
+            assert.matches("^application/json", res.headers["content-type"])
+            local body = cjson.decode(res.body)
+            assert.equal("no route matched", body.error)
+            assert.is_string(body.request_id)
+            assert.equal(res.headers["x-request-id"], body.request_id)
+        end
+    end)
+end)
