@@ -543,13 +543,13 @@ describe("config", function()
                   routes.routes[1].hosts)
     end)
 
-    it("accepts rewrite and priority, nothing else", function()
+    it("accepts rewrite, priority and predicates, nothing else", function()
       assert.same({}, routes_errors({ routes = { { id = "r", rewrite = "/v2",
                                                    priority = -5 } } }))
       assert.same({ 'routes[0].rewrite: must start with "/"',
-                    "routes[1].headers: unknown field" },
+                    "routes[1].vars: unknown field" },
                   routes_errors({ routes = { { id = "r", rewrite = "v2" },
-                                             { id = "s", headers = {} } } }))
+                                             { id = "s", vars = {} } } }))
       assert.same({ "certificates: unknown field" },
                   routes_errors({ certificates = {} }))
     end)
