@@ -1,46 +1,20 @@
 -- cors: preflights answered at the gateway, CORS headers on actual
 -- requests, on a real gateway; a trap upstream proves a preflight never
 -- leaves the gateway.
-local socket = require("socket")
 local cjson = require("cjson")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local ports = require("helpers.ports")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local APP = "https://app.example.com"
 local EVIL = "https://evil.example.net"
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "cors", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("cors", conf)
 end
 
--- A TCP listener that never answers: trap.connected() tells whether the
--- gateway opened a connection to it.
-local function trap()
-  local server = assert(socket.bind("127.0.0.1", 0))
-  local _, port = server:getsockname()
-  server:settimeout(0)
-  local t = { port = tonumber(port) }
-  function t.connected()
-    local c = server:accept()
-    if c then
-      c:close()
-      return true
-    end
-    return false
-  end
-  function t.close()
-    server:close()
-  end
-  return t
-end
+local trap = policy_helper.trap
 
 local function values(res, name)
   local out = {}

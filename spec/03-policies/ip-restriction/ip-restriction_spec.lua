@@ -6,17 +6,12 @@ local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local ports = require("helpers.ports")
 local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local policy = assert(config.policy_loader({})("ip-restriction"))
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "ip-restriction", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("ip-restriction", conf)
 end
 
 -- verdict of a conf (validated, as the gateway would use it) for addr

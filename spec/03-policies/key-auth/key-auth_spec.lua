@@ -3,11 +3,10 @@
 -- lua_path directory) forwards ctx.consumer and ctx.tenant as headers, so
 -- the mock's echo shows what key-auth set.
 local cjson = require("cjson")
-local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local proc = require("helpers.proc")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local PROBE = [[
 return {
@@ -25,33 +24,10 @@ return {
 ]]
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "key-auth", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("key-auth", conf)
 end
 
-local function trap()
-  local server = assert(socket.bind("127.0.0.1", 0))
-  local _, port = server:getsockname()
-  server:settimeout(0)
-  local t = { port = tonumber(port) }
-  function t.connected()
-    local c = server:accept()
-    if c then
-      c:close()
-      return true
-    end
-    return false
-  end
-  function t.close()
-    server:close()
-  end
-  return t
-end
+local trap = policy_helper.trap
 
 local function echo_of(res)
   assert.equal(200, res.status, res.body)

@@ -2,17 +2,11 @@
 local cjson = require("cjson")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 -- the conf as the config validator leaves it, or nil, errors
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "request-headers", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("request-headers", conf)
 end
 
 local function echo_of(res)

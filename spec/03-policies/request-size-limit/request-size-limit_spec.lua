@@ -2,39 +2,15 @@
 -- Content-Length above it is refused before the upstream is contacted
 -- (a trap upstream tells), a chunked body is cut once it grows past it.
 local cjson = require("cjson")
-local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "request-size-limit", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("request-size-limit", conf)
 end
 
-local function trap()
-  local server = assert(socket.bind("127.0.0.1", 0))
-  local _, port = server:getsockname()
-  server:settimeout(0)
-  local t = { port = tonumber(port) }
-  function t.connected()
-    local c = server:accept()
-    if c then
-      c:close()
-      return true
-    end
-    return false
-  end
-  function t.close()
-    server:close()
-  end
-  return t
-end
+local trap = policy_helper.trap
 
 describe("request-size-limit", function()
   describe("schema", function()

@@ -3,16 +3,10 @@
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local ports = require("helpers.ports")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "response-headers", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("response-headers", conf)
 end
 
 -- every value of the response header name, in order

@@ -1,39 +1,15 @@
 -- static-response: answers made at the gateway, on a real gateway; a trap
 -- upstream proves nothing is forwarded.
 local cjson = require("cjson")
-local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
-local config = require("moongate.config")
+local policy_helper = require("helpers.policy")
 
 local function validate(conf)
-  local routes, errs = config.validate_routes({ routes = { {
-    id = "r", paths = { "/r" }, policies = { { name = "static-response", conf = conf } },
-  } } }, {})
-  if not routes then
-    return nil, table.concat(errs, "\n")
-  end
-  return routes.routes[1].policies[1].conf
+  return policy_helper.validate("static-response", conf)
 end
 
-local function trap()
-  local server = assert(socket.bind("127.0.0.1", 0))
-  local _, port = server:getsockname()
-  server:settimeout(0)
-  local t = { port = tonumber(port) }
-  function t.connected()
-    local c = server:accept()
-    if c then
-      c:close()
-      return true
-    end
-    return false
-  end
-  function t.close()
-    server:close()
-  end
-  return t
-end
+local trap = policy_helper.trap
 
 describe("static-response", function()
   describe("schema", function()
