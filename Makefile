@@ -16,10 +16,12 @@
 #   curl                         README's first command, and specs
 #   prometheus                   promtool check metrics
 #   valgrind                     callgrind instruction counts in bench/
+#   python3 iproute2 procps util-linux   spec helpers (a plain HTTP server, ss,
+#                                setpriv) and bench/ (ss, taskset)
 DEB_PACKAGES := build-essential pkg-config libluajit2-5.1-dev luajit2 libuv1-dev node-llhttp \
 	libssl-dev libhiredis-dev lua-cjson lua-busted lua-socket lua-check cppcheck clang-format \
 	luarocks clang libclang-rt-14-dev redis-server etcd-server etcd-client wrk nginx \
-	libnginx-mod-http-lua haproxy curl prometheus valgrind
+	libnginx-mod-http-lua haproxy curl prometheus valgrind python3 iproute2 procps util-linux
 
 VERSION    ?= 0.1.0-dev
 CC         ?= cc
