@@ -168,6 +168,26 @@ local function parse_path(p)
   return kind, segs, names, psegs, #names == 0 and body or nil, rank
 end
 
+-- Parsed paths are kept across builds: a reload rebuilds the router from
+-- all routes, and parsing their paths again was ~40% of that. The results
+-- are never modified after parsing, so builds share them. Bounded: the
+-- cache starts over past PARSED_MAX paths.
+local PARSED_MAX = 200000
+local parsed, nparsed = {}, 0
+
+local function parse_path_cached(p)
+  local e = parsed[p]
+  if not e then
+    if nparsed >= PARSED_MAX then
+      parsed, nparsed = {}, 0
+    end
+    e = { parse_path(p) }
+    parsed[p] = e
+    nparsed = nparsed + 1
+  end
+  return e[1], e[2], e[3], e[4], e[5], e[6]
+end
+
 -- host class (0 exact, 1 wildcard), bucket kind and bucket key
 local function host_bucket(h)
   if sub(h, 1, 2) == "*." then
@@ -415,7 +435,7 @@ function _M.new(routes, opts)
     local hosts = route.hosts and #route.hosts > 0 and route.hosts or NO_HOST
     local route_paths = route.paths and #route.paths > 0 and route.paths or DEFAULT_PATHS
     for _, p in ipairs(route_paths) do
-      local kind, segs, names, psegs, body, path_rank = parse_path(p)
+      local kind, segs, names, psegs, body, path_rank = parse_path_cached(p)
       local info
       if not body then
         local key = "p " .. concat(names, " ") .. " " .. concat(psegs, " ")
