@@ -46,6 +46,7 @@
 -- keeps the route (and so the policies and upstream) it started with.
 
 local cjson = require("cjson.safe")
+local slice_check = require("moongate.slice").check
 local binding = require("moongate.ffi")
 local config = require("moongate.config")
 local router = require("moongate.router")
@@ -480,6 +481,9 @@ function _M:build(conf_path, node_text, routes_text)
   local compiled = 0
   local upstream = loaded.upstream
   for i, e in ipairs(loaded.routes) do
+    if i % 128 == 0 then
+      slice_check() -- a reload runs in slices between requests
+    end
     local name = e.value.upstream
     local up = name and upstream(name) or false
     if not (e.compiled and e.c_globals == globals and e.c_up == up) then

@@ -49,6 +49,7 @@
 -- are so many priorities and path shapes that ranks pass 2^29.
 
 local bit = require("bit")
+local slice_check = require("moongate.slice").check
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
 local request = require("moongate.request")
@@ -317,6 +318,9 @@ local function build_tries(t, mult)
   end
 
   for i = 1, n do
+    if i % 256 == 0 then
+      slice_check()
+    end
     local rank = ranks[i]
     local set = buckets[t.bkind[i]]
     local key = t.bkey[i] or ""
@@ -412,7 +416,10 @@ function _M.new(routes, opts)
   -- method-only predicates and parameter lists repeat from route to route:
   -- one table for each distinct one
   local shared = {}
-  for _, route in ipairs(routes) do
+  for ri, route in ipairs(routes) do
+    if ri % 128 == 0 then
+      slice_check() -- a reload runs in slices between requests
+    end
     local preds
     local headers = compile_values(route.headers, true)
     local query = compile_values(route.query, false)

@@ -13,6 +13,7 @@ local config_version = require("moongate.config_version")
 local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
+local slice = require("moongate.slice")
 local mg = require("moongate")
 
 local C = binding.C
@@ -144,8 +145,14 @@ end
 
 -- Between requests (lua.c): builds the next version from the files,
 -- reusing what did not change; the old one stays when it fails.
+-- Runs in a coroutine that C resumes once per loop turn (lua.c): the
+-- rebuild yields every millisecond or so (moongate.slice), requests are
+-- served in between on the version in force, and the new version replaces
+-- it only when complete.
 function _M.reload()
+  slice.begin(1)
   local v, err = load()
+  slice.finish()
   if not v then
     return nil, err
   end

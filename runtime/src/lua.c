@@ -202,20 +202,69 @@ void mg__lua_release(mg_req_t *r)
 
 /* Between requests: no coroutine is running, so the handler may swap its
  * router and pipelines; suspended requests keep what they hold. */
-void mg__lua_reload(mg_worker_t *w)
+/* A reload runs in its own coroutine, resumed once per loop turn (an idle
+ * handle keeps the loop polling without blocking), so requests are served
+ * between its slices on the version in force; the Lua side yields when a
+ * slice has used its budget (lua/moongate/slice.lua). A SIGHUP during a
+ * reload is remembered and starts another one when it ends. */
+static struct {
+    lua_State *co;
+    int ref;
+    int pending;
+    int idle_init;
+    uv_idle_t idle;
+} reload;
+
+static void reload_resume(mg_worker_t *w);
+
+static void on_reload_idle(uv_idle_t *h)
 {
-    if (w->ref_reload < 0) return;
-    lua_State *L = w->L;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref_reload);
-    if (lua_pcall(L, 0, 2, 0) != 0) {
-        mg_log(MG_LOG_ERROR, "reload failed, keeping the current config: %s", lua_tostring(L, -1));
-    } else if (!lua_toboolean(L, -2)) {
+    reload_resume(h->data);
+}
+
+static void reload_resume(mg_worker_t *w)
+{
+    lua_State *co = reload.co;
+    int rc = lua_resume(co, 0);
+    if (rc == LUA_YIELD) {
+        lua_settop(co, 0);
+        uv_idle_start(&reload.idle, on_reload_idle);
+        return;
+    }
+    uv_idle_stop(&reload.idle);
+    if (rc != 0) {
+        mg_log(MG_LOG_ERROR, "reload failed, keeping the current config: %s",
+               lua_isstring(co, -1) ? lua_tostring(co, -1) : "?");
+    } else if (!lua_toboolean(co, 1)) {
         mg_log(MG_LOG_ERROR, "reload refused, keeping the current config: %s",
-               lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+               lua_isstring(co, 2) ? lua_tostring(co, 2) : "?");
     } else {
         mg_log(MG_LOG_INFO, "reloaded configuration");
     }
-    lua_settop(L, 0);
+    luaL_unref(w->L, LUA_REGISTRYINDEX, reload.ref);
+    reload.co = NULL;
+    if (reload.pending) {
+        reload.pending = 0;
+        mg__lua_reload(w);
+    }
+}
+
+void mg__lua_reload(mg_worker_t *w)
+{
+    if (w->ref_reload < 0) return;
+    if (reload.co) { /* one at a time; the latest files win */
+        reload.pending = 1;
+        return;
+    }
+    if (!reload.idle_init) {
+        uv_idle_init(w->loop, &reload.idle);
+        reload.idle.data = w;
+        reload.idle_init = 1;
+    }
+    reload.co = lua_newthread(w->L);
+    reload.ref = luaL_ref(w->L, LUA_REGISTRYINDEX); /* anchors the thread */
+    lua_rawgeti(reload.co, LUA_REGISTRYINDEX, w->ref_reload);
+    reload_resume(w);
 }
 
 /* body_filter: runs on the worker's main state (it may not yield, as in
