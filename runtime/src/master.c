@@ -57,6 +57,9 @@ static struct {
     uv_loop_t loop;
     uv_signal_t signals[MASTER_NSIG];
     uv_timer_t stop_timer;
+    uv_timer_t reload_timer; /* a SIGHUP too soon after the last check waits for it */
+    uint64_t reload_done_ms;
+    int reload_armed;
     master_worker_t *workers;
     int *fds;      /* workers x nlisten; worker i owns fds[i * nlisten ...] */
     int nfds;      /* how many of fds are open */
@@ -501,6 +504,7 @@ static void master_finish(void)
     for (i = 0; i < MASTER_NSIG; i++)
         uv_close((uv_handle_t *)&M.signals[i], master_close_cb);
     uv_close((uv_handle_t *)&M.stop_timer, master_close_cb);
+    uv_close((uv_handle_t *)&M.reload_timer, master_close_cb);
     for (i = 0; i < M.conf->workers; i++)
         uv_close((uv_handle_t *)&M.workers[i].respawn_timer, master_close_cb);
 }
@@ -649,6 +653,41 @@ static void master_reload(void)
     mg_log(MG_LOG_INFO, "reload: signalled %d worker(s)", master_running());
 }
 
+/* A check costs tens of ms of CPU at thousands of routes, and a config
+ * pushed many times a second needs only its latest version applied: after
+ * a check, further SIGHUPs within RELOAD_GAP_MS are folded into one, run
+ * when the gap has passed. A lone SIGHUP is handled at once. */
+#define RELOAD_GAP_MS 100
+
+static void master_reload_now(void)
+{
+    master_reload();
+    uv_update_time(&M.loop);
+    M.reload_done_ms = uv_now(&M.loop);
+}
+
+static void master_reload_timer_cb(uv_timer_t *t)
+{
+    (void)t;
+    M.reload_armed = 0;
+    if (!M.stopping) master_reload_now();
+}
+
+static void master_sighup(void)
+{
+    uv_update_time(&M.loop);
+    uint64_t now = uv_now(&M.loop);
+    if (M.reload_done_ms == 0 || now - M.reload_done_ms >= RELOAD_GAP_MS) {
+        master_reload_now();
+        return;
+    }
+    if (!M.reload_armed) {
+        M.reload_armed = 1;
+        uv_timer_start(&M.reload_timer, master_reload_timer_cb,
+                       M.reload_done_ms + RELOAD_GAP_MS - now, 0);
+    }
+}
+
 /* --- the loop --------------------------------------------------------------- */
 
 static void master_signal_cb(uv_signal_t *h, int signum)
@@ -657,7 +696,7 @@ static void master_signal_cb(uv_signal_t *h, int signum)
     switch (signum) {
     case SIGCHLD: master_reap(); break;
     case SIGHUP:
-        if (!M.stopping) master_reload();
+        if (!M.stopping) master_sighup();
         break;
     case SIGQUIT: master_stop(STOP_GRACEFUL); break;
     default: /* SIGTERM, SIGINT */ master_stop(STOP_FAST); break;
@@ -758,6 +797,7 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
         goto out;
     }
     uv_timer_init(&M.loop, &M.stop_timer);
+    uv_timer_init(&M.loop, &M.reload_timer);
     for (i = 0; i < conf->workers; i++) {
         M.workers[i].id = i;
         uv_timer_init(&M.loop, &M.workers[i].respawn_timer);
