@@ -27,26 +27,8 @@ local function eventually(fn, timeout)
     end
 end
 
--- A TCP listener that never answers: an upstream that must not be reached.
--- trap:connected() tells whether anyone connected to it.
-local function trap()
-    local server = assert(socket.bind("127.0.0.1", 0))
-    local _, port = server:getsockname()
-    server:settimeout(0)
-    local t = { port = tonumber(port) }
-    function t.connected()
-        local c = server:accept()
-        if c then
-            c:close()
-            return true
-        end
-        return false
-    end
-    function t.close()
-        server:close()
-    end
-    return t
-end
+-- an upstream that must not be reached: trap.connected() tells
+local trap = require("helpers.policy").trap
 
 local function route(id, path, upstream, policies, extra)
     local r = { id = id, paths = { path }, upstream = upstream, strip_prefix = true,
