@@ -39,6 +39,25 @@ static const unsigned char tchar[256] = {
     ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
 };
 
+/* A header just parsed (request or response): the name is a token that
+ * ends right at the colon ("Host : x" is an old smuggling vector: some
+ * peers strip the space, some do not), the value loses its trailing
+ * whitespace and holds no control character but HTAB. -1: invalid. */
+int mg__header_finish(mg_header_t *h)
+{
+    if (h->name_len == 0 || h->name[h->name_len] != ':') return -1;
+    for (uint32_t i = 0; i < h->name_len; i++)
+        if (!tchar[(unsigned char)h->name[i]]) return -1;
+    while (h->value_len > 0 &&
+           (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
+        h->value_len--;
+    for (uint32_t i = 0; i < h->value_len; i++) {
+        unsigned char ch = (unsigned char)h->value[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
+    }
+    return 0;
+}
+
 static inline mg_conn_t *conn_of(llhttp_t *p)
 {
     return (mg_conn_t *)p->data;
@@ -137,27 +156,9 @@ static int on_header_value_complete(llhttp_t *p)
     mg_conn_t *c = conn_of(p);
     mg_req_t *r = c->req;
     if (c->head_done) return 0;
-    mg_header_t *h = &r->hdrs[r->v.nheaders];
-    /* Field names are tokens and end right at the colon: "Host : x" is an
-     * old smuggling vector (some backends strip the space, some do not). */
-    if (h->name_len == 0 || h->name[h->name_len] != ':') {
+    if (mg__header_finish(&r->hdrs[r->v.nheaders]) != 0) {
         c->error_status = 400;
         return -1;
-    }
-    for (uint32_t i = 0; i < h->name_len; i++)
-        if (!tchar[(unsigned char)h->name[i]]) {
-            c->error_status = 400;
-            return -1;
-        }
-    while (h->value_len > 0 &&
-           (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
-        h->value_len--;
-    for (uint32_t i = 0; i < h->value_len; i++) {
-        unsigned char ch = (unsigned char)h->value[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
-            c->error_status = 400;
-            return -1;
-        }
     }
     r->v.nheaders++;
     c->hdr_state = HS_VALUE_DONE;

@@ -319,6 +319,7 @@ int mg__conn_body_step(mg_conn_t *c); /* Lua's body reads */
 void mg__conn_req_done(mg_conn_t *c); /* response complete and written */
 void mg__conn_drain_idle(mg_worker_t *w);
 void mg__conn_settings(llhttp_settings_t *s);
+int mg__header_finish(mg_header_t *h); /* validate and trim a parsed header */
 int mg__conn_write_copy(mg_conn_t *c, const char *p, size_t len);
 int mg__conn_flush(mg_conn_t *c); /* c->out: 0 done, 1 pending, <0 failed */
 void mg__conn_written(mg_conn_t *c);

@@ -538,14 +538,7 @@ static int on_r_value_complete(llhttp_t *p)
 {
     mg_upconn_t *u = up_of(p);
     if (u->head_done) return 0;
-    mg_header_t *h = &u->hdrs[u->nhdrs];
-    while (h->value_len &&
-           (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
-        h->value_len--;
-    for (uint32_t i = 0; i < h->value_len; i++) {
-        unsigned char ch = (unsigned char)h->value[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
-    }
+    if (mg__header_finish(&u->hdrs[u->nhdrs]) != 0) return -1; /* 502 */
     u->nhdrs++;
     u->hdr_state = 3;
     return 0;

@@ -601,6 +601,10 @@ describe("proxy", function()
                 "garbage\r\n\r\n",
                 "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                 "HTTP/1.1 200 OK\r\nX-Bad: a\0b\r\nContent-Length: 2\r\n\r\nok",
+                -- a name that is not a token, or space before the colon: a client
+                -- could read these two ways, so they never reach it
+                "HTTP/1.1 200 OK\r\nX-Bad : a\r\nContent-Length: 2\r\n\r\nok",
+                "HTTP/1.1 200 OK\r\nX(Bad): a\r\nContent-Length: 2\r\n\r\nok",
             }) do
                 local c = connect(gw.port)
                 assert.is_true(c:request({ path = "/rude/bad" }))
