@@ -31,7 +31,7 @@ function _M.finish()
 end
 
 function _M.check()
-  if active ~= nil and co_running() == active and C.mg_time_now() - started > budget then
+  if active ~= nil and co_running() == active and C.mg_time_now() - started >= budget then
     co_yield()
     started = C.mg_time_now()
   end
