@@ -1059,47 +1059,63 @@ local function check_policies(list, where, loader, modules, errs)
 end
 
 
+-- The files a policy named name may live in, in search order: each dir of
+-- lua_path, then the repo's policies/ (<dir>/<name>.lua, then
+-- <dir>/<name>/init.lua). nil for a name that is not a policy name (so
+-- "../x" never reaches the file system). Shared with policy_modules.lua.
+function _M.policy_files(dirs, name)
+  if type(name) ~= "string" or not check_policy_name(name) then
+    return nil
+  end
+  local files = {}
+  local search = {}
+  for i, dir in ipairs(dirs or {}) do
+    search[i] = dir
+  end
+  search[#search + 1] = _M.policies_dir
+  for _, dir in ipairs(search) do
+    files[#files + 1] = dir .. "/" .. name .. ".lua"
+    files[#files + 1] = dir .. "/" .. name .. "/init.lua"
+  end
+  return files
+end
+
+-- Runs a policy module's compiled chunk as the gateway does; raises with the
+-- file named when it fails or does not return a table.
+function _M.run_policy(chunk, name, file)
+  local ok, res = pcall(chunk, name)
+  if not ok then
+    error(file .. ": " .. tostring(res), 0)
+  end
+  if type(res) ~= "table" then
+    error(file .. ": did not return a table", 0)
+  end
+  return res
+end
+
 -- Returns a policy loader over dirs (then the repo's policies/): a
 -- function(name) returning the module table, or nil and "not found" when no
 -- <dir>/<name>.lua or <dir>/<name>/init.lua exists. A module that fails to
 -- load or does not return a table raises an error. Modules are cached per
 -- loader.
 function _M.policy_loader(dirs)
-  local search = {}
-  for i, dir in ipairs(dirs or {}) do
-    search[i] = dir
-  end
-  search[#search + 1] = _M.policies_dir
-
   local cache = {}
   return function(name)
     local mod = cache[name]
     if mod then
       return mod
     end
-    if type(name) ~= "string" or not check_policy_name(name) then
-      return nil, "not found"
-    end
-    for _, dir in ipairs(search) do
-      for _, file in ipairs({ dir .. "/" .. name .. ".lua",
-                              dir .. "/" .. name .. "/init.lua" }) do
-        local f = io_open(file, "rb")
-        if f then
-          f:close()
-          local chunk, err = loadfile(file)
-          if not chunk then
-            error(err, 0)
-          end
-          local ok, res = pcall(chunk, name)
-          if not ok then
-            error(file .. ": " .. tostring(res), 0)
-          end
-          if type(res) ~= "table" then
-            error(file .. ": did not return a table", 0)
-          end
-          cache[name] = res
-          return res
+    for _, file in ipairs(_M.policy_files(dirs, name) or {}) do
+      local f = io_open(file, "rb")
+      if f then
+        f:close()
+        local chunk, err = loadfile(file)
+        if not chunk then
+          error(err, 0)
         end
+        mod = _M.run_policy(chunk, name, file)
+        cache[name] = mod
+        return mod
       end
     end
     return nil, "not found"

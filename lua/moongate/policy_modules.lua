@@ -19,15 +19,12 @@
 
 local config = require("moongate.config")
 
-local type = type
 local load = load
 local pcall = pcall
 local pairs = pairs
 local ipairs = ipairs
-local tostring = tostring
 local setmetatable = setmetatable
 local io_open = io.open
-local find = string.find
 
 local _M = {}
 local mt = { __index = _M }
@@ -57,13 +54,7 @@ local function run(self, name, file, text)
   if not chunk then
     error(err, 0)
   end
-  local ok, res = pcall(chunk, name)
-  if not ok then
-    error(file .. ": " .. tostring(res), 0)
-  end
-  if type(res) ~= "table" then
-    error(file .. ": did not return a table", 0)
-  end
+  local res = config.run_policy(chunk, name, file)
   self.files[file] = { text = text, mod = res }
   self.loads = (self.loads or 0) + 1
   return res
@@ -71,12 +62,6 @@ end
 
 -- dirs: the node's lua_path (a list). Returns {loader =, get =}.
 function _M:generation(dirs)
-  local search = {}
-  for i, dir in ipairs(dirs or {}) do
-    search[i] = dir
-  end
-  search[#search + 1] = config.policies_dir
-
   -- name -> {mod} | {err} | false (not found)
   local seen = {}
 
@@ -86,19 +71,12 @@ function _M:generation(dirs)
       return r
     end
     r = false
-    if type(name) == "string" and find(name, "^[%w_%-]+$") then
-      for _, dir in ipairs(search) do
-        for _, file in ipairs({ dir .. "/" .. name .. ".lua", dir .. "/" .. name .. "/init.lua" }) do
-          local text = read(file)
-          if text then
-            local ok, res = pcall(run, self, name, file, text)
-            r = ok and { mod = res } or { err = res }
-            break
-          end
-        end
-        if r then
-          break
-        end
+    for _, file in ipairs(config.policy_files(dirs, name) or {}) do
+      local text = read(file)
+      if text then
+        local ok, res = pcall(run, self, name, file, text)
+        r = ok and { mod = res } or { err = res }
+        break
       end
     end
     seen[name] = r
