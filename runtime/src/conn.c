@@ -18,8 +18,6 @@
 
 #include "mg.h"
 
-enum { HS_NONE = 0, HS_FIELD, HS_VALUE, HS_VALUE_DONE };
-
 static void conn_read_start(mg_conn_t *c);
 static void conn_read_stop(mg_conn_t *c);
 static void conn_process(mg_conn_t *c);
@@ -104,26 +102,50 @@ static int head_limit(mg_conn_t *c, size_t len)
     return 0;
 }
 
+/* Header spans, shared by the request (here) and response (proxy.c)
+ * parsers. The buffer never moves during a head, so the pieces llhttp
+ * hands over are adjacent and just extend the current name or value. */
+int mg__header_name_span(mg_header_t *hdrs, uint32_t n, int *state, const char *at, size_t len)
+{
+    if (*state == HS_FIELD) {
+        hdrs[n].name_len += (uint32_t)len;
+        return 0;
+    }
+    if (n == MG_MAX_HEADERS) return -1;
+    hdrs[n].name = at;
+    hdrs[n].name_len = (uint32_t)len;
+    hdrs[n].value = at; /* replaced by the value; an empty value stays empty */
+    hdrs[n].value_len = 0;
+    *state = HS_FIELD;
+    return 0;
+}
+
+int mg__header_value_span(mg_header_t *h, int *state, const char *at, size_t len)
+{
+    if (*state == HS_FIELD) {
+        h->value = at;
+        h->value_len = (uint32_t)len;
+        *state = HS_VALUE;
+        return 0;
+    }
+    /* A value that goes on after its line ended, or that is not adjacent to
+     * what came before, is obs-fold: RFC 9112 lets us reject it, and a peer
+     * could join the lines differently than we would. */
+    if (*state != HS_VALUE || h->value + h->value_len != at) return -1;
+    h->value_len += (uint32_t)len;
+    return 0;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     mg_conn_t *c = conn_of(p);
     mg_req_t *r = c->req;
     if (head_limit(c, len)) return -1;
     if (c->head_done) return 0; /* trailer fields: counted, then dropped */
-    if (c->hdr_state == HS_FIELD) {
-        r->hdrs[r->v.nheaders].name_len += (uint32_t)len;
-        return 0;
-    }
-    if (r->v.nheaders == MG_MAX_HEADERS) {
-        c->error_status = 431;
+    if (mg__header_name_span(r->hdrs, r->v.nheaders, &c->hdr_state, at, len) != 0) {
+        c->error_status = 431; /* more fields than MG_MAX_HEADERS */
         return -1;
     }
-    mg_header_t *h = &r->hdrs[r->v.nheaders];
-    h->name = at;
-    h->name_len = (uint32_t)len;
-    h->value = at; /* replaced by the value; an empty value stays empty */
-    h->value_len = 0;
-    c->hdr_state = HS_FIELD;
     return 0;
 }
 
@@ -133,21 +155,10 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len)
     mg_req_t *r = c->req;
     if (head_limit(c, len)) return -1;
     if (c->head_done) return 0;
-    mg_header_t *h = &r->hdrs[r->v.nheaders];
-    if (c->hdr_state == HS_FIELD) {
-        h->value = at;
-        h->value_len = (uint32_t)len;
-        c->hdr_state = HS_VALUE;
-        return 0;
-    }
-    /* A value that goes on after its line ended, or that is not adjacent to
-     * what came before, is obs-fold: RFC 9112 lets us reject it, and a
-     * backend could join the lines differently than we would. */
-    if (c->hdr_state != HS_VALUE || h->value + h->value_len != at) {
+    if (mg__header_value_span(&r->hdrs[r->v.nheaders], &c->hdr_state, at, len) != 0) {
         c->error_status = 400;
         return -1;
     }
-    h->value_len += (uint32_t)len;
     return 0;
 }
 

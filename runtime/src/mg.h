@@ -320,6 +320,11 @@ void mg__conn_req_done(mg_conn_t *c); /* response complete and written */
 void mg__conn_drain_idle(mg_worker_t *w);
 void mg__conn_settings(llhttp_settings_t *s);
 int mg__header_finish(mg_header_t *h); /* validate and trim a parsed header */
+/* header span states; the span functions return -1 for too many fields
+ * (name) or obs-fold (value) */
+enum { HS_NONE = 0, HS_FIELD, HS_VALUE, HS_VALUE_DONE };
+int mg__header_name_span(mg_header_t *hdrs, uint32_t n, int *state, const char *at, size_t len);
+int mg__header_value_span(mg_header_t *h, int *state, const char *at, size_t len);
 int mg__conn_write_copy(mg_conn_t *c, const char *p, size_t len);
 int mg__conn_flush(mg_conn_t *c); /* c->out: 0 done, 1 pending, <0 failed */
 void mg__conn_written(mg_conn_t *c);

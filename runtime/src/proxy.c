@@ -374,7 +374,7 @@ static void up_send_request(mg_req_t *r, mg_upconn_t *u)
     u->got_bytes = u->head_done = u->msg_done = u->interim = u->head_sent = 0;
     u->exec_pending = 0;
     u->nhdrs = 0;
-    u->hdr_state = 0;
+    u->hdr_state = HS_NONE;
     u->head_bytes = 0;
     u->reason = NULL;
     u->reason_len = 0;
@@ -505,33 +505,14 @@ static int on_r_field(llhttp_t *p, const char *at, size_t len)
 {
     mg_upconn_t *u = up_of(p);
     if (u->head_done) return 0; /* trailers are dropped */
-    if (u->hdr_state == 1) {
-        u->hdrs[u->nhdrs].name_len += (uint32_t)len;
-        return 0;
-    }
-    if (u->nhdrs == MG_MAX_HEADERS) return -1;
-    u->hdrs[u->nhdrs].name = at;
-    u->hdrs[u->nhdrs].name_len = (uint32_t)len;
-    u->hdrs[u->nhdrs].value = at;
-    u->hdrs[u->nhdrs].value_len = 0;
-    u->hdr_state = 1;
-    return 0;
+    return mg__header_name_span(u->hdrs, u->nhdrs, &u->hdr_state, at, len); /* -1: 502 */
 }
 
 static int on_r_value(llhttp_t *p, const char *at, size_t len)
 {
     mg_upconn_t *u = up_of(p);
     if (u->head_done) return 0;
-    mg_header_t *h = &u->hdrs[u->nhdrs];
-    if (u->hdr_state == 1) {
-        h->value = at;
-        h->value_len = (uint32_t)len;
-        u->hdr_state = 2;
-        return 0;
-    }
-    if (u->hdr_state != 2 || h->value + h->value_len != at) return -1; /* obs-fold */
-    h->value_len += (uint32_t)len;
-    return 0;
+    return mg__header_value_span(&u->hdrs[u->nhdrs], &u->hdr_state, at, len); /* -1: 502 */
 }
 
 static int on_r_value_complete(llhttp_t *p)
@@ -540,7 +521,7 @@ static int on_r_value_complete(llhttp_t *p)
     if (u->head_done) return 0;
     if (mg__header_finish(&u->hdrs[u->nhdrs]) != 0) return -1; /* 502 */
     u->nhdrs++;
-    u->hdr_state = 3;
+    u->hdr_state = HS_VALUE_DONE;
     return 0;
 }
 
@@ -790,7 +771,7 @@ static void up_process(mg_upconn_t *u)
                     llhttp_resume(&u->parser);
                     u->interim = 0;
                     u->nhdrs = 0;
-                    u->hdr_state = 0;
+                    u->hdr_state = HS_NONE;
                     u->reason = NULL;
                     u->reason_len = 0;
                     continue;

@@ -605,6 +605,8 @@ describe("proxy", function()
                 -- could read these two ways, so they never reach it
                 "HTTP/1.1 200 OK\r\nX-Bad : a\r\nContent-Length: 2\r\n\r\nok",
                 "HTTP/1.1 200 OK\r\nX(Bad): a\r\nContent-Length: 2\r\n\r\nok",
+                -- obs-fold in a response: a client could join the lines its own way
+                "HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
             }) do
                 local c = connect(gw.port)
                 assert.is_true(c:request({ path = "/rude/bad" }))
