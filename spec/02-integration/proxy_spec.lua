@@ -25,6 +25,7 @@ local LIMITS = {
     send_timeout_ms = 1000,
 }
 local SLOW_READ_MS = 300
+local CONNECT_MS = 300
 
 -- The mock's body for bytes=N: its 64-byte pattern repeated, cut at N.
 local MOCK_PATTERN = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_"
@@ -118,10 +119,23 @@ describe("proxy", function()
     local mock, ka_mock, gw
     local big_gw -- the same routes, with room for bodies of many MiB
     local rude -- a listener in this process: accepts, then closes or resets
+    local full, fillers -- a listener whose accept queue is full: SYNs to it are dropped
 
     setup(function()
         rude = assert(socket.bind("127.0.0.1", 0))
         local _, rude_port = rude:getsockname()
+        -- backlog 0 holds one connection; it is never accepted, so once it
+        -- is queued the kernel drops further SYNs and a connect hangs
+        full = assert(socket.bind("127.0.0.1", 0, 0))
+        local _, full_port = full:getsockname()
+        fillers = {}
+        for i = 1, 3 do
+            fillers[i] = socket.tcp()
+            fillers[i]:settimeout(0)
+            fillers[i]:connect("127.0.0.1", full_port)
+        end
+        local blackhole = gateway.upstream("blackhole", tonumber(full_port))
+        blackhole.timeouts = { connect_ms = CONNECT_MS, send_ms = 5000, read_ms = 5000 }
         mock = gateway.mock()
         ka_mock = gateway.mock()
         local slow = gateway.upstream("slow", mock)
@@ -133,6 +147,7 @@ describe("proxy", function()
                 slow,
                 gateway.upstream("refused", ports.free()),
                 gateway.upstream("rude", tonumber(rude_port)),
+                blackhole,
             },
             routes = {
                 { id = "echo", paths = { "/echo/*" }, upstream = "mock" },
@@ -141,6 +156,7 @@ describe("proxy", function()
                 { id = "slow", paths = { "/slow/*" }, upstream = "slow" },
                 { id = "refused", paths = { "/refused/*" }, upstream = "refused" },
                 { id = "rude", paths = { "/rude/*" }, upstream = "rude" },
+                { id = "blackhole", paths = { "/blackhole/*" }, upstream = "blackhole" },
             },
             consumers = gateway.array(), global_policies = gateway.array(),
         }
@@ -153,6 +169,10 @@ describe("proxy", function()
         client.close_all()
         gateway.stop_all()
         rude:close()
+        for _, f in ipairs(fillers) do
+            f:close()
+        end
+        full:close()
     end)
 
     after_each(function()
@@ -686,9 +706,17 @@ describe("proxy", function()
             assert.equal(200, get(gw.port, "/slow/x?delay_ms=50").status)
         end)
 
-        -- A connect timeout needs a peer that drops SYNs; on loopback a
-        -- closed port refuses at once (502 above), and a blackhole address
-        -- depends on the machine's routes, so it is not tested here.
+        it("answers 504 when the upstream does not accept the connection in time", function()
+            local t0 = proc.now()
+            local res = get(gw.port, "/blackhole/x")
+            local took = proc.now() - t0
+            assert.equal(504, res.status)
+            assert.matches("connect timed out", res.body)
+            assert.is_true(took >= CONNECT_MS / 1000 - 0.05, "took " .. took .. " s")
+            assert.is_true(took < CONNECT_MS / 1000 + 1, "took " .. took .. " s")
+            -- the worker keeps serving
+            assert.equal(200, get(gw.port, "/echo/after").status)
+        end)
     end)
 
     describe("limits", function()
