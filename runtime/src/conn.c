@@ -447,13 +447,15 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
             conn_read_stop(c);
             return;
         }
-        /* A client may half-close after a whole request and still wait
-         * for the answer; anything else in flight dies with the connection.
-         * A request without a body is whole once its head is, even before
-         * the parser has been run to its end (body_done). */
-        if (n == UV_EOF && r && c->head_done && !c->lingering &&
-            (r->body_done || r->body_mode == MG_BODY_NONE)) {
+        /* A client may half-close after its whole request and still wait
+         * for the answer, body included: the body bytes may still sit in
+         * the buffer, unparsed until the handler reads them, so the request
+         * goes on and only a body that needs bytes past the buffer fails
+         * (body_need_more). Anything else in flight dies with the
+         * connection. */
+        if (n == UV_EOF && r && c->head_done && !c->lingering) {
             conn_read_stop(c);
+            c->eof = 1;
             c->keepalive = 0;
             return;
         }
@@ -650,10 +652,15 @@ static int body_parse(mg_conn_t *c)
 
 /* Every buffered body byte was handed on: reuse the space after the head
  * and read more (after a 100 Continue, if the client waits for one). */
-static void body_need_more(mg_conn_t *c)
+static int body_need_more(mg_conn_t *c)
 {
     mg_req_t *r = c->req;
     c->pos = c->len = c->body_base;
+    if (c->eof) { /* half-closed before the body ended: it never will */
+        r->body_error = 400;
+        r->body_done = 1;
+        return -1;
+    }
     if (r->expect_continue && !r->continue_sent) {
         static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
         r->continue_sent = 1;
@@ -661,6 +668,7 @@ static void body_need_more(mg_conn_t *c)
     }
     conn_timer(c, c->w->conf->limits.client_body_timeout_ms);
     conn_read_start(c);
+    return 0;
 }
 
 /* For Lua's body reads (called from FFI: never resumes Lua). 1: spans or
@@ -672,10 +680,7 @@ int mg__conn_body_step(mg_conn_t *c)
         int rc = body_parse(c);
         if (rc < 0) return -1;
         if (r->body_spans.n || r->body_done) return 1;
-        if (rc == 0) {
-            body_need_more(c);
-            return 0;
-        }
+        if (rc == 0) return body_need_more(c);
     }
 }
 
@@ -704,7 +709,7 @@ void mg__conn_pump(mg_conn_t *c)
             return;
         }
         if (c->pos < c->len) continue; /* paused mid-buffer to flush */
-        body_need_more(c);
+        if (body_need_more(c) < 0) mg__req_fail(r, r->body_error, NULL);
         return;
     }
 }

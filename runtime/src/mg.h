@@ -189,6 +189,7 @@ typedef struct mg_conn_s {
     int reading;
     int closing;
     int lingering;     /* closing: reading and dropping for a moment */
+    int eof;           /* the client half-closed: no more bytes will come */
     int head_timer_on; /* the header timeout runs for this request */
     int inflight;      /* uv_writes not completed */
     int head_done;     /* the current request's head is complete */

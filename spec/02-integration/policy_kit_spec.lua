@@ -126,6 +126,10 @@ describe("policy kit", function()
                 route("body", "/body/*", "a", { p("it-body") }),
                 route("body-answer", "/body-answer/*", "trap", { p("it-body", { answer = true }) }),
                 route("body-stream", "/body-stream/*", "trap", { p("it-body", { stream = true }) }),
+                route("late-body", "/late-body/*", "trap", {
+                    p("it-sleep", { ms = 150 }), p("it-body", { answer = true }),
+                }),
+                route("late-proxy", "/late-proxy/*", "a", { p("it-sleep", { ms = 150 }) }),
                 { id = "params", paths = { "/users/:id/items/:item" }, upstream = "trap",
                   policies = { p("it-inspect", { arg = "q" }) } },
                 route("inspect", "/inspect/*", "trap", {
@@ -468,6 +472,41 @@ describe("policy kit", function()
             local echo = echo_of(res)
             assert.equal(#body, echo.body_length)
             assert.equal(client.sha256_hex(body), echo.body_sha256)
+        end)
+
+        -- The client half-closes right after its body, before the gateway
+        -- has read it (the policy sleeps first): the body is in the
+        -- buffer and the answer must still come.
+        local function post_half_closed(path, head_length, body)
+            local c = assert(client.connect(gw.port))
+            assert(c:send("POST " .. path .. " HTTP/1.1\r\nHost: t\r\nContent-Length: "
+                .. head_length .. "\r\n\r\n" .. body))
+            c.sock:shutdown("send")
+            return assert(c:read_response({ timeout = 5 })), c
+        end
+
+        it("answers a half-closed client whose body a policy reads late", function()
+            local body = ("b"):rep(5000)
+            local res, c = post_half_closed("/late-body/x", #body, body)
+            assert.equal(200, res.status)
+            assert.equal(#body, cjson.decode(res.body).length)
+            assert.is_true(c:closed(2))
+        end)
+
+        it("proxies a half-closed client's body whole when access ran late", function()
+            local body = ("p"):rep(5000)
+            local res = post_half_closed("/late-proxy/x", #body, body)
+            assert.equal(200, res.status)
+            local echo = echo_of(res)
+            assert.equal(#body, echo.body_length)
+            assert.equal(client.sha256_hex(body), echo.body_sha256)
+        end)
+
+        it("answers 400 to a client that half-closes before its body ends", function()
+            local res = post_half_closed("/late-body/x", 100, ("t"):rep(50))
+            assert.equal(400, res.status)
+            res = post_half_closed("/late-proxy/x", 100, ("t"):rep(50))
+            assert.equal(400, res.status)
         end)
 
         it("a request without a body stays without one upstream after body()", function()
