@@ -110,6 +110,11 @@ local function resolve(dir, path)
   return clean(dir .. "/" .. path)
 end
 
+-- path made absolute against the working directory (as check does)
+function _M.resolve_path(path)
+  return resolve(cwd(), path)
+end
+
 
 local function module_dir()
   local source = debug_getinfo(1, "S").source

@@ -97,11 +97,16 @@ end
 
 -- opts.upstream(u): a C handle for the validated upstream u, or nil and
 -- an error (nil opts.upstream: no handles, as for a check).
+-- opts.check: validate only (the master's reload check, config_check.lua):
+-- build stops once the version is known valid, and runs no policy init(),
+-- compiles no route and builds no router; the indexes are kept as for a
+-- worker, so a one-route change validates one route.
 function _M.new(opts)
   opts = opts or {}
   return setmetatable({
     modules = policy_modules.new(),
     make_upstream = opts.upstream,
+    check_only = opts.check or nil,
     current = EMPTY,
     index = { routes = new_index(), upstreams = new_index(), consumers = new_index() },
     stamp = 0,
@@ -448,6 +453,14 @@ function _M:build(conf_path, node_text, routes_text)
   local uerrs = config.unsupported(node, { upstreams = values(loaded.ups) })
   if #uerrs > 0 then
     return nil, concat(uerrs, "; ")
+  end
+  if self.check_only then
+    return {
+      stats = { routes = #loaded.routes, validated = loaded.validated, whole = not keyed,
+                modules_loaded = self.modules:load_count() - loads },
+      parts = { node_text = node_text, doc = loaded.doc, modules = gen.seen(),
+                ups = loaded.ups, routes = loaded.routes, cons = loaded.cons },
+    }
   end
 
   local get = gen.get

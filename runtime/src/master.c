@@ -624,22 +624,18 @@ static void master_changed(const mg_node_conf_t *a, const mg_node_conf_t *b, cha
 static void master_reload(void)
 {
     mg_node_conf_t *next;
-    char err[2048], changed[256];
+    char changed[256];
     int nerr;
 
     mg_log(MG_LOG_INFO, "reload: checking %s", M.conf->conf_path);
-    nerr = mg_node_check_each(M.conf->conf_path, master_log_error, NULL);
-    if (nerr > 0) {
-        mg_log(MG_LOG_ERROR, "reload: %d error(s); the running configuration stays", nerr);
-        return;
-    }
     next = malloc(sizeof(*next)); /* ~60 KiB: not for the stack */
     if (next == NULL) {
         mg_log(MG_LOG_ERROR, "reload: out of memory");
         return;
     }
-    if (mg_node_load(M.conf->conf_path, next, err, sizeof(err)) < 0) {
-        mg_log(MG_LOG_ERROR, "reload: %s; the running configuration stays", err);
+    nerr = mg_node_reload_check(M.conf->conf_path, next, master_log_error, NULL);
+    if (nerr > 0) {
+        mg_log(MG_LOG_ERROR, "reload: %d error(s); the running configuration stays", nerr);
         free(next);
         return;
     }
@@ -826,5 +822,6 @@ out:
     if (M.fds != NULL) master_close_listeners();
     free(M.workers);
     M.workers = NULL;
+    mg_node_reload_close();
     return rc;
 }

@@ -92,6 +92,19 @@ int mg_node_load(const char *conf_path, mg_node_conf_t *out, char *err, size_t e
 int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const char *msg),
                        void *ud);
 
+/* The master's reload: mg_node_check_each's checks, then mg_node_load into
+ * out, in one Lua state kept across calls (lua/moongate/config_check.lua):
+ * entities whose text is unchanged since the last valid check are not
+ * validated again, so a one-route change costs O(changed) validation plus
+ * O(routes) table lookups instead of a whole check in a fresh state. The
+ * errors of an invalid config are exactly mg_node_check_each's. Returns the
+ * number of errors reported (on_error), 0 with out filled when valid. */
+int mg_node_reload_check(const char *conf_path, mg_node_conf_t *out,
+                         void (*on_error)(void *ud, const char *msg), void *ud);
+
+/* Closes the reload checker's state (at the master's exit). */
+void mg_node_reload_close(void);
+
 /* mg_node_check_each printing each error on stderr, one a line; returns 0
  * when valid, 1 otherwise (an exit code). */
 int mg_node_check(const char *conf_path);
