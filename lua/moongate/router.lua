@@ -75,6 +75,8 @@ local lower = string.lower
 local find = string.find
 local match = string.match
 local huge = math.huge
+local floor = math.floor
+local max = math.max
 local header_of = request.header_of
 local decode_args = request.decode_args
 
@@ -97,6 +99,11 @@ local INLINE_AT = 32   -- the byte offset of the inline segment in a node
 local INLINE_MAX = 32  -- the longest inline segment
 
 local ID_STEP = 2 ^ 32 -- a child's key: parent * ID_STEP + segment hash
+-- room kept for updates (plan/apply) past what a build used; an update
+-- that needs more rebuilds
+local NODE_SPARE_MIN = 256
+local ENTRY_SPARE_MIN = 256
+local LABEL_SPARE = 4096
 local RANK_MAX = 2 ^ 29 - 1 -- times 4 in a rank code
 
 local int32_arr = ffi.typeof("int32_t[?]")
@@ -246,22 +253,29 @@ local function dense(list, n)
   return pos, #vals
 end
 
--- Rank codes of the n entries in an int32 array: the rank (lower is
--- better; one number from priority, host class, path rank and listing
--- order, each made dense, or ordinals from a sort when that number could
--- pass 2^29) times 4, plus 2 when the entry has parameters, plus 1 when it
--- has predicates. Codes compare as ranks (they differ by 4 or more) and
--- tell what a candidate needs without reading its entry.
-local function ranks_of(n, prio, hclass, prank, preds, params)
-  local ranks = int32_arr(n + 1)
+-- Rank codes of the n entries, into the int32 array ranks: the rank
+-- (lower is better) times 4, plus 2 when the entry has parameters, plus 1
+-- when it has predicates. Codes compare as ranks (they differ by 4 or
+-- more) and tell what a candidate needs without reading its entry.
+-- The rank is class * W + pos: the class one number from priority, host
+-- class and path rank, each made dense (best first); pos = i * G, the
+-- listing order spread over [G, W) with gaps of G, so that an update
+-- (plan/apply) places a new entry between its listed neighbours without
+-- renumbering the others. Returns the meta data that update needs, or nil
+-- when the classes times n could pass 2^29: then ranks are ordinals from a
+-- sort, and every change rebuilds.
+local function ranks_of(ranks, n, prio, hclass, prank, preds, params)
   local ppos, np = dense(prio, n)
   local rpos, nr = dense(prank, n)
-  if np * 3 * nr * (n + 1) <= RANK_MAX then
+  local classes = np * 3 * nr
+  if classes * (n + 1) * 2 <= RANK_MAX then
+    local W = floor(RANK_MAX / classes)
+    local G = floor(W / (n + 1))
     for i = 1, n do
-      local rank = ((ppos[prio[i]] * 3 + hclass[i]) * nr + rpos[prank[i]]) * (n + 1) + i
+      local rank = ((ppos[prio[i]] * 3 + hclass[i]) * nr + rpos[prank[i]]) * W + i * G
       ranks[i] = rank * 4 + (params[i] and 2 or 0) + (preds[i] and 1 or 0)
     end
-    return ranks
+    return { ppos = ppos, rpos = rpos, nr = nr, W = W }
   end
   local order = {}
   for i = 1, n do
@@ -281,7 +295,7 @@ local function ranks_of(n, prio, hclass, prank, preds, params)
     local i = order[r]
     ranks[i] = r * 4 + (params[i] and 2 or 0) + (preds[i] and 1 or 0)
   end
-  return ranks
+  return nil
 end
 
 -- The tries of the entries, or nil when two segments of one node have the
@@ -294,8 +308,8 @@ local function build_tries(t, mult)
   local skew = tonumber(ffi_cast("uintptr_t", mem) % 64)
   local nodes8 = ffi_cast(uint8_ptr, mem) + (skew == 0 and 0 or 64 - skew)
   local nodes = ffi_cast(int32_ptr, nodes8)
-  local labels = uint8_arr(t.label_bytes + 1)
-  local next_entry = int32_arr(n + 1)
+  local labels = uint8_arr(t.label_bytes + t.label_spare + 1)
+  local next_entry = int32_arr(t.entry_cap + 1)
   local kids, label_of, hashes = {}, {}, {}
   local count, loff = 0, 0
   local buckets = { exact = {}, suffix = {}, prefix = {}, none = {} }
@@ -379,12 +393,13 @@ local function build_tries(t, mult)
     end
   end
   -- the bound above counted every segment of every entry; shared ones
-  -- were made once: keep what was used
-  local used = int32_arr((count + 2) * NODE)
+  -- were made once: keep what was used, and room for updates
+  local cap = count + max(NODE_SPARE_MIN, floor(count / 8))
+  local used = int32_arr((cap + 2) * NODE)
   skew = tonumber(ffi_cast("uintptr_t", used) % 64)
   local used8 = ffi_cast(uint8_ptr, used) + (skew == 0 and 0 or 64 - skew)
   ffi_copy(used8, nodes8, (count + 1) * NODE * 4)
-  return ffi_cast(int32_ptr, used8), labels, kids, buckets, next_entry, count, used
+  return ffi_cast(int32_ptr, used8), labels, kids, buckets, next_entry, count, used, cap, loff
 end
 
 local DEFAULT_PATHS = { "/*" }
@@ -413,6 +428,8 @@ function _M.new(routes, opts)
   local prio, hclass, prank, segments, bkind, bkey = {}, {}, {}, {}, {}, {}
   local has_preds, has_params = {}, {}
   local max_nodes, label_bytes = 0, 0
+  local route_first = {} -- route -> its first entry (its entries follow it)
+  local incremental = true
   -- method-only predicates and parameter lists repeat from route to route:
   -- one table for each distinct one
   local shared = {}
@@ -441,6 +458,10 @@ function _M.new(routes, opts)
     end
     local hosts = route.hosts and #route.hosts > 0 and route.hosts or NO_HOST
     local route_paths = route.paths and #route.paths > 0 and route.paths or DEFAULT_PATHS
+    if route_first[route] then
+      incremental = false -- one table listed twice: updates go by route
+    end
+    route_first[route] = n + 1
     for _, p in ipairs(route_paths) do
       local kind, segs, names, psegs, body, path_rank = parse_path_cached(p)
       local info
@@ -476,13 +497,16 @@ function _M.new(routes, opts)
       end
     end
   end
-  local ranks = ranks_of(n, prio, hclass, prank, has_preds, has_params)
+  local entry_cap = n + max(ENTRY_SPARE_MIN, floor(n / 8))
+  local ranks = int32_arr(entry_cap + 1)
+  local meta = ranks_of(ranks, n, prio, hclass, prank, has_preds, has_params)
 
   local t = { n = n, ranks = ranks, kinds = kinds, segs = segments, bkind = bkind,
-              bkey = bkey, max_nodes = max_nodes, label_bytes = label_bytes }
-  local nodes, labels, kids, buckets, next_entry, count, mem, mult
+              bkey = bkey, max_nodes = max_nodes, label_bytes = label_bytes,
+              entry_cap = entry_cap, label_spare = LABEL_SPARE }
+  local nodes, labels, kids, buckets, next_entry, count, mem, mult, node_cap, loff
   for _, m in ipairs(MULTS) do
-    nodes, labels, kids, buckets, next_entry, count, mem = build_tries(t, m)
+    nodes, labels, kids, buckets, next_entry, count, mem, node_cap, loff = build_tries(t, m)
     if nodes then
       mult = m
       break
@@ -494,10 +518,10 @@ function _M.new(routes, opts)
 
   local suffix_lens, prefix_lens = {}, {}
   for key in pairs(buckets.suffix) do
-    suffix_lens[#key] = true
+    suffix_lens[#key] = (suffix_lens[#key] or 0) + 1
   end
   for key in pairs(buckets.prefix) do
-    prefix_lens[#key] = true
+    prefix_lens[#key] = (prefix_lens[#key] or 0) + 1
   end
   return {
     none = buckets.none[""],
@@ -525,7 +549,373 @@ function _M.new(routes, opts)
     header = opts.header or default_header,
     size = n,
     node_count = count,
+    -- what plan/apply need: the buckets by kind, the entry slots used and
+    -- their room, the nodes' and labels' room, the rank meta data
+    buckets = buckets,
+    route_first = route_first,
+    n = n,
+    entry_cap = entry_cap,
+    node_cap = node_cap,
+    loff = loff,
+    label_cap = t.label_bytes + LABEL_SPARE,
+    meta = incremental and meta or nil,
   }
+end
+
+-- ---- updating -----------------------------------------------------------------
+
+-- A config change usually adds, changes or removes a few routes of many:
+-- plan(rt, old, new) works out, without changing rt, how to turn the
+-- router of the route list old into that of new, and apply(rt, plan) does
+-- it in place, in O(changed entries) (the walk below finds nothing stale:
+-- a removed entry is unlinked from its chain; a node left empty stays,
+-- and the lowest ranks kept in nodes may then be lower than what remains,
+-- which only costs a candidate check). plan returns nil when the change
+-- cannot be made in place; the caller builds anew then:
+--   - the kept routes are not in the same order, or a route is listed twice;
+--   - a new entry's priority or path rank is not among the router's
+--     (ranks are dense over those), or its listing neighbours left no rank
+--     between them (after ~log2(G) insertions at one place);
+--   - the room kept for entries, nodes or label bytes would be passed;
+--   - a new segment's hash is a sibling's (two segments of a node never
+--     share one);
+--   - more than MAX_CHANGED routes changed (a build is as cheap then).
+-- plan is O(routes) pointer comparisons (the two lists are merged in
+-- order) plus O(changed) work; it may yield (slice.check). apply does not
+-- yield, allocate beyond the new entries' tables, or fail: what a request
+-- sees is the old router or the new one. Requests never hold the router
+-- across a yield (match is one call), so changing it in place is safe
+-- once apply runs where the version is swapped.
+
+local MAX_CHANGED = 512
+
+local function route_count(route)
+  local np = route.paths and #route.paths or 0
+  local nh = route.hosts and #route.hosts or 0
+  return (np > 0 and np or 1) * (nh > 0 and nh or 1)
+end
+
+-- the listing position of entry e (see ranks_of)
+local function pos_of(rt, e)
+  return floor(rt.ranks[e] / 4) % rt.meta.W
+end
+
+-- the label of node k
+local function label_at(rt, k)
+  local base = k * NODE
+  local n = rt.nodes[base + N_LEN]
+  if n <= INLINE_MAX then
+    return ffi_string(rt.nodes8 + (base * 4 + INLINE_AT), n)
+  end
+  return ffi_string(rt.labels + rt.nodes[base + N_OFF], n)
+end
+
+-- The entries of route, as new() makes them: a list of descriptors.
+local function describe(route)
+  local out = {}
+  local preds
+  local headers = compile_values(route.headers, true)
+  local query = compile_values(route.query, false)
+  if route.methods and #route.methods > 0 then
+    local methods = {}
+    for _, m in ipairs(route.methods) do
+      methods[m] = true
+    end
+    preds = { methods = methods, headers = headers, query = query }
+  elseif headers or query then
+    preds = { headers = headers, query = query }
+  end
+  local hosts = route.hosts and #route.hosts > 0 and route.hosts or NO_HOST
+  local route_paths = route.paths and #route.paths > 0 and route.paths or DEFAULT_PATHS
+  for _, p in ipairs(route_paths) do
+    local kind, segs, names, psegs, body, path_rank = parse_path_cached(p)
+    local info = not body and { names = names, psegs = psegs } or nil
+    for _, h in ipairs(hosts) do
+      local d = { route = route, path = p, kind = kind, segs = segs, info = info, preds = preds,
+                  len = kind == "prefix" and body and #body or false,
+                  prio = route.priority or 0, prank = path_rank }
+      if h then
+        d.hclass, d.bkind, d.bkey = host_bucket(lower(h))
+      else
+        d.hclass, d.bkind, d.bkey = 2, "none", ""
+      end
+      out[#out + 1] = d
+    end
+  end
+  return out
+end
+
+-- Places the entries of the added routes of run (between listing
+-- positions lo and hi) into plan; false when they do not fit.
+local function plan_run(rt, plan, run, seen)
+  local meta = rt.meta
+  local list = {}
+  for _, route in ipairs(run.routes) do
+    local ds = describe(route)
+    for _, d in ipairs(ds) do
+      list[#list + 1] = d
+    end
+    plan.added[#plan.added + 1] = { route = route, count = #ds }
+  end
+  local step = floor((run.hi - run.lo) / (#list + 1))
+  if step < 1 then
+    return false
+  end
+  local nodes, kids, mult = rt.nodes, rt.kids, rt.mult
+  for k, d in ipairs(list) do
+    local pp, rp = meta.ppos[d.prio], meta.rpos[d.prank]
+    if not (pp and rp) then
+      return false
+    end
+    local rank = ((pp * 3 + d.hclass) * meta.nr + rp) * meta.W + run.lo + k * step
+    d.code = rank * 4 + (d.info and 2 or 0) + (d.preds and 1 or 0)
+    plan.nodes = plan.nodes + 1 + #d.segs
+    -- its segments against their siblings: the existing ones (while the
+    -- path runs through existing nodes) and the other new ones
+    local node = rt.buckets[d.bkind][d.bkey]
+    local key = d.bkind .. " " .. d.bkey .. " "
+    for _, seg in ipairs(d.segs) do
+      if seg then
+        if #seg > INLINE_MAX then
+          plan.label_bytes = plan.label_bytes + #seg
+        end
+        local h = hash(seg, mult)
+        local sib = key .. h
+        if (seen[sib] or seg) ~= seg then
+          return false
+        end
+        seen[sib] = seg
+        if node then
+          local child = kids[node * ID_STEP + h]
+          if child and label_at(rt, child) ~= seg then
+            return false
+          end
+          node = child
+        end
+        key = key .. "/" .. seg
+      else
+        if node then
+          node = nodes[node * NODE + N_PARAM]
+          node = node ~= 0 and node or nil
+        end
+        key = key .. "/:"
+      end
+      key = key .. " "
+    end
+    plan.entries[#plan.entries + 1] = d
+  end
+  return true
+end
+
+function _M.plan(rt, old, new)
+  local meta, first = rt.meta, rt.route_first
+  if not meta then
+    return nil
+  end
+  local removed, runs = {}, {}
+  local i, nold = 1, #old
+  local last = 0 -- the listing position of the last entry of the last kept route
+  local run -- the routes added since that one
+  local changed = 0
+  for j = 1, #new do
+    if j % 1024 == 0 then
+      slice_check()
+    end
+    local route = new[j]
+    local e = first[route]
+    if e then
+      -- kept: the old routes before it were removed
+      while old[i] ~= route do
+        if i > nold then
+          return nil -- kept routes out of order
+        end
+        removed[#removed + 1] = old[i]
+        i = i + 1
+      end
+      i = i + 1
+      local pos = pos_of(rt, e)
+      if pos <= last then
+        return nil
+      end
+      if run then
+        run.hi = pos
+        runs[#runs + 1] = run
+        run = nil
+      end
+      last = pos_of(rt, e + route_count(route) - 1)
+    else
+      run = run or { lo = last, routes = {} }
+      run.routes[#run.routes + 1] = route
+      changed = changed + 1
+      if changed > MAX_CHANGED then
+        return nil
+      end
+    end
+  end
+  while i <= nold do
+    removed[#removed + 1] = old[i]
+    i = i + 1
+  end
+  if run then
+    run.hi = meta.W
+    runs[#runs + 1] = run
+  end
+  if changed + #removed > MAX_CHANGED then
+    return nil
+  end
+  local plan = { removed = removed, added = {}, entries = {}, nodes = 0, label_bytes = 0 }
+  local seen = {}
+  for _, r in ipairs(runs) do
+    if not plan_run(rt, plan, r, seen) then
+      return nil
+    end
+  end
+  if rt.n + #plan.entries > rt.entry_cap or rt.node_count + plan.nodes > rt.node_cap
+     or rt.loff + plan.label_bytes > rt.label_cap then
+    return nil
+  end
+  return plan
+end
+
+-- a new node of rt (apply: the room was checked by plan)
+local function add_node(rt, seg, rank)
+  local count = rt.node_count + 1
+  rt.node_count = count
+  local nodes, base = rt.nodes, count * NODE
+  ffi.fill(nodes + base, NODE * 4)
+  nodes[base + N_MIN] = rank
+  local len = #seg
+  nodes[base + N_LEN] = len
+  if len <= INLINE_MAX then
+    ffi_copy(rt.nodes8 + base * 4 + INLINE_AT, seg, len)
+  else
+    nodes[base + N_OFF] = rt.loff
+    ffi_copy(rt.labels + rt.loff, seg, len)
+    rt.loff = rt.loff + len
+  end
+  return count
+end
+
+local function add_root(rt, d, rank)
+  local root = add_node(rt, "", rank)
+  rt.buckets[d.bkind][d.bkey] = root
+  if d.bkind == "none" then
+    rt.none = root
+  else
+    rt.any_host = true
+    if d.bkind == "suffix" then
+      rt.suffix_hosts = rt.buckets.suffix
+      rt.suffix_lens[#d.bkey] = (rt.suffix_lens[#d.bkey] or 0) + 1
+    elseif d.bkind == "prefix" then
+      rt.prefix_hosts = rt.buckets.prefix
+      rt.prefix_lens[#d.bkey] = (rt.prefix_lens[#d.bkey] or 0) + 1
+    end
+  end
+  return root
+end
+
+local function add_entry(rt, d)
+  local e = rt.n + 1
+  rt.n = e
+  local rank = d.code
+  local nodes, ranks, next_entry = rt.nodes, rt.ranks, rt.next_entry
+  rt.pairs[2 * e - 1], rt.pairs[2 * e] = d.route, false
+  rt.paths[e], rt.kinds[e], rt.lens[e] = d.path, d.kind, d.len
+  rt.params_info[e], rt.preds_of[e] = d.info or false, d.preds or false
+  ranks[e] = rank
+  next_entry[e] = 0
+  local node = rt.buckets[d.bkind][d.bkey] or add_root(rt, d, rank)
+  if rank < nodes[node * NODE + N_MIN] then
+    nodes[node * NODE + N_MIN] = rank
+  end
+  for _, seg in ipairs(d.segs) do
+    local child
+    if seg then
+      local ckey = node * ID_STEP + hash(seg, rt.mult)
+      child = rt.kids[ckey]
+      if not child then
+        child = add_node(rt, seg, rank)
+        rt.kids[ckey] = child
+      end
+    else
+      child = nodes[node * NODE + N_PARAM]
+      if child == 0 then
+        child = add_node(rt, "", rank)
+        nodes[node * NODE + N_PARAM] = child
+      end
+    end
+    if rank < nodes[child * NODE + N_MIN] then
+      nodes[child * NODE + N_MIN] = rank
+    end
+    node = child
+  end
+  local is_prefix = d.kind == "prefix"
+  local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
+  local head = nodes[slot]
+  if head == 0 or rank < ranks[head] then
+    next_entry[e] = head
+    nodes[slot] = e
+    nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] = rank
+  else
+    local prev = head
+    while next_entry[prev] ~= 0 and ranks[next_entry[prev]] < rank do
+      prev = next_entry[prev]
+    end
+    next_entry[e] = next_entry[prev]
+    next_entry[prev] = e
+  end
+  rt.size = rt.size + 1
+end
+
+-- unlinks entry e (the d of route's entry) from its chain
+local function remove_entry(rt, e, d)
+  local nodes, next_entry = rt.nodes, rt.next_entry
+  local node = rt.buckets[d.bkind][d.bkey]
+  for _, seg in ipairs(d.segs) do
+    if seg then
+      node = rt.kids[node * ID_STEP + hash(seg, rt.mult)]
+    else
+      node = nodes[node * NODE + N_PARAM]
+    end
+  end
+  local is_prefix = d.kind == "prefix"
+  local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
+  local head = nodes[slot]
+  if head == e then
+    local nxt = next_entry[e]
+    nodes[slot] = nxt
+    nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] =
+      nxt ~= 0 and rt.ranks[nxt] or 0
+  else
+    local prev = head
+    while next_entry[prev] ~= e do
+      prev = next_entry[prev]
+    end
+    next_entry[prev] = next_entry[e]
+  end
+  next_entry[e] = 0
+  rt.pairs[2 * e - 1], rt.pairs[2 * e] = false, false
+  rt.paths[e], rt.params_info[e], rt.preds_of[e] = false, false, false
+  rt.size = rt.size - 1
+end
+
+function _M.apply(rt, plan)
+  local first = rt.route_first
+  for _, route in ipairs(plan.removed) do
+    local e = first[route]
+    for k, d in ipairs(describe(route)) do
+      remove_entry(rt, e + k - 1, d)
+    end
+    first[route] = nil
+  end
+  local k = 0
+  for _, a in ipairs(plan.added) do
+    first[a.route] = rt.n + 1
+    for _ = 1, a.count do
+      k = k + 1
+      add_entry(rt, plan.entries[k])
+    end
+  end
 end
 
 -- ---- matching ---------------------------------------------------------------

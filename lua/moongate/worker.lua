@@ -119,9 +119,9 @@ local function load(node_text, routes_text)
   if timing then
     local s = v.stats
     mg.log.info(("reloaded configuration version %d in %.2f ms (changed routes: %d, "
-                 .. "reused: %d, validated: %d, policy modules loaded: %d, router: %.2f ms%s)")
+                 .. "reused: %d, validated: %d, policy modules loaded: %d, router: %.2f ms %s%s)")
                 :format(v.version, (mg.now() - t0) * 1000, s.compiled, s.reused, s.validated,
-                        s.modules_loaded, s.router_ms, s.whole and ", whole file" or ""))
+                        s.modules_loaded, s.router_ms, s.router, s.whole and ", whole file" or ""))
   end
   return v
 end

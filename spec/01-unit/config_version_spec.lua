@@ -4,6 +4,8 @@
 local cjson = require("cjson")
 local config = require("moongate.config")
 local config_version = require("moongate.config_version")
+local router = require("moongate.router")
+local ffi = require("ffi")
 local proc = require("helpers.proc")
 
 local dir, pdir
@@ -109,13 +111,13 @@ describe("config_version", function()
         local v1 = build(b, doc(routes))
         v1.stats.router_ms = nil
         assert.same({ routes = 50, validated = 50, compiled = 50, reused = 0, modules_loaded = 1,
-                      whole = false }, v1.stats)
+                      whole = false, router = "built" }, v1.stats)
         assert.equal(50, _G.cv_inits["p-one"])
         routes[7].policies[1].conf.value = "changed"
         local v2 = build(b, doc(routes))
         v2.stats.router_ms = nil
         assert.same({ routes = 50, validated = 1, compiled = 1, reused = 49, modules_loaded = 0,
-                      whole = false }, v2.stats)
+                      whole = false, router = "updated" }, v2.stats)
         assert.equal(51, _G.cv_inits["p-one"])
         local a, c = by_id(v1), by_id(v2)
         for id, r in pairs(a) do
@@ -128,7 +130,11 @@ describe("config_version", function()
                 assert.equal(r, c[id])
             end
         end
-        assert.are_not.equal(v1.router, v2.router)
+        -- the router was updated in place: it routes to the new r7
+        assert.equal(v1.router, v2.router)
+        local v = ffi.new("mg_req_view_t")
+        v.path, v.path_len = "/r7/x", 5
+        assert.equal(c.r7, (router.match(v2.router, v, function() end, nil)))
         assert.same({ u0 = 1, u1 = 1 }, made)
         assert.equal(v1.upstreams.u0, v2.upstreams.u0)
     end)

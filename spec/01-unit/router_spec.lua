@@ -431,6 +431,129 @@ describe("router", function()
     end)
   end)
 
+  describe("updates in place (plan/apply)", function()
+    -- routes, changed by edit(list) into a new list; returns the router
+    -- of the first list updated to the second (and the plan)
+    local function update(routes, edit)
+      local rt = build(routes)
+      local new = {}
+      for i, r in ipairs(routes) do
+        new[i] = r
+      end
+      edit(new)
+      for i, r in ipairs(new) do
+        r.id = r.id or ("n" .. i)
+      end
+      local plan = router.plan(rt, routes, new)
+      if plan then
+        router.apply(rt, plan)
+      end
+      return rt, plan
+    end
+
+    it("adds, removes and replaces routes, keeping precedence and listing order", function()
+      local rt, plan = update({ { id = "a", paths = { "/x/*" } }, { id = "b", paths = { "/x/*" } },
+                                { id = "c", paths = { "/y" } }, { id = "d", paths = { "/u/:id" } } },
+        function(list)
+          -- a replaced by a2 at its place: it still comes before b
+          list[1] = { id = "a2", paths = { "/x/*" }, methods = { "POST" } }
+          table.remove(list, 3) -- c gone
+          table.insert(list, 1, { id = "z", paths = { "/z/*" }, hosts = { "*.example.com" } })
+          list[#list + 1] = { id = "e", paths = { "/x/*" } }
+        end)
+      assert.is_table(plan)
+      assert.equal("a2", (lookup(rt, { "/x/1", method = "POST" })))
+      assert.equal("b", (lookup(rt, { "/x/1", method = "GET" })))
+      assert.is_nil((lookup(rt, "/y")))
+      local _, _, params = lookup(rt, "/u/42")
+      assert.same({ id = "42" }, params)
+      assert.equal("z", (lookup(rt, { "/z/q", host = "a.example.com" })))
+      assert.is_nil((lookup(rt, { "/z/q", host = "example.org" })))
+      assert.equal(5, rt.size)
+    end)
+
+    it("lets a later listed route win among ties only when it is alone", function()
+      local routes = { { id = "a", paths = { "/p" } }, { id = "b", paths = { "/p" } } }
+      local rt = update(routes, function(list)
+        table.remove(list, 1)
+        list[#list + 1] = { id = "c", paths = { "/p" } }
+      end)
+      assert.equal("b", (lookup(rt, "/p")))
+    end)
+
+    it("declines what it cannot do in place: reordered routes, a new priority or path shape", function()
+      local a, b = { id = "a", paths = { "/a" } }, { id = "b", paths = { "/b" } }
+      local _, plan = update({ a, b }, function(list) list[1], list[2] = list[2], list[1] end)
+      assert.is_nil(plan)
+      _, plan = update({ { id = "a", paths = { "/a" } } }, function(list)
+        list[2] = { id = "p", paths = { "/p" }, priority = 5 }
+      end)
+      assert.is_nil(plan)
+      _, plan = update({ { id = "a", paths = { "/a" } } }, function(list)
+        list[2] = { id = "p", paths = { "/p/:x/y/*" } }
+      end)
+      assert.is_nil(plan)
+    end)
+
+    it("declines a new segment whose hash is a sibling's", function()
+      local rt = build({ { id = "probe", paths = { "/x" } } })
+      local mult, seen, s1, s2 = rt.mult, {}, nil, nil
+      math.randomseed(7)
+      for _ = 1, 1e6 do
+        if s1 then
+          break
+        end
+        local b = {}
+        for k = 1, 6 do
+          b[k] = string.char(math.random(97, 122))
+        end
+        local str = table.concat(b)
+        local h = router.segment_hash(str, mult)
+        if seen[h] and seen[h] ~= str then
+          s1, s2 = seen[h], str
+        end
+        seen[h] = str
+      end
+      assert.is_string(s1, "no colliding segments found")
+      local routes = { { id = "probe", paths = { "/x" } }, { id = "one", paths = { "/" .. s1 } } }
+      rt = build(routes)
+      if rt.mult == mult then
+        local plan = router.plan(rt, routes, { routes[1], routes[2], { id = "two", paths = { "/" .. s2 } } })
+        assert.is_nil(plan)
+        -- and two new siblings that collide with each other
+        plan = router.plan(rt, routes, { routes[1], routes[2], { id = "t1", paths = { "/q/" .. s1 } },
+                                         { id = "t2", paths = { "/q/" .. s2 } } })
+        assert.is_nil(plan)
+      end
+    end)
+
+    it("fills the room left between two listed routes, then declines", function()
+      local routes = {}
+      for i = 1, 3 do
+        routes[i] = { id = "r" .. i, paths = { "/r" } }
+      end
+      local rt = build(routes)
+      local list, applied = routes, 0
+      for k = 1, 64 do
+        -- insert right after the first route, each time
+        local new = { list[1], { id = "i" .. k, paths = { "/r" } } }
+        for i = 2, #list do
+          new[#new + 1] = list[i]
+        end
+        local plan = router.plan(rt, list, new)
+        if not plan then
+          break
+        end
+        router.apply(rt, plan)
+        applied = applied + 1
+        list = new
+        assert.equal("r1", (lookup(rt, "/r")))
+      end
+      assert.is_true(applied >= 8, "applied " .. applied)
+      assert.is_true(applied < 64, "never ran out of room")
+    end)
+  end)
+
   -- A plain reference: every (route, path, host) in precedence order, the
   -- first that matches wins. The router must agree on random tables.
   describe("agrees with a linear scan", function()
@@ -626,6 +749,108 @@ describe("router", function()
         end
       end
       assert.same({}, mismatches)
+    end)
+
+    it("after random changes applied in place, on 150 random tables", function()
+      local seed = 4242
+      local function rnd(n)
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        return math.floor(seed / 65536) % n + 1
+      end
+      local SEGS = { "a", "b", "ab", "", "c" }
+      local HOSTS = { "x.com", "a.x.com", "*.x.com", "x.*", "b.a.x.com" }
+      local METHODS = { "GET", "POST" }
+      local serial = 0
+      local function rand_route()
+        serial = serial + 1
+        local r = { id = "r" .. serial, paths = {} }
+        for k = 1, rnd(2) do
+          local n = rnd(4) - 1
+          local parts = {}
+          for j = 1, n do
+            parts[j] = rnd(6) == 6 and (":p" .. j) or SEGS[rnd(#SEGS)]
+          end
+          local p = "/" .. table.concat(parts, "/")
+          if rnd(3) == 1 then
+            p = (p == "/" and "" or p) .. "/*"
+          end
+          local dup = false
+          for _, q in ipairs(r.paths) do
+            dup = dup or q == p
+          end
+          if not dup then
+            r.paths[k] = p
+          end
+        end
+        if rnd(3) == 1 then
+          r.hosts = { HOSTS[rnd(#HOSTS)] }
+        end
+        if rnd(3) == 1 then
+          r.methods = { METHODS[rnd(2)] }
+        end
+        if rnd(8) == 1 then
+          r.priority = rnd(2) - 1
+        end
+        return r
+      end
+      local function rand_path()
+        local parts = {}
+        for k = 1, rnd(5) - 1 do
+          parts[k] = rnd(5) == 1 and tostring(rnd(3)) or SEGS[rnd(#SEGS)]
+        end
+        return "/" .. table.concat(parts, "/")
+      end
+      local mismatches, applied, declined = {}, 0, 0
+      for _ = 1, 150 do
+        local list = {}
+        for i = 1, rnd(20) do
+          list[i] = rand_route()
+        end
+        local rt = router.new(list)
+        for _ = 1, 8 do
+          local new = {}
+          for _, r in ipairs(list) do
+            local c = rnd(8)
+            if c == 1 then
+              new[#new + 1] = rand_route() -- replaced
+            elseif c == 2 then
+              new[#new + 1] = rand_route() -- added before it
+              new[#new + 1] = r
+            elseif c ~= 3 then -- 3: removed
+              new[#new + 1] = r
+            end
+          end
+          if rnd(2) == 1 then
+            new[#new + 1] = rand_route()
+          end
+          local plan = router.plan(rt, list, new)
+          if plan then
+            router.apply(rt, plan)
+            applied = applied + 1
+          else
+            rt = router.new(new)
+            declined = declined + 1
+          end
+          list = new
+          local ref = ref_new(list)
+          for _ = 1, 20 do
+            local req = { rand_path(), host = rnd(4) > 1 and HOSTS[rnd(#HOSTS)]:gsub("%*", "q") or nil,
+                          method = METHODS[rnd(2)] }
+            local want, want_params = ref_match(ref, req)
+            local got, entry, got_params = lookup(rt, req)
+            local same_params = (next(want_params or {}) == nil and got_params == nil)
+                                or (got_params ~= nil and deepcompare(want_params, got_params))
+            if want ~= got or (want and not same_params) or (got and entry.route.id ~= got) then
+              mismatches[#mismatches + 1] = ("%s %s %s: want %s, got %s"):format(req.method,
+                tostring(req.host), req[1], tostring(want), tostring(got))
+            end
+          end
+        end
+      end
+      assert.same({}, mismatches)
+      -- many made in place (the others bring a new priority or path shape
+      -- to these small tables, and are built anew)
+      assert.is_true(applied >= 300, ("applied %d, declined %d"):format(applied, declined))
     end)
   end)
 end)
