@@ -714,7 +714,7 @@ function _M.plan(rt, old, new)
   end
   local removed, runs = {}, {}
   local i, nold = 1, #old
-  local last = 0 -- the listing position of the last entry of the last kept route
+  local prev -- the last kept route (its entries' positions bound a run)
   local run -- the routes added since that one
   local changed = 0
   for j = 1, #new do
@@ -722,29 +722,27 @@ function _M.plan(rt, old, new)
       slice_check()
     end
     local route = new[j]
-    local e = first[route]
-    if e then
-      -- kept: the old routes before it were removed
+    if first[route] then
+      -- kept: the old routes before it were removed. The merge only goes
+      -- forward, so kept routes out of their old order run it off the end.
       while old[i] ~= route do
         if i > nold then
-          return nil -- kept routes out of order
+          return nil
         end
         removed[#removed + 1] = old[i]
         i = i + 1
       end
       i = i + 1
-      local pos = pos_of(rt, e)
-      if pos <= last then
-        return nil
-      end
       if run then
-        run.hi = pos
+        run.hi = pos_of(rt, first[route])
         runs[#runs + 1] = run
         run = nil
       end
-      last = pos_of(rt, e + route_count(route) - 1)
+      prev = route
     else
-      run = run or { lo = last, routes = {} }
+      if not run then
+        run = { lo = prev and pos_of(rt, first[prev] + route_count(prev) - 1) or 0, routes = {} }
+      end
       run.routes[#run.routes + 1] = route
       changed = changed + 1
       if changed > MAX_CHANGED then
