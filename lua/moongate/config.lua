@@ -473,6 +473,20 @@ local node_def = {
     },
     pid_file = { type = "string", minLength = 1, default = "moongate.pid" },
     shutdown_timeout_ms = int(10000, 0),
+    -- policies given as source text run in moongate.sandbox
+    sandbox = {
+      type = "object",
+      default = {},
+      additionalProperties = false,
+      properties = {
+        -- Lua VM instructions one call of a sandboxed policy may run
+        -- (a phase, init, a schema check, the module's top level)
+        max_instructions = int(10000000, 1000),
+        -- a directory whose <name>.lua files are loaded as sandboxed
+        -- policies (file mode; etcd mode has <prefix>/policies/<name>)
+        policies_dir = { type = "string", minLength = 1 },
+      },
+    },
   },
 }
 
@@ -618,6 +632,10 @@ local function normalize_node(raw, conf_path)
     lua_path = dirs,
     pid_file = resolve(prefix, raw.pid_file),
     shutdown_timeout_ms = raw.shutdown_timeout_ms,
+    sandbox = {
+      max_instructions = raw.sandbox.max_instructions,
+      policies_dir = raw.sandbox.policies_dir and resolve(prefix, raw.sandbox.policies_dir),
+    },
   }
 end
 
@@ -721,7 +739,8 @@ end
 --   redis = {host, port, timeout_ms, password, db},
 --   limits = {... in bytes and ms}, shm = {zone = bytes},
 --   log = {level, access = "off" | "stdout" | absolute path},
---   lua_path = {absolute dirs}, pid_file, shutdown_timeout_ms
+--   lua_path = {absolute dirs}, pid_file, shutdown_timeout_ms,
+--   sandbox = {max_instructions, policies_dir = absolute dir | nil}
 -- text (optional): the file's contents, already read.
 function _M.load_node(path, text)
   if type(path) ~= "string" then
@@ -1009,6 +1028,28 @@ local function index_ids(list, kind, errs)
 end
 
 
+local MODULE_FUNCTIONS = { "init", "rewrite", "access", "header_filter", "body_filter", "log" }
+
+-- What is wrong with a loaded policy module, or nil: the rules every policy
+-- meets, from a file or sandboxed (moongate.sandbox refuses a module with
+-- a problem at load). "has ..." so that it reads after the policy's name.
+function _M.policy_problem(mod)
+  if mod.priority ~= nil and type(mod.priority) ~= "number" then
+    return "has a priority that is not a number"
+  end
+  for _, k in ipairs(MODULE_FUNCTIONS) do
+    if mod[k] ~= nil and type(mod[k]) ~= "function" then
+      return "has " .. k .. " that is not a function"
+    end
+  end
+  local _, err = policy_validator(mod)
+  if err then
+    return "has an invalid schema: " .. err
+  end
+  return nil
+end
+
+
 local function check_policies(list, where, loader, modules, errs)
   if type(list) ~= "table" then
     return
@@ -1045,12 +1086,11 @@ local function check_policies(list, where, loader, modules, errs)
         errs[#errs + 1] = path .. ".name: policy " .. quote(name)
                           .. " failed to load: " .. mod.load_error
       else
-        local v, err = policy_validator(mod)
-        if not v then
-          errs[#errs + 1] = path .. ".name: policy " .. quote(name)
-                            .. " has an invalid schema: " .. err
+        local problem = _M.policy_problem(mod)
+        if problem then
+          errs[#errs + 1] = path .. ".name: policy " .. quote(name) .. " " .. problem
         elseif type(entry.conf) == "table" then
-          local ok, cerrs = v:validate(entry.conf, path .. ".conf")
+          local ok, cerrs = policy_validator(mod):validate(entry.conf, path .. ".conf")
           if not ok then
             local formatted = schema.format(cerrs)
             for k = 1, #formatted do
@@ -1090,7 +1130,12 @@ end
 function _M.run_policy(chunk, name, file)
   local ok, res = pcall(chunk, name)
   if not ok then
-    error(file .. ": " .. tostring(res), 0)
+    local msg = tostring(res)
+    -- a runtime error names its place already ("<file>:<line>: ...")
+    if sub(msg, 1, #file + 1) ~= file .. ":" then
+      msg = file .. ": " .. msg
+    end
+    error(msg, 0)
   end
   if type(res) ~= "table" then
     error(file .. ": did not return a table", 0)
@@ -1098,12 +1143,37 @@ function _M.run_policy(chunk, name, file)
   return res
 end
 
--- Returns a policy loader over dirs (then the repo's policies/): a
--- function(name) returning the module table, or nil and "not found" when no
--- <dir>/<name>.lua or <dir>/<name>/init.lua exists. A module that fails to
--- load or does not return a table raises an error. Modules are cached per
--- loader.
-function _M.policy_loader(dirs)
+-- The source text of the sandboxed policy named name, or nil. sandboxed:
+-- nil, or {sources = {name = text} (what etcd's <prefix>/policies/<name>
+-- hold), dir = the node's sandbox.policies_dir (<dir>/<name>.lua)}; sources
+-- first. Only asked for a name that no policy file has: a file or
+-- built-in policy cannot be shadowed by a sandboxed one (key-auth stays
+-- key-auth). Shared with policy_modules.lua.
+function _M.sandboxed_source(sandboxed, name)
+  if sandboxed == nil or type(name) ~= "string" or not check_policy_name(name) then
+    return nil
+  end
+  local text = sandboxed.sources and sandboxed.sources[name]
+  if text ~= nil then
+    return text
+  end
+  if sandboxed.dir then
+    local f = io_open(sandboxed.dir .. "/" .. name .. ".lua", "rb")
+    if f then
+      text = f:read("*a")
+      f:close()
+      return text or ""
+    end
+  end
+  return nil
+end
+
+-- Returns a policy loader over dirs (then the repo's policies/), then the
+-- sandboxed policies (see sandboxed_source; sandboxed.max_instructions: the
+-- node's sandbox budget): a function(name) returning the module table, or
+-- nil and "not found". A module that fails to load or does not return a
+-- table raises an error. Modules are cached per loader.
+function _M.policy_loader(dirs, sandboxed)
   local cache = {}
   return function(name)
     local mod = cache[name]
@@ -1122,6 +1192,19 @@ function _M.policy_loader(dirs)
         cache[name] = mod
         return mod
       end
+    end
+    local text = _M.sandboxed_source(sandboxed, name)
+    if text then
+      -- required here: moongate.sandbox requires this module
+      local sandbox = require("moongate.sandbox")
+      sandbox.configure(sandboxed)
+      local err
+      mod, err = sandbox.load(name, text)
+      if not mod then
+        error(err, 0)
+      end
+      cache[name] = mod
+      return mod
     end
     return nil, "not found"
   end
@@ -1213,7 +1296,7 @@ end
 
 -- What `moongate check -c FILE` prints: the errors of the node config and,
 -- for a file config source, of its routes (policies are found in
--- node.lua_path, then in policies/). Each line is "<file>: <path>: <message>";
+-- node.lua_path, then in policies/, then in node.sandbox.policies_dir). Each line is "<file>: <path>: <message>";
 -- the list is empty when both are valid.
 -- Settings the schema already knows (they are the contract of later
 -- stages) but this build does not act on yet: refused with a clear error
@@ -1257,7 +1340,10 @@ function _M.check(node_path)
   if src.type == "file" then
     local rerrs
     routes, rerrs = _M.load_routes(src.path, {
-      policy_loader = _M.policy_loader(node.lua_path),
+      policy_loader = _M.policy_loader(node.lua_path, {
+        dir = node.sandbox.policies_dir,
+        max_instructions = node.sandbox.max_instructions,
+      }),
     })
     if not routes then
       return prefixed(src.path, rerrs, {})

@@ -57,6 +57,7 @@ local router = require("moongate.router")
 local consumer_index = require("moongate.consumers")
 local json_split = require("moongate.json_split")
 local policy_modules = require("moongate.policy_modules")
+local sandbox = require("moongate.sandbox")
 
 local C = binding.C
 local type = type
@@ -115,6 +116,15 @@ function _M.new(opts)
     index = { routes = new_index(), upstreams = new_index(), consumers = new_index() },
     stamp = 0,
   }, mt)
+end
+
+-- The sandboxed policies given as source text, name -> text (what etcd's
+-- <prefix>/policies/<name> hold; the etcd loader sets them before a
+-- build, after sandbox.load accepted each text). Builds from then on use
+-- them: a route naming a changed one is compiled again. Names that a
+-- policy file has are not looked up here (config.sandboxed_source).
+function _M:set_policy_sources(sources)
+  self.sandboxed_sources = sources
 end
 
 -- ---- compiling ---------------------------------------------------------------
@@ -441,7 +451,10 @@ function _M:build(conf_path, node_text, routes_text)
   end
   -- unreadable: load_whole has config.load_routes say why
   local text = routes_text or read_file(src.path)
-  local gen = self.modules:generation(node.lua_path)
+  sandbox.configure(node.sandbox)
+  local gen = self.modules:generation(node.lua_path, {
+    dir = node.sandbox.policies_dir, sources = self.sandboxed_sources,
+  })
   local loads = self.modules:load_count()
   self.stamp = self.stamp + 1
 

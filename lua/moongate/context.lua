@@ -13,6 +13,13 @@ function _M.set(r)
   current[coroutine_running()] = r
 end
 
+-- co serves the request of the running coroutine too (moongate.sandbox
+-- runs a sandboxed policy in a coroutine of its own)
+function _M.inherit(co)
+  local running = coroutine_running()
+  current[co] = running and current[running] or nil
+end
+
 function _M.get()
   local r = current[coroutine_running()]
   if not r then

@@ -4,7 +4,7 @@
 -- per route, stays valid: config_version.lua compares module identities).
 --
 --   local modules = policy_modules.new()          -- one per worker
---   local gen = modules:generation(node.lua_path) -- one per config load
+--   local gen = modules:generation(node.lua_path, sandboxed) -- one per config load
 --   gen.loader(name)  -- as config.policy_loader's: module, or nil and
 --                     -- "not found"; raises when the module fails to load
 --   gen.get(name)     -- the module, or nil (not found or failing)
@@ -12,12 +12,16 @@
 --
 -- A name is looked up in the lua_path directories, then the shipped
 -- policies (config.policies_dir): <dir>/<name>.lua, <dir>/<name>/init.lua;
--- the first file that exists wins. Lookups and reads are memoized per
+-- the first file that exists wins. A name no file has is then looked up
+-- in sandboxed (config.sandboxed_source: etcd's policies, the node's
+-- sandbox.policies_dir) and loaded by moongate.sandbox; so a sandboxed
+-- policy never shadows a file or built-in one. Lookups and reads are memoized per
 -- generation: O(policy names) file reads per config load, not O(routes).
 -- Only the policy's own file is compared: a change to a module it
 -- require()s is not seen (package.loaded keeps that one anyway).
 
 local config = require("moongate.config")
+local sandbox = require("moongate.sandbox")
 
 local load = load
 local pcall = pcall
@@ -60,8 +64,26 @@ local function run(self, name, file, text)
   return res
 end
 
--- dirs: the node's lua_path (a list). Returns {loader =, get =}.
-function _M:generation(dirs)
+-- the module of the sandboxed policy name with source text; raises with
+-- sandbox.load's message when it is refused
+local function run_sandboxed(self, name, text)
+  local key = "\0sandboxed:" .. name -- never a file path
+  local known = self.files[key]
+  if known and known.text == text then
+    return known.mod
+  end
+  local mod, err = sandbox.load(name, text)
+  if not mod then
+    error(err, 0)
+  end
+  self.files[key] = { text = text, mod = mod }
+  self.loads = (self.loads or 0) + 1
+  return mod
+end
+
+-- dirs: the node's lua_path (a list); sandboxed: nil or {sources =, dir =}
+-- (config.sandboxed_source). Returns {loader =, get =, seen =}.
+function _M:generation(dirs, sandboxed)
   -- name -> {mod} | {err} | false (not found)
   local seen = {}
 
@@ -77,6 +99,13 @@ function _M:generation(dirs)
         local ok, res = pcall(run, self, name, file, text)
         r = ok and { mod = res } or { err = res }
         break
+      end
+    end
+    if not r then
+      local text = config.sandboxed_source(sandboxed, name)
+      if text then
+        local ok, res = pcall(run_sandboxed, self, name, text)
+        r = ok and { mod = res } or { err = res }
       end
     end
     seen[name] = r

@@ -81,6 +81,7 @@ describe("config", function()
         lua_path = {},
         pid_file = FIXTURES .. "/moongate.pid",
         shutdown_timeout_ms = 10000,
+        sandbox = { max_instructions = 10000000 },
       }, node)
     end)
 
