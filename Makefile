@@ -147,6 +147,11 @@ bench: build
 bench-reload: build
 	luajit bench/reload.lua $(BENCH_RELOAD_ARGS)
 
+### bench-sandbox: cost of a sandboxed phase call vs a trusted one, and time to stop a runaway policy at the budget
+.PHONY: bench-sandbox
+bench-sandbox: build
+	luajit bench/sandbox.lua $(BENCH_SANDBOX_ARGS)
+
 ### bench-router: router lookup, build time and memory at 100/1k/10k/100k routes (PASS/FAIL vs the 10k targets)
 .PHONY: bench-router
 bench-router: build

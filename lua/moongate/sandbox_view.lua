@@ -22,16 +22,13 @@ local setmetatable = setmetatable
 
 local _M = {}
 
-local weak = { __mode = "k" }
+-- A view is an empty table whose metatable (protected: getmetatable gives
+-- false) holds what it stands for: `obj` (the real object) and `st` (the
+-- state of the ctx view it came from: {ctx =, name =, cached views}). No
+-- weak map per view: a request's views go with it.
+local raw_getmetatable = debug.getmetatable
 
--- view -> what it stands for
-local state_of = setmetatable({}, weak)     -- ctx view -> {ctx =, name =, ...}
-local req_of = setmetatable({}, weak)       -- ctx.req view -> ctx.req
-local resp_of = setmetatable({}, weak)      -- ctx.resp view -> ctx.resp
-local vars_of = setmetatable({}, weak)      -- ctx.vars view -> ctx.vars
-local index_of = setmetatable({}, weak)     -- ctx.consumers view -> {index, name}
-local consumer_of = setmetatable({}, weak)  -- consumer view -> the consumer
-local route_views = setmetatable({}, weak)  -- compiled route -> its view
+local route_views = setmetatable({}, { __mode = "k" }) -- compiled route -> its view
 
 -- ---- copies ------------------------------------------------------------------
 
@@ -93,48 +90,65 @@ local function protected(index, newindex)
   return { __index = index, __newindex = newindex, __metatable = false }
 end
 
+-- a view of obj: its metatable is a copy of proto's with obj and st
+local function new_view(proto, obj, st)
+  return setmetatable({}, { __index = proto.__index, __newindex = proto.__newindex,
+                            __metatable = false, obj = obj, st = st, proto = proto })
+end
+
+-- the real object behind self when self is a view made from proto, else nil
+local function real_of(self, proto)
+  local mt = raw_getmetatable(self)
+  if type(mt) == "table" and mt.proto == proto then
+    return mt.obj, mt.st
+  end
+  return nil
+end
+
 local function read_only(_, k)
   error("cannot set " .. tostring(k) .. ": read-only for a sandboxed policy", 2)
 end
 
 -- ---- ctx.req and ctx.resp --------------------------------------------------
 
+local req_mt, resp_mt, consumers_mt -- the protos, below
+
 -- the real object, or an error naming the misuse (a method called on
 -- something else than the view it came from)
-local function real(map, self, what)
-  local r = map[self]
+local function real(proto, self, what)
+  local r, st = real_of(self, proto)
   if r == nil then
     error(what .. " method called without its object (use " .. what .. ":method())", 3)
   end
-  return r
+  return r, st
 end
 
 -- tail calls: an error the kit raises at level 2 or 3 then names the
 -- policy's line, not this file's
 local req_methods = {
-  header = function(self, name) return real(req_of, self, "ctx.req"):header(name) end,
-  headers = function(self) return real(req_of, self, "ctx.req"):headers() end,
+  header = function(self, name) return real(req_mt, self, "ctx.req"):header(name) end,
+  headers = function(self) return real(req_mt, self, "ctx.req"):headers() end,
   arg = function(self, name)
-    local v = real(req_of, self, "ctx.req"):arg(name)
+    local v = real(req_mt, self, "ctx.req"):arg(name)
     if type(v) == "table" then
       return copy(v) -- the request's parsed query is shared with trusted policies
     end
     return v
   end,
-  args = function(self) return copy(real(req_of, self, "ctx.req"):args()) end,
+  args = function(self) return copy(real(req_mt, self, "ctx.req"):args()) end,
   set_header = function(self, name, value)
-    return real(req_of, self, "ctx.req"):set_header(name, value)
+    return real(req_mt, self, "ctx.req"):set_header(name, value)
   end,
   add_header = function(self, name, value)
-    return real(req_of, self, "ctx.req"):add_header(name, value)
+    return real(req_mt, self, "ctx.req"):add_header(name, value)
   end,
-  set_uri = function(self, path, query) return real(req_of, self, "ctx.req"):set_uri(path, query) end,
-  set_query = function(self, query) return real(req_of, self, "ctx.req"):set_query(query) end,
+  set_uri = function(self, path, query) return real(req_mt, self, "ctx.req"):set_uri(path, query) end,
+  set_query = function(self, query) return real(req_mt, self, "ctx.req"):set_query(query) end,
   set_body_limit = function(self, bytes)
-    return real(req_of, self, "ctx.req"):set_body_limit(bytes)
+    return real(req_mt, self, "ctx.req"):set_body_limit(bytes)
   end,
-  read_body = function(self) return real(req_of, self, "ctx.req"):read_body() end,
-  body = function(self) return real(req_of, self, "ctx.req"):body() end,
+  read_body = function(self) return real(req_mt, self, "ctx.req"):read_body() end,
+  body = function(self) return real(req_mt, self, "ctx.req"):body() end,
 }
 
 local REQ_FIELDS = {
@@ -142,31 +156,31 @@ local REQ_FIELDS = {
   request_id = true, http_version = true, start_time = true,
 }
 
-local req_mt = protected(function(self, k)
+req_mt = protected(function(self, k)
   local m = req_methods[k]
   if m then
     return m
   end
   if REQ_FIELDS[k] then
-    return req_of[self][k]
+    return raw_getmetatable(self).obj[k]
   end
   return nil
 end, read_only)
 
 local resp_methods = {
-  header = function(self, name) return real(resp_of, self, "ctx.resp"):header(name) end,
+  header = function(self, name) return real(resp_mt, self, "ctx.resp"):header(name) end,
   set_header = function(self, name, value)
-    return real(resp_of, self, "ctx.resp"):set_header(name, value)
+    return real(resp_mt, self, "ctx.resp"):set_header(name, value)
   end,
   add_header = function(self, name, value)
-    return real(resp_of, self, "ctx.resp"):add_header(name, value)
+    return real(resp_mt, self, "ctx.resp"):add_header(name, value)
   end,
-  set_status = function(self, status) return real(resp_of, self, "ctx.resp"):set_status(status) end,
+  set_status = function(self, status) return real(resp_mt, self, "ctx.resp"):set_status(status) end,
 }
 
-local resp_mt = protected(function(self, k)
+resp_mt = protected(function(self, k)
   if k == "status" then
-    return resp_of[self].status
+    return raw_getmetatable(self).obj.status
   end
   return resp_methods[k]
 end, read_only)
@@ -177,7 +191,7 @@ end, read_only)
 -- as they are, tables as copies both ways (a trusted policy's table is not
 -- changed, and a table put here has no metatable and no function).
 local vars_mt = protected(function(self, k)
-  local v = vars_of[self][k]
+  local v = raw_getmetatable(self).obj[k]
   if type(v) == "table" then
     return copy(v)
   end
@@ -194,7 +208,7 @@ end, function(self, k, v)
     error("ctx.vars." .. tostring(k) .. ": a " .. t
           .. " cannot be shared (strings, numbers, booleans, tables)", 2)
   end
-  vars_of[self][k] = v
+  raw_getmetatable(self).obj[k] = v
 end)
 
 -- ---- consumers ----------------------------------------------------------------
@@ -206,12 +220,13 @@ local function consumer_view(st, c)
   if not seen then
     seen = {}
     st.consumers = seen
+    st.consumer_of = {}
   end
   local v = seen[c]
   if v == nil then
     local creds = type(c.credentials) == "table" and c.credentials[st.name]
     v = { id = c.id, tenant = c.tenant, credentials = { [st.name] = copy(creds) } }
-    consumer_of[v] = c
+    st.consumer_of[v] = c
     seen[c] = v
   end
   return v
@@ -219,26 +234,26 @@ end
 
 local consumers_methods = {
   get = function(self, id)
-    local ix = real(index_of, self, "ctx.consumers")
-    local c = ix.index:get(id)
-    return c and consumer_view(ix.st, c) or nil
+    local index, st = real(consumers_mt, self, "ctx.consumers")
+    local c = index:get(id)
+    return c and consumer_view(st, c) or nil
   end,
   -- its own credentials only: policy must be the sandboxed policy's name
   find = function(self, policy, field, value)
-    local ix = real(index_of, self, "ctx.consumers")
-    if policy ~= ix.st.name then
+    local index, st = real(consumers_mt, self, "ctx.consumers")
+    if policy ~= st.name then
       error("ctx.consumers:find: a sandboxed policy searches its own credentials (\""
-            .. ix.st.name .. "\")", 2)
+            .. st.name .. "\")", 2)
     end
     if type(field) ~= "string" then
       error("ctx.consumers:find: field must be a string", 2)
     end
-    local c = ix.index:find(policy, field, value)
-    return c and consumer_view(ix.st, c) or nil
+    local c = index:find(policy, field, value)
+    return c and consumer_view(st, c) or nil
   end,
 }
 
-local consumers_mt = protected(consumers_methods, read_only)
+consumers_mt = protected(consumers_methods, read_only)
 
 -- ---- ctx.route ---------------------------------------------------------------
 
@@ -257,26 +272,25 @@ end
 
 -- ---- ctx -----------------------------------------------------------------------
 
-local function sub_view(st, key, mt, map, object)
+local function sub_view(st, key, proto, object)
   local v = st[key]
   if v == nil then
-    v = setmetatable({}, mt)
-    map[v] = object
+    v = new_view(proto, object, st)
     st[key] = v
   end
   return v
 end
 
 local ctx_fields = {
-  req = function(st) return sub_view(st, "req", req_mt, req_of, st.ctx.req) end,
-  resp = function(st) return sub_view(st, "resp", resp_mt, resp_of, st.ctx.resp) end,
+  req = function(st) return sub_view(st, "req", req_mt, st.ctx.req) end,
+  resp = function(st) return sub_view(st, "resp", resp_mt, st.ctx.resp) end,
   vars = function(st)
     local vars = st.ctx.vars
     if vars == nil then
       vars = {}
       st.ctx.vars = vars
     end
-    return sub_view(st, "vars", vars_mt, vars_of, vars)
+    return sub_view(st, "vars", vars_mt, vars)
   end,
   route = function(st) return route_view(st.ctx.route) end,
   params = function(st)
@@ -296,7 +310,7 @@ local ctx_fields = {
     if index == nil then
       return nil
     end
-    return sub_view(st, "index", consumers_mt, index_of, { index = index, st = st })
+    return sub_view(st, "index", consumers_mt, index)
   end,
   tenant = function(st) return scalar(st.ctx.tenant) end,
   upstream = function(st) return scalar(st.ctx.upstream) end,
@@ -311,7 +325,7 @@ local ctx_set = {
       st.ctx.consumer = nil
       return
     end
-    local c = consumer_of[v]
+    local c = st.consumer_of and st.consumer_of[v]
     if c == nil then
       error("ctx.consumer: set a consumer that ctx.consumers gave, or nil", 3)
     end
@@ -334,7 +348,7 @@ local ctx_set = {
 local ctx_mt = protected(function(self, k)
   local f = ctx_fields[k]
   if f then
-    return f(state_of[self])
+    return f(raw_getmetatable(self).st)
   end
   return nil
 end, function(self, k, v)
@@ -342,13 +356,14 @@ end, function(self, k, v)
   if not f then
     error("ctx." .. tostring(k) .. " cannot be set by a sandboxed policy (ctx.vars can)", 2)
   end
-  f(state_of[self], v)
+  f(raw_getmetatable(self).st, v)
 end)
 
 local VIEWS = {} -- ctx[VIEWS]: name -> that policy's view of this request
 
 -- The view of the request ctx for the sandboxed policy named name (made
--- on first use, then kept in ctx for the request's other phases).
+-- on first use, then kept in ctx for the request's other phases): two
+-- tables, then one more per part of ctx the policy reads (req, resp...).
 function _M.ctx(ctx, name)
   local views = ctx[VIEWS]
   if views == nil then
@@ -357,8 +372,7 @@ function _M.ctx(ctx, name)
   end
   local v = views[name]
   if v == nil then
-    v = setmetatable({}, ctx_mt)
-    state_of[v] = { ctx = ctx, name = name }
+    v = new_view(ctx_mt, ctx, { ctx = ctx, name = name })
     views[name] = v
   end
   return v

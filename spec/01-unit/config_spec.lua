@@ -361,6 +361,17 @@ describe("config", function()
                   node_errors({ lua_path = { "a", 1 } }))
     end)
 
+    it("takes sandbox.max_instructions and a sandbox.policies_dir, resolved", function()
+      assert.same({ max_instructions = 10000000 }, node_of({}).sandbox)
+      assert.same({ max_instructions = 5000, policies_dir = "/etc/moongate/sandboxed" },
+                  node_of({ sandbox = { max_instructions = 5000,
+                                        policies_dir = "sandboxed" } }).sandbox)
+      assert.same({ "sandbox.max_instructions: must be >= 1000" },
+                  node_errors({ sandbox = { max_instructions = 10 } }))
+      assert.same({ "sandbox.budget: unknown field" },
+                  node_errors({ sandbox = { budget = 1 } }))
+    end)
+
     it("puts the pid file next to the conf file by default", function()
       assert.equal("/etc/moongate/moongate.pid", node_of({}).pid_file)
       assert.equal("/run/gw.pid", node_of({ pid_file = "/run/gw.pid" }).pid_file)
