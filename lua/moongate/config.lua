@@ -1125,6 +1125,20 @@ function _M.policy_files(dirs, name)
   return files
 end
 
+-- The file the policy named name is loaded from (the first of
+-- policy_files that exists), or nil. The Admin API refuses a sandboxed
+-- policy under such a name: it would never be used (sandboxed_source).
+function _M.policy_file(dirs, name)
+  for _, file in ipairs(_M.policy_files(dirs, name) or {}) do
+    local f = io_open(file, "rb")
+    if f then
+      f:close()
+      return file
+    end
+  end
+  return nil
+end
+
 -- Runs a policy module's compiled chunk as the gateway does; raises with the
 -- file named when it fails or does not return a table.
 function _M.run_policy(chunk, name, file)

@@ -120,6 +120,21 @@ describe("sandbox", function()
       assert.same({ json = '{"a":1}', now = "number", s = true, t = true }, seen)
     end)
 
+    it("gives a kit of an allow-list: nothing that reaches the ffi, globals or loaders",
+       function()
+      local seen = probe([[
+        local mg = require("moongate")
+        local names = {}
+        for k in pairs(mg) do names[#names + 1] = k end
+        for k in pairs(mg.log) do names[#names + 1] = "log." .. k end
+        for k in pairs(mg.json) do names[#names + 1] = "json." .. k end
+        table.sort(names)
+        return { names = table.concat(names, ",") }
+      ]])
+      assert.equal("json,json.decode,json.encode,json.null,log,log.debug,log.err,log.error,"
+                   .. "log.info,log.warn,now,sleep,version,worker_id", seen.names)
+    end)
+
     it("gives each policy its own copies: changing string, table or math changes nothing else",
        function()
       must_load([[
@@ -374,6 +389,21 @@ describe("sandbox", function()
       assert.equal("r1", ctx.route.id)
     end)
 
+    it("refuses a view's method called on anything but its view", function()
+      local mod = must_load([[
+        return { access = function(conf, ctx)
+          local a, ea = pcall(ctx.req.header, { _r = 1 }, "host")
+          local b, eb = pcall(ctx.resp.set_header, ctx.req, "x", "y")
+          return 200, { a = a, b = b, ea = ea, eb = eb }
+        end }
+      ]])
+      local _, body = mod.access({}, new_ctx({ req = {}, resp = {} }))
+      assert.is_false(body.a)
+      assert.is_false(body.b)
+      assert.truthy(body.ea:find("ctx.req method called without its object", 1, true), body.ea)
+      assert.truthy(body.eb:find("ctx.resp method called without its object", 1, true), body.eb)
+    end)
+
     it("shares ctx.vars as plain values: a table put there is a copy without metatable",
        function()
       local mod = must_load([[
@@ -487,6 +517,9 @@ describe("sandbox", function()
       assert.is_nil(gen.get("key-auth").sandboxed)
       assert.is_nil(gen.get("cors").sandboxed)
       assert.is_true(gen.get("mine").sandboxed)
+      -- what the Admin API asks before it takes a sandboxed policy's name
+      assert.equal(config.policies_dir .. "/key-auth.lua", config.policy_file({}, "key-auth"))
+      assert.is_nil(config.policy_file({}, "mine"))
       local loader = config.policy_loader({}, { dir = dir .. "/sandboxed" })
       assert.is_nil(loader("key-auth").sandboxed)
       assert.is_true(loader("mine").sandboxed)
