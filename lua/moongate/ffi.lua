@@ -92,6 +92,29 @@ mg_upstream_t *mg_upstream_new(const char *id, size_t id_len, uint32_t connect_m
 int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, int port,
                            int weight);
 void mg_upstream_release(mg_upstream_t *u);
+typedef struct mg_http_opts_s {
+    const char *method;
+    const char *url;
+    const mg_header_t *headers;
+    const char *body;
+    size_t method_len;
+    size_t url_len;
+    size_t body_len;
+    uint64_t max_body;
+    uint32_t nheaders;
+    uint32_t timeout_ms;
+} mg_http_opts_t;
+typedef struct mg_http_res_s {
+    int32_t status;
+    uint32_t nheaders;
+    const mg_header_t *headers;
+    const char *body;
+    size_t body_len;
+    const char *error;
+    size_t error_len;
+} mg_http_res_t;
+int mg_http_request(mg_req_t *r, const mg_http_opts_t *o);
+const mg_http_res_t *mg_http_result(mg_req_t *r);
 double mg_time_now(void);
 void mg_log_write(int level, const char *msg, size_t len);
 int mg_worker_id(void);

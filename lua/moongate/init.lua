@@ -61,6 +61,9 @@ _M.json = {
   null = cjson.null,
 }
 
+-- mg.http.request{method=, url=, headers=, body=, timeout_ms=, max_body=}
+_M.http = require("moongate.http")
+
 _M.worker_id = function()
   return C.mg_worker_id()
 end

@@ -116,6 +116,43 @@ int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, 
                            int weight);
 void mg_upstream_release(mg_upstream_t *u);
 
+/* HTTP client (mg.http.request). The strings are copied before the call
+ * returns. max_body caps the response body (0: 10 MiB); timeout_ms bounds
+ * the whole exchange (0: none). */
+typedef struct mg_http_opts_s {
+    const char *method;
+    const char *url;
+    const mg_header_t *headers;
+    const char *body;
+    size_t method_len;
+    size_t url_len;
+    size_t body_len;
+    uint64_t max_body;
+    uint32_t nheaders;
+    uint32_t timeout_ms;
+} mg_http_opts_t;
+
+/* The outcome of the request's last mg_http_request, valid until its next
+ * one or the end of the request. error is NULL on success (then status,
+ * headers and body are set), else a message ("timeout", "connection
+ * refused", "bad response: ...") and status is 0. */
+typedef struct mg_http_res_s {
+    int32_t status;
+    uint32_t nheaders;
+    const mg_header_t *headers;
+    const char *body;
+    size_t body_len;
+    const char *error;
+    size_t error_len;
+} mg_http_res_t;
+
+/* MG_AGAIN: yield; once resumed, mg_http_result has the outcome.
+ * MG_ERROR: failed at once (bad url...), mg_http_result says why.
+ * MG_EINVAL: the caller's mistake (bad method or header, a wait pending),
+ * mg_http_result says which. */
+int mg_http_request(mg_req_t *r, const mg_http_opts_t *o);
+const mg_http_res_t *mg_http_result(mg_req_t *r);
+
 /* Utilities */
 double mg_time_now(void);
 void mg_log_write(int level, const char *msg, size_t len);

@@ -99,6 +99,7 @@ enum mg_wait {
     MG_WAIT_SLEEP,
     MG_WAIT_BODY,
     MG_WAIT_DRAIN,
+    MG_WAIT_HTTP, /* mg_http_request: the client's on_done resumes */
 };
 
 enum mg_req_state {
@@ -173,6 +174,7 @@ typedef struct mg_req_s {
     uint64_t start_ns;
     uint64_t up_start_ns;
     uint64_t up_ns;
+    struct mg_http_op_s *http; /* mg.http.request's call and result, or NULL */
     mg_link_t free_link;
 } mg_req_t;
 
@@ -289,6 +291,7 @@ struct mg_worker_s {
     llhttp_settings_t req_settings, resp_settings;
     int reload_pending;
     int mock;
+    struct mg_http_client_s *http; /* mg.http.request's client, made on first use */
 };
 
 extern mg_worker_t *mg__worker; /* one worker per process */
@@ -352,6 +355,8 @@ int mg__hop_by_hop(const char *name, size_t len);
 int mg__has_connection(const mg_header_t *h, uint32_t nh);
 int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len);
 int mg__strieq(const char *a, size_t alen, const char *b, size_t blen);
+/* a token name and a value without CR, LF, NUL or other controls but HTAB */
+int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl);
 const char *mg__status_reason(int status);
 void mg__access_log(mg_req_t *r);
 
@@ -365,6 +370,9 @@ void mg__proxy_release(mg_req_t *r); /* back to the pool, or closed */
 void mg__proxy_abort(mg_req_t *r);
 void mg__proxy_resp_settings(llhttp_settings_t *s);
 void mg__targets_close(mg_worker_t *w);
+
+/* mg.http.request (req_http.c) */
+void mg__req_http_release(mg_req_t *r); /* cancels a pending call, frees the result */
 
 /* Lua (lua.c) */
 int mg__lua_init(mg_worker_t *w);

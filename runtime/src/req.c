@@ -259,6 +259,7 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->start_ns = mg__now_ns();
     r->v.start_time = mg_time_now();
     r->up_ns = 0;
+    r->http = NULL;
     return r;
 }
 
@@ -266,6 +267,7 @@ void mg__req_free(mg_req_t *r)
 {
     mg_worker_t *w = r->conn->w;
     assert(!r->up); /* the upstream connection went back to its pool first */
+    mg__req_http_release(r);
     mg__lua_release(r);
     uv_timer_stop(&r->sleep_timer);
     if (r->upstream) {
@@ -294,7 +296,8 @@ void mg__req_free(mg_req_t *r)
 void mg__req_abort(mg_req_t *r)
 {
     if (r->up) mg__proxy_abort(r);
-    mg__lua_release(r); /* a suspended phase never resumes */
+    mg__req_http_release(r); /* a pending mg.http.request is cancelled */
+    mg__lua_release(r);      /* a suspended phase never resumes */
     /* The log phase still runs (it sees the cut request, and releases what
      * the Lua side keeps for the request); one that yields is abandoned. */
     if ((r->phases & MG_PHASE_LOG) && !r->log_ran && r->conn->w->ref_log >= 0) {
@@ -477,6 +480,7 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
         mg__conn_close(c);
         return;
     }
+    mg__req_http_release(r);
     mg__lua_release(r); /* a coroutine waiting on anything is dropped */
     if (!r->v.request_id_len) make_request_id(c->w, r);
     if (!r->v.version_major) r->v.version_minor = 1; /* refused before the version was read */
@@ -628,7 +632,7 @@ int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const ch
     return header_lookup(r->hdrs, r->v.nheaders, r->req_edits, name, nl, idx, v, vl);
 }
 
-static int valid_header(const char *n, size_t nl, const char *v, size_t vl)
+int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl)
 {
     if (nl == 0) return 0;
     /* A field name is a token (RFC 9110 5.1): "X-@" or "X(a)" would be a
@@ -650,7 +654,7 @@ static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const cha
     if (mode < MG_HDR_SET || mode > MG_HDR_REMOVE) return MG_EINVAL;
     if (mode == MG_HDR_REMOVE) vl = 0;
     /* No CR/LF/NUL from a policy either: it would split the head we send. */
-    if (!valid_header(n, nl, mode == MG_HDR_REMOVE ? "" : v, vl)) return MG_EINVAL;
+    if (!mg__header_valid(n, nl, mode == MG_HDR_REMOVE ? "" : v, vl)) return MG_EINVAL;
     mg_hedit_t *e = mg__arena_alloc(&r->arena, sizeof(*e));
     if (!e) return MG_ERROR;
     e->name = mg__arena_dup(&r->arena, n, nl);

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "http_client.h"
 #include "mg.h"
 #include "worker.h"
 
@@ -83,6 +84,7 @@ static void start_drain(mg_worker_t *w)
     for (int i = 0; i < w->nlisten; i++)
         uv_close((uv_handle_t *)&w->listeners[i], NULL);
     mg__targets_close(w);
+    if (w->http) mg__http_client_close_idle(w->http);
     mg__conn_drain_idle(w);
     uv_timer_start(&w->drain_timer, on_drain_timeout, w->conf->shutdown_timeout_ms, 0);
     mg__worker_drained(w);

@@ -1,0 +1,964 @@
+/* http_client.c: the asynchronous HTTP/1.1 client (see http_client.h).
+ *
+ * Objects: a client owns its hosts (host:port, each with a list of idle
+ * keep-alive connections), its connections and its calls. A call borrows
+ * one connection for one exchange; when the response ends with reusable
+ * framing the connection goes back to its host's idle list, otherwise it
+ * is closed. Calls are pooled (their timer handle stays initialised), so a
+ * call costs no allocation once the pool is warm; each new connection
+ * allocates itself and a 64 KiB read buffer (kept while pooled).
+ *
+ * Reentrancy: user callbacks run inside llhttp's callbacks. They may cancel
+ * the call (call->busy defers the teardown until llhttp returns) or, from
+ * on_done, start new calls (the connection was released before on_done).
+ */
+#include <assert.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "http_client.h"
+#include "mg.h"
+
+#define CONN_BUF 65536  /* a response head must fit; body bytes stream through */
+#define OUT_KEEP 65536  /* a pooled call keeps an output buffer up to this size */
+#define FREE_CALLS 64   /* calls kept for reuse */
+#define HOST_MAX 255    /* DNS name length limit */
+#define CONNECT_MS 5000 /* default connect timeout */
+
+#ifndef MG_VERSION
+#define MG_VERSION "dev"
+#endif
+
+typedef struct hhost_s {
+    mg_link_t link; /* in cl->hosts */
+    mg_link_t idle; /* idle connections, most recent first */
+    uint32_t nidle;
+    uint32_t refs; /* connections pointing here; freed at 0 */
+    int port;
+    size_t name_len;
+    char name[HOST_MAX + 1];
+} hhost_t;
+
+typedef struct hconn_s {
+    uv_tcp_t tcp;
+    uv_timer_t timer; /* connect, then read-idle, then pool idle */
+    uv_connect_t creq;
+    uv_write_t wreq;
+    llhttp_t parser;
+    mg_http_client_t *cl;
+    hhost_t *host;
+    mg_http_call_t *call;
+    mg_link_t link; /* in host->idle while idle */
+    char *buf;
+    uint32_t len;
+    mg_header_t hdrs[MG_MAX_HEADERS];
+    uint32_t nhdrs;
+    int hdr_state;
+    int stop; /* the code a parser callback stopped with */
+    const char *stop_msg;
+    int reused;    /* served an exchange before this one */
+    int got_bytes; /* some response byte arrived in this exchange */
+    int head_done;
+    int msg_done;
+    int interim; /* parsing a 1xx */
+    int keepalive;
+    int idle; /* on host->idle */
+    int closing;
+    int handles_open;
+    uint32_t nrequests;
+} hconn_t;
+
+struct mg_http_call_s {
+    mg_http_client_t *cl;
+    hconn_t *conn;
+    mg_http_cbs_t cb;
+    void *ud;
+    mg_link_t link; /* cl->active, or cl->free_calls */
+    uv_timer_t timer;
+    uv_getaddrinfo_t gai;
+    struct sockaddr_storage addr;
+    int have_addr;
+    char host[HOST_MAX + 1];
+    size_t host_len;
+    int port;
+    char *out; /* the request bytes: head then body */
+    size_t out_len, out_cap;
+    uint32_t connect_ms, idle_ms;
+    int is_head;
+    int retry_ok;
+    int tries;
+    int busy; /* inside llhttp or on_done: teardown waits */
+    int gai_pending;
+    int cancelled;
+    int done;
+    int orphan; /* the client is gone: release frees, touching nothing else */
+    char msg[192];
+};
+
+struct mg_http_client_s {
+    uv_loop_t *loop;
+    mg_http_client_opts_t o;
+    mg_link_t hosts;
+    mg_link_t active;
+    mg_link_t free_calls;
+    uint32_t nfree_calls;
+    uint64_t connects, reused;
+    uint32_t nidle, nactive;
+    llhttp_settings_t settings;
+};
+
+static void conn_close(hconn_t *c);
+static int attach(mg_http_call_t *call);
+static void call_finish(mg_http_call_t *call, int err, const char *msg);
+
+const char *mg__http_strerror(int err)
+{
+    switch (err) {
+    case 0: return "ok";
+    case MG_HTTP_EURL: return "invalid url";
+    case MG_HTTP_ESCHEME: return "unsupported scheme";
+    case MG_HTTP_EARG: return "invalid method or header";
+    case MG_HTTP_ETIMEDOUT: return "timeout";
+    case MG_HTTP_ECONNREFUSED: return "connection refused";
+    case MG_HTTP_ECONNECT: return "connect failed";
+    case MG_HTTP_EDNS: return "name resolution failed";
+    case MG_HTTP_EBADRESP: return "bad response";
+    case MG_HTTP_ECLOSED: return "connection closed";
+    case MG_HTTP_EIO: return "read or write failed";
+    case MG_HTTP_ENOMEM: return "out of memory";
+    case MG_HTTP_ETOOLARGE: return "response too large";
+    case MG_HTTP_ECLIENT: return "client closed";
+    default: return "aborted";
+    }
+}
+
+/* ---- hosts ------------------------------------------------------------------ */
+
+/* O(hosts): a client talks to a handful (etcd endpoints, a few APIs). */
+static hhost_t *host_find(mg_http_client_t *cl, const char *name, size_t nl, int port, int create)
+{
+    for (mg_link_t *l = cl->hosts.next; l != &cl->hosts; l = l->next) {
+        hhost_t *h = mg_container_of(l, hhost_t, link);
+        if (h->port == port && h->name_len == nl && memcmp(h->name, name, nl) == 0) return h;
+    }
+    if (!create) return NULL;
+    hhost_t *h = calloc(1, sizeof(*h));
+    if (!h) return NULL;
+    memcpy(h->name, name, nl);
+    h->name_len = nl;
+    h->port = port;
+    mg_list_init(&h->idle);
+    mg_list_insert_head(&cl->hosts, &h->link);
+    return h;
+}
+
+static void host_put(hhost_t *h)
+{
+    if (--h->refs > 0) return;
+    assert(h->nidle == 0); /* idle connections hold references */
+    mg_list_remove(&h->link);
+    free(h);
+}
+
+/* ---- calls ---------------------------------------------------------------------- */
+
+static void on_call_timer_closed(uv_handle_t *t)
+{
+    mg_http_call_t *call = t->data;
+    free(call->out);
+    free(call);
+}
+
+/* Returns a finished or cancelled call to the pool once nothing refers to
+ * it any more (no llhttp frame above us, no getaddrinfo in flight). */
+static void call_maybe_release(mg_http_call_t *call)
+{
+    if (call->busy || call->gai_pending || !(call->done || call->cancelled)) return;
+    assert(!call->conn);
+    if (call->orphan) {
+        uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
+        return;
+    }
+    mg_http_client_t *cl = call->cl;
+    uv_timer_stop(&call->timer);
+    mg_list_remove(&call->link);
+    cl->nactive--;
+    if (call->out_cap > OUT_KEEP) {
+        free(call->out);
+        call->out = NULL;
+        call->out_cap = 0;
+    }
+    if (cl->nfree_calls >= FREE_CALLS) {
+        uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
+        return;
+    }
+    mg_list_insert_head(&cl->free_calls, &call->link);
+    cl->nfree_calls++;
+}
+
+static mg_http_call_t *call_get(mg_http_client_t *cl)
+{
+    mg_http_call_t *call;
+    if (!mg_list_empty(&cl->free_calls)) {
+        mg_link_t *l = cl->free_calls.next;
+        mg_list_remove(l);
+        cl->nfree_calls--;
+        call = mg_container_of(l, mg_http_call_t, link);
+        char *out = call->out;
+        size_t cap = call->out_cap;
+        memset(call, 0, offsetof(mg_http_call_t, timer));
+        memset(&call->gai, 0, sizeof(*call) - offsetof(mg_http_call_t, gai));
+        call->out = out;
+        call->out_cap = cap;
+    } else {
+        call = calloc(1, sizeof(*call));
+        if (!call) return NULL;
+        uv_timer_init(cl->loop, &call->timer);
+        call->timer.data = call;
+    }
+    call->cl = cl;
+    mg_list_init(&call->link);
+    return call;
+}
+
+/* Unties a call and its connection. */
+static hconn_t *detach(mg_http_call_t *call)
+{
+    hconn_t *c = call->conn;
+    if (!c) return NULL;
+    call->conn = NULL;
+    c->call = NULL;
+    uv_timer_stop(&c->timer);
+    return c;
+}
+
+/* Ends a call: on_done once (unless cancelled), then back to the pool. A
+ * connection still attached is closed: its exchange did not complete. */
+static void call_finish(mg_http_call_t *call, int err, const char *msg)
+{
+    if (call->done || call->cancelled) return;
+    call->done = 1;
+    uv_timer_stop(&call->timer);
+    hconn_t *c = detach(call);
+    if (c) conn_close(c);
+    if (!msg) msg = mg__http_strerror(err);
+    call->busy++;
+    call->cb.on_done(call->ud, err, msg);
+    call->busy--;
+    call_maybe_release(call);
+}
+
+void mg__http_cancel(mg_http_call_t *call)
+{
+    if (!call || call->done || call->cancelled) return;
+    call->cancelled = 1;
+    uv_timer_stop(&call->timer);
+    if (call->gai_pending) uv_cancel((uv_req_t *)&call->gai);
+    if (call->busy) return; /* the parse step that called us tears down */
+    hconn_t *c = detach(call);
+    if (c) conn_close(c);
+    call_maybe_release(call);
+}
+
+static void on_call_timeout(uv_timer_t *t)
+{
+    call_finish(t->data, MG_HTTP_ETIMEDOUT, "timeout");
+}
+
+/* ---- connections ---------------------------------------------------------------- */
+
+static void on_conn_closed(uv_handle_t *h)
+{
+    hconn_t *c = h->data;
+    if (--c->handles_open > 0) return;
+    free(c->buf);
+    free(c);
+}
+
+/* Closes a connection (idle or not): its exchange, if any, is over. */
+static void conn_close(hconn_t *c)
+{
+    if (c->closing) return;
+    c->closing = 1;
+    if (c->call) detach(c->call);
+    if (c->idle) {
+        mg_list_remove(&c->link);
+        c->host->nidle--;
+        c->cl->nidle--;
+        c->idle = 0;
+    }
+    host_put(c->host);
+    c->host = NULL;
+    uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+    uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+}
+
+static void on_conn_timer(uv_timer_t *t)
+{
+    hconn_t *c = t->data;
+    if (c->call) {
+        call_finish(c->call, MG_HTTP_ETIMEDOUT, "timeout");
+        return;
+    }
+    conn_close(c); /* idle in the pool for too long */
+}
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    (void)hint;
+    hconn_t *c = h->data;
+    b->base = c->buf + c->len;
+    b->len = CONN_BUF - c->len;
+}
+
+/* A failure before the exchange completed. A reused connection that died
+ * before any response byte was most likely closed by the server while idle
+ * (a race the idle watcher cannot close): the call goes once more on a new
+ * connection when it may be sent twice. */
+static void exchange_failed(hconn_t *c, int err, const char *msg)
+{
+    mg_http_call_t *call = c->call;
+    if (c->reused && !c->got_bytes && call->retry_ok && call->tries < 2) {
+        detach(call);
+        conn_close(c);
+        int rc = attach(call);
+        if (rc < 0) call_finish(call, rc, NULL);
+        return;
+    }
+    call_finish(call, err, msg);
+}
+
+/* The response is complete: the connection goes back to the pool when its
+ * framing allows, then on_done runs (and may start a call that reuses it). */
+static void exchange_done(hconn_t *c, int extra_bytes)
+{
+    mg_http_call_t *call = c->call;
+    mg_http_client_t *cl = c->cl;
+    detach(call);
+    hhost_t *h = c->host;
+    if (c->keepalive && !extra_bytes && c->nrequests < cl->o.max_requests &&
+        h->nidle < cl->o.max_idle_per_host) {
+        c->len = 0;
+        c->idle = 1;
+        mg_list_insert_head(&h->idle, &c->link);
+        h->nidle++;
+        cl->nidle++;
+        uv_timer_start(&c->timer, on_conn_timer, cl->o.idle_ms, 0);
+        /* still reading: a close (or stray bytes) while idle closes it */
+    } else {
+        conn_close(c);
+    }
+    call_finish(call, 0, NULL);
+}
+
+/* Feeds n new bytes at c->buf + c->len - n to the parser. */
+static void conn_parse(hconn_t *c, size_t n)
+{
+    mg_http_call_t *call = c->call;
+    const char *p = c->buf + c->len - n;
+    c->stop = 0;
+    call->busy++;
+    llhttp_errno_t e = llhttp_execute(&c->parser, p, n);
+    call->busy--;
+    if (call->cancelled) {
+        detach(call);
+        conn_close(c);
+        call_maybe_release(call);
+        return;
+    }
+    if (e == HPE_PAUSED) { /* the final response ended */
+        const char *at = llhttp_get_error_pos(&c->parser);
+        exchange_done(c, at != c->buf + c->len);
+        return;
+    }
+    if (e != HPE_OK) {
+        if (c->stop) {
+            call_finish(call, c->stop, c->stop_msg);
+            return;
+        }
+        snprintf(call->msg, sizeof(call->msg), "bad response: %s",
+                 llhttp_get_error_reason(&c->parser));
+        call_finish(call, MG_HTTP_EBADRESP, call->msg);
+        return;
+    }
+    if (c->head_done) {
+        c->len = 0; /* body bytes went to on_body; the head views are no longer read */
+    } else if (c->len == CONN_BUF) {
+        call_finish(call, MG_HTTP_EBADRESP, "bad response: head too large");
+    }
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
+{
+    (void)b;
+    hconn_t *c = s->data;
+    mg_http_call_t *call = c->call;
+    if (n == 0 || c->closing) return;
+    if (!call) { /* idle: the server closed it, or sent what nobody asked for */
+        conn_close(c);
+        return;
+    }
+    if (n < 0) {
+        if (n == UV_EOF && c->head_done && !c->msg_done) {
+            /* a close-delimited body ends here; any other framing is cut */
+            call->busy++;
+            llhttp_finish(&c->parser);
+            call->busy--;
+            if (call->cancelled) {
+                detach(call);
+                conn_close(c);
+                call_maybe_release(call);
+                return;
+            }
+            if (c->msg_done) {
+                c->keepalive = 0;
+                exchange_done(c, 0);
+                return;
+            }
+            call_finish(call, MG_HTTP_ECLOSED, "bad response: connection closed mid-body");
+            return;
+        }
+        if (n == UV_EOF) {
+            exchange_failed(c, MG_HTTP_ECLOSED, "connection closed before the response");
+            return;
+        }
+        snprintf(call->msg, sizeof(call->msg), "read failed: %s", uv_strerror((int)n));
+        exchange_failed(c, MG_HTTP_EIO, call->msg);
+        return;
+    }
+    c->got_bytes = 1;
+    c->len += (uint32_t)n;
+    if (call->idle_ms) uv_timer_start(&c->timer, on_conn_timer, call->idle_ms, 0);
+    conn_parse(c, (size_t)n);
+}
+
+static void on_written(uv_write_t *w, int status)
+{
+    hconn_t *c = w->data;
+    if (c->closing || !c->call || status == 0) return;
+    snprintf(c->call->msg, sizeof(c->call->msg), "write failed: %s", uv_strerror(status));
+    exchange_failed(c, MG_HTTP_EIO, c->call->msg);
+}
+
+/* Sends the call's request on a connected connection. */
+static void conn_send(hconn_t *c, mg_http_call_t *call)
+{
+    c->call = call;
+    call->conn = c;
+    c->len = 0;
+    c->nhdrs = 0;
+    c->hdr_state = HS_NONE;
+    c->got_bytes = c->head_done = c->msg_done = c->interim = c->keepalive = 0;
+    c->nrequests++;
+    llhttp_init(&c->parser, HTTP_RESPONSE, &c->cl->settings);
+    c->parser.data = c;
+    uv_buf_t b = uv_buf_init(call->out, (unsigned)call->out_len);
+    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+    if (rc < 0) {
+        snprintf(call->msg, sizeof(call->msg), "write failed: %s", uv_strerror(rc));
+        exchange_failed(c, MG_HTTP_EIO, call->msg);
+        return;
+    }
+    if (call->idle_ms)
+        uv_timer_start(&c->timer, on_conn_timer, call->idle_ms, 0);
+    else
+        uv_timer_stop(&c->timer);
+}
+
+static void on_connect(uv_connect_t *cr, int status)
+{
+    hconn_t *c = cr->data;
+    if (c->closing) return;
+    mg_http_call_t *call = c->call;
+    assert(call); /* a connecting connection is never idle */
+    if (status < 0) {
+        if (status == UV_ECONNREFUSED) {
+            call_finish(call, MG_HTTP_ECONNREFUSED, "connection refused");
+            return;
+        }
+        snprintf(call->msg, sizeof(call->msg), "connect failed: %s", uv_strerror(status));
+        call_finish(call, MG_HTTP_ECONNECT, call->msg);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (rc < 0) {
+        snprintf(call->msg, sizeof(call->msg), "read failed: %s", uv_strerror(rc));
+        call_finish(call, MG_HTTP_EIO, call->msg);
+        return;
+    }
+    conn_send(c, call);
+}
+
+/* Opens a new connection for the call (its address is known). */
+static int connect_new(mg_http_call_t *call)
+{
+    mg_http_client_t *cl = call->cl;
+    hhost_t *h = host_find(cl, call->host, call->host_len, call->port, 1);
+    if (!h) return MG_HTTP_ENOMEM;
+    hconn_t *c = calloc(1, sizeof(*c));
+    char *buf = c ? malloc(CONN_BUF) : NULL;
+    if (!buf) {
+        free(c);
+        if (h->refs == 0) { /* just created: nothing else holds it */
+            h->refs = 1;
+            host_put(h);
+        }
+        return MG_HTTP_ENOMEM;
+    }
+    c->buf = buf;
+    c->cl = cl;
+    c->host = h;
+    h->refs++;
+    mg_list_init(&c->link);
+    uv_tcp_init(cl->loop, &c->tcp);
+    uv_timer_init(cl->loop, &c->timer);
+    c->tcp.data = c->timer.data = c->creq.data = c->wreq.data = c;
+    c->handles_open = 2;
+    cl->connects++;
+    c->call = call;
+    call->conn = c;
+    int rc = uv_tcp_connect(&c->creq, &c->tcp, (struct sockaddr *)&call->addr, on_connect);
+    if (rc < 0) {
+        detach(call);
+        conn_close(c);
+        snprintf(call->msg, sizeof(call->msg), "connect failed: %s", uv_strerror(rc));
+        return rc == UV_ECONNREFUSED ? MG_HTTP_ECONNREFUSED : MG_HTTP_ECONNECT;
+    }
+    uv_timer_start(&c->timer, on_conn_timer, call->connect_ms, 0);
+    return 0;
+}
+
+static void on_resolved(uv_getaddrinfo_t *g, int status, struct addrinfo *res)
+{
+    mg_http_call_t *call = g->data;
+    call->gai_pending = 0;
+    if (call->cancelled || call->done) {
+        if (res) uv_freeaddrinfo(res);
+        call_maybe_release(call);
+        return;
+    }
+    if (status < 0 || !res) {
+        if (res) uv_freeaddrinfo(res);
+        snprintf(call->msg, sizeof(call->msg), "name resolution failed: %.*s: %s",
+                 (int)call->host_len, call->host, uv_strerror(status));
+        call_finish(call, MG_HTTP_EDNS, call->msg);
+        return;
+    }
+    memcpy(&call->addr, res->ai_addr, res->ai_addrlen);
+    uv_freeaddrinfo(res);
+    call->have_addr = 1;
+    int rc = connect_new(call);
+    if (rc < 0) call_finish(call, rc, call->msg[0] ? call->msg : NULL);
+}
+
+/* Puts the call on a pooled connection, or opens one (resolving the name
+ * first when it is not a literal). 0, or a MG_HTTP_E* code. */
+static int attach(mg_http_call_t *call)
+{
+    mg_http_client_t *cl = call->cl;
+    call->tries++;
+    call->msg[0] = 0;
+    hhost_t *h = host_find(cl, call->host, call->host_len, call->port, 0);
+    if (h && !mg_list_empty(&h->idle)) {
+        hconn_t *c = mg_container_of(h->idle.next, hconn_t, link);
+        mg_list_remove(&c->link);
+        c->idle = 0;
+        h->nidle--;
+        cl->nidle--;
+        c->reused = 1;
+        cl->reused++;
+        conn_send(c, call);
+        return 0;
+    }
+    if (call->have_addr) return connect_new(call);
+    char port[8];
+    snprintf(port, sizeof(port), "%d", call->port);
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    call->gai.data = call;
+    int rc = uv_getaddrinfo(cl->loop, &call->gai, on_resolved, call->host, port, &hints);
+    if (rc < 0) return MG_HTTP_EDNS;
+    call->gai_pending = 1;
+    return 0;
+}
+
+/* ---- response parsing ------------------------------------------------------------ */
+
+static inline hconn_t *conn_of(llhttp_t *p)
+{
+    return (hconn_t *)p->data;
+}
+
+static int stop(hconn_t *c, int code, const char *msg)
+{
+    c->stop = code;
+    c->stop_msg = msg;
+    return -1;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    hconn_t *c = conn_of(p);
+    c->nhdrs = 0;
+    c->hdr_state = HS_NONE;
+    return 0;
+}
+
+static int on_field(llhttp_t *p, const char *at, size_t len)
+{
+    hconn_t *c = conn_of(p);
+    if (c->head_done) return 0; /* trailers are dropped */
+    if (mg__header_name_span(c->hdrs, c->nhdrs, &c->hdr_state, at, len) != 0)
+        return stop(c, MG_HTTP_EBADRESP, "bad response: too many headers");
+    return 0;
+}
+
+static int on_value(llhttp_t *p, const char *at, size_t len)
+{
+    hconn_t *c = conn_of(p);
+    if (c->head_done) return 0;
+    if (mg__header_value_span(&c->hdrs[c->nhdrs], &c->hdr_state, at, len) != 0)
+        return stop(c, MG_HTTP_EBADRESP, "bad response: folded header line");
+    return 0;
+}
+
+static int on_value_complete(llhttp_t *p)
+{
+    hconn_t *c = conn_of(p);
+    if (c->head_done) return 0;
+    if (mg__header_finish(&c->hdrs[c->nhdrs]) != 0)
+        return stop(c, MG_HTTP_EBADRESP, "bad response: invalid header");
+    c->nhdrs++;
+    c->hdr_state = HS_VALUE_DONE;
+    return 0;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    hconn_t *c = conn_of(p);
+    mg_http_call_t *call = c->call;
+    int status = p->status_code;
+    if (status < 100) return stop(c, MG_HTTP_EBADRESP, "bad response: invalid status");
+    if (status < 200) {
+        if (status == 101) return stop(c, MG_HTTP_EBADRESP, "bad response: unexpected 101");
+        /* an interim answer has no content whatever its headers say
+         * (RFC 9110 15.2); the final one follows */
+        c->interim = 1;
+        return 1;
+    }
+    c->head_done = 1;
+    c->keepalive = llhttp_should_keep_alive(p);
+    int64_t cl = (p->flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -1;
+    if (call->cb.on_head) {
+        int rc = call->cb.on_head(call->ud, status, c->hdrs, c->nhdrs, cl);
+        if (call->cancelled) return -1;
+        if (rc < 0) return stop(c, rc, NULL);
+    }
+    return call->is_head || status == 204 || status == 304 ? 1 : 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len)
+{
+    hconn_t *c = conn_of(p);
+    mg_http_call_t *call = c->call;
+    if (!call->cb.on_body || len == 0) return 0;
+    int rc = call->cb.on_body(call->ud, at, len);
+    if (call->cancelled) return -1;
+    if (rc < 0) return stop(c, rc, NULL);
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    hconn_t *c = conn_of(p);
+    if (c->interim) {
+        c->interim = 0;
+        return 0; /* the parser goes on with the final response */
+    }
+    c->msg_done = 1;
+    return HPE_PAUSED;
+}
+
+/* ---- client ------------------------------------------------------------------------ */
+
+mg_http_client_t *mg__http_client_new(uv_loop_t *loop, const mg_http_client_opts_t *opts)
+{
+    mg_http_client_t *cl = calloc(1, sizeof(*cl));
+    if (!cl) return NULL;
+    cl->loop = loop;
+    if (opts) cl->o = *opts;
+    if (!cl->o.max_idle_per_host) cl->o.max_idle_per_host = 16;
+    if (!cl->o.idle_ms) cl->o.idle_ms = 60000;
+    if (!cl->o.max_requests) cl->o.max_requests = 1000;
+    mg_list_init(&cl->hosts);
+    mg_list_init(&cl->active);
+    mg_list_init(&cl->free_calls);
+    llhttp_settings_init(&cl->settings);
+    cl->settings.on_message_begin = on_message_begin;
+    cl->settings.on_header_field = on_field;
+    cl->settings.on_header_value = on_value;
+    cl->settings.on_header_value_complete = on_value_complete;
+    cl->settings.on_headers_complete = on_headers_complete;
+    cl->settings.on_body = on_body;
+    cl->settings.on_message_complete = on_message_complete;
+    return cl;
+}
+
+void mg__http_client_free(mg_http_client_t *cl)
+{
+    if (!cl) return;
+    while (!mg_list_empty(&cl->active)) {
+        mg_http_call_t *call = mg_container_of(cl->active.next, mg_http_call_t, link);
+        mg_list_remove(&call->link);
+        assert(!call->busy); /* not from inside a callback */
+        call->orphan = 1;
+        call->cancelled = 1;
+        uv_timer_stop(&call->timer);
+        hconn_t *c = detach(call);
+        if (c) conn_close(c);
+        if (call->gai_pending)
+            uv_cancel((uv_req_t *)&call->gai); /* on_resolved releases it */
+        else
+            call_maybe_release(call);
+    }
+    while (!mg_list_empty(&cl->hosts)) {
+        hhost_t *h = mg_container_of(cl->hosts.next, hhost_t, link);
+        assert(!mg_list_empty(&h->idle)); /* only idle connections still hold hosts */
+        while (!mg_list_empty(&h->idle))  /* the last close frees h */
+            conn_close(mg_container_of(h->idle.next, hconn_t, link));
+    }
+    while (!mg_list_empty(&cl->free_calls)) {
+        mg_http_call_t *call = mg_container_of(cl->free_calls.next, mg_http_call_t, link);
+        mg_list_remove(&call->link);
+        uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
+    }
+    free(cl);
+}
+
+void mg__http_client_close_idle(mg_http_client_t *cl)
+{
+    mg_link_t *l = cl->hosts.next;
+    while (l != &cl->hosts) {
+        hhost_t *h = mg_container_of(l, hhost_t, link);
+        l = l->next; /* h may be freed by its last close */
+        while (h && !mg_list_empty(&h->idle)) {
+            int last = h->refs == 1;
+            conn_close(mg_container_of(h->idle.next, hconn_t, link));
+            if (last) h = NULL;
+        }
+    }
+}
+
+void mg__http_client_stats(const mg_http_client_t *cl, mg_http_client_stats_t *st)
+{
+    st->connects = cl->connects;
+    st->reused = cl->reused;
+    st->idle = cl->nidle;
+    st->active = cl->nactive;
+}
+
+/* ---- starting a call --------------------------------------------------------------- */
+
+static int out_add(mg_http_call_t *call, const char *p, size_t len)
+{
+    if (call->out_len + len > call->out_cap) {
+        size_t cap = call->out_cap ? call->out_cap : 1024;
+        while (cap < call->out_len + len)
+            cap *= 2;
+        char *o = realloc(call->out, cap);
+        if (!o) return -1;
+        call->out = o;
+        call->out_cap = cap;
+    }
+    if (len) memcpy(call->out + call->out_len, p, len);
+    call->out_len += len;
+    return 0;
+}
+
+static int out_header(mg_http_call_t *call, const char *n, size_t nl, const char *v, size_t vl)
+{
+    return out_add(call, n, nl) || out_add(call, ": ", 2) || out_add(call, v, vl) ||
+           out_add(call, "\r\n", 2);
+}
+
+/* Splits an http:// URL. host is NUL-terminated (without IPv6 brackets);
+ * *target is the request-target to send ("/" when the URL has no path). */
+static int parse_url(mg_http_call_t *call, const char *u, size_t n, const char **target, size_t *tl,
+                     int *bracketed)
+{
+    size_t i;
+    if (n >= 8 && strncasecmp(u, "https://", 8) == 0) return MG_HTTP_ESCHEME;
+    if (n < 7 || strncasecmp(u, "http://", 7) != 0) {
+        for (i = 0; i + 2 < n; i++)
+            if (u[i] == ':' && u[i + 1] == '/' && u[i + 2] == '/') return MG_HTTP_ESCHEME;
+        return MG_HTTP_EURL;
+    }
+    for (i = 0; i < n; i++) { /* no controls, spaces or non-ASCII anywhere */
+        unsigned char ch = (unsigned char)u[i];
+        if (ch <= 0x20 || ch >= 0x7f) return MG_HTTP_EURL;
+    }
+    const char *a = u + 7, *end = u + n;
+    const char *ae = a;
+    while (ae < end && *ae != '/' && *ae != '?' && *ae != '#')
+        ae++;
+    const char *h = a, *he;
+    const char *colon = NULL;
+    *bracketed = 0;
+    if (a < ae && *a == '[') { /* IPv6 literal */
+        const char *rb = memchr(a, ']', (size_t)(ae - a));
+        if (!rb) return MG_HTTP_EURL;
+        h = a + 1;
+        he = rb;
+        if (rb + 1 < ae) {
+            if (rb[1] != ':') return MG_HTTP_EURL;
+            colon = rb + 1;
+        }
+        *bracketed = 1;
+    } else {
+        colon = memchr(a, ':', (size_t)(ae - a));
+        he = colon ? colon : ae;
+        for (const char *q = h; q < he; q++) { /* a reg-name we can resolve (no userinfo) */
+            char ch = *q;
+            if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                  (ch >= '0' && ch <= '9') || ch == '-' || ch == '.' || ch == '_'))
+                return MG_HTTP_EURL;
+        }
+    }
+    if (he == h || (size_t)(he - h) > HOST_MAX) return MG_HTTP_EURL;
+    int port = 80;
+    if (colon) {
+        const char *q = colon + 1;
+        if (q == ae || ae - q > 5) return MG_HTTP_EURL;
+        port = 0;
+        for (; q < ae; q++) {
+            if (*q < '0' || *q > '9') return MG_HTTP_EURL;
+            port = port * 10 + (*q - '0');
+        }
+        if (port < 1 || port > 65535) return MG_HTTP_EURL;
+    }
+    memcpy(call->host, h, (size_t)(he - h));
+    call->host[he - h] = 0;
+    call->host_len = (size_t)(he - h);
+    call->port = port;
+    const char *frag = memchr(ae, '#', (size_t)(end - ae));
+    *target = ae;
+    *tl = (size_t)((frag ? frag : end) - ae);
+    return 0;
+}
+
+static int is_token(const char *s, size_t n)
+{
+    if (n == 0) return 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (ch <= 0x20 || ch >= 0x7f || strchr("\"(),/:;<=>?@[\\]{}", ch)) return 0;
+    }
+    return 1;
+}
+
+/* Builds the request bytes into call->out. */
+static int build_request(mg_http_call_t *call, const mg_http_spec_t *s, const char *target,
+                         size_t tl, int bracketed)
+{
+    const char *m = s->method ? s->method : "GET";
+    size_t ml = s->method ? s->method_len : 3;
+    if (!is_token(m, ml)) return MG_HTTP_EARG;
+    int has_host = 0, has_ua = 0;
+    for (uint32_t i = 0; i < s->nheaders; i++) {
+        const mg_header_t *h = &s->headers[i];
+        if (!mg__header_valid(h->name, h->name_len, h->value, h->value_len)) return MG_HTTP_EARG;
+        /* we frame the message and own the connection */
+        if (mg__hop_by_hop(h->name, h->name_len) ||
+            mg__strieq(h->name, h->name_len, "content-length", 14))
+            return MG_HTTP_EARG;
+        if (mg__strieq(h->name, h->name_len, "host", 4)) has_host = 1;
+        if (mg__strieq(h->name, h->name_len, "user-agent", 10)) has_ua = 1;
+    }
+    call->out_len = 0;
+    if (out_add(call, m, ml) || out_add(call, " ", 1) ||
+        (tl == 0 || target[0] != '/' ? out_add(call, "/", 1) : 0) || out_add(call, target, tl) ||
+        out_add(call, " HTTP/1.1\r\n", 11))
+        return MG_HTTP_ENOMEM;
+    if (!has_host) {
+        char hv[HOST_MAX + 16];
+        int n = snprintf(hv, sizeof(hv), bracketed ? "[%s]" : "%s", call->host);
+        if (call->port != 80) n += snprintf(hv + n, sizeof(hv) - (size_t)n, ":%d", call->port);
+        if (out_header(call, "Host", 4, hv, (size_t)n)) return MG_HTTP_ENOMEM;
+    }
+    for (uint32_t i = 0; i < s->nheaders; i++) {
+        const mg_header_t *h = &s->headers[i];
+        if (out_header(call, h->name, h->name_len, h->value, h->value_len)) return MG_HTTP_ENOMEM;
+    }
+    if (!has_ua && out_add(call, "User-Agent: moongate/" MG_VERSION "\r\n",
+                           sizeof("User-Agent: moongate/" MG_VERSION "\r\n") - 1))
+        return MG_HTTP_ENOMEM;
+    if (s->body_len || mg__strieq(m, ml, "POST", 4) || mg__strieq(m, ml, "PUT", 3) ||
+        mg__strieq(m, ml, "PATCH", 5)) {
+        char cl[32];
+        int n = snprintf(cl, sizeof(cl), "%zu", s->body_len);
+        if (out_header(call, "Content-Length", 14, cl, (size_t)n)) return MG_HTTP_ENOMEM;
+    }
+    if (out_add(call, "\r\n", 2) || out_add(call, s->body, s->body_len)) return MG_HTTP_ENOMEM;
+    call->is_head = mg__strieq(m, ml, "HEAD", 4);
+    int idempotent = mg__strieq(m, ml, "GET", 3) || call->is_head ||
+                     mg__strieq(m, ml, "OPTIONS", 7) || mg__strieq(m, ml, "TRACE", 5) ||
+                     mg__strieq(m, ml, "PUT", 3) || mg__strieq(m, ml, "DELETE", 6);
+    call->retry_ok = s->retry > 0 || (s->retry == 0 && idempotent);
+    return 0;
+}
+
+/* The address of a literal host (or localhost) without DNS: 1; else 0. */
+static int literal_addr(mg_http_call_t *call)
+{
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&call->addr;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&call->addr;
+    const char *h = call->host;
+    if (strcasecmp(h, "localhost") == 0) h = "127.0.0.1";
+    if (uv_ip4_addr(h, call->port, a4) == 0) return 1;
+    if (uv_ip6_addr(h, call->port, a6) == 0) return 1;
+    return 0;
+}
+
+int mg__http_start(mg_http_client_t *cl, const mg_http_spec_t *s, const mg_http_cbs_t *cbs,
+                   void *ud, mg_http_call_t **out)
+{
+    *out = NULL;
+    if (!cbs || !cbs->on_done || (!s->body && s->body_len) || !s->url) return MG_HTTP_EARG;
+    mg_http_call_t *call = call_get(cl);
+    if (!call) return MG_HTTP_ENOMEM;
+    mg_list_insert_head(&cl->active, &call->link);
+    cl->nactive++;
+    call->cb = *cbs;
+    call->ud = ud;
+    const char *target;
+    size_t tl;
+    int bracketed;
+    int rc = parse_url(call, s->url, s->url_len, &target, &tl, &bracketed);
+    if (rc == 0) rc = build_request(call, s, target, tl, bracketed);
+    if (rc == 0) {
+        call->have_addr = literal_addr(call);
+        if (bracketed && !call->have_addr) rc = MG_HTTP_EURL;
+    }
+    if (rc == 0) {
+        call->idle_ms = s->idle_ms;
+        call->connect_ms = s->connect_ms ? s->connect_ms : CONNECT_MS;
+        if (s->timeout_ms && s->timeout_ms < call->connect_ms) call->connect_ms = s->timeout_ms;
+        rc = attach(call);
+    }
+    if (rc < 0) {
+        call->cancelled = 1;
+        hconn_t *c = detach(call);
+        if (c) conn_close(c);
+        call_maybe_release(call);
+        return rc;
+    }
+    if (s->timeout_ms) uv_timer_start(&call->timer, on_call_timeout, s->timeout_ms, 0);
+    *out = call;
+    return 0;
+}
