@@ -727,12 +727,8 @@ void mg__http_client_free(mg_http_client_t *cl)
         else
             call_maybe_release(call);
     }
-    while (!mg_list_empty(&cl->hosts)) {
-        hhost_t *h = mg_container_of(cl->hosts.next, hhost_t, link);
-        assert(!mg_list_empty(&h->idle)); /* only idle connections still hold hosts */
-        while (!mg_list_empty(&h->idle))  /* the last close frees h */
-            conn_close(mg_container_of(h->idle.next, hconn_t, link));
-    }
+    mg__http_client_close_idle(cl); /* only idle connections still hold hosts */
+    assert(mg_list_empty(&cl->hosts));
     while (!mg_list_empty(&cl->free_calls)) {
         mg_http_call_t *call = mg_container_of(cl->free_calls.next, mg_http_call_t, link);
         mg_list_remove(&call->link);
@@ -746,12 +742,11 @@ void mg__http_client_close_idle(mg_http_client_t *cl)
     mg_link_t *l = cl->hosts.next;
     while (l != &cl->hosts) {
         hhost_t *h = mg_container_of(l, hhost_t, link);
-        l = l->next; /* h may be freed by its last close */
-        while (h && !mg_list_empty(&h->idle)) {
-            int last = h->refs == 1;
+        l = l->next;
+        /* each close drops one reference; the last one frees h, so count
+         * rather than look at h->idle after it */
+        for (uint32_t n = h->nidle; n > 0; n--)
             conn_close(mg_container_of(h->idle.next, hconn_t, link));
-            if (last) h = NULL;
-        }
     }
 }
 
