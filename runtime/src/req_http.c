@@ -236,6 +236,7 @@ void mg__req_http_release(mg_req_t *r)
     if (!op) return;
     r->http = NULL;
     if (op->call) {
+        mg_log_debug("request %s: pending mg.http.request cancelled", r->v.request_id);
         mg__http_cancel(op->call); /* no callback will see this request again */
         op->call = NULL;
     }

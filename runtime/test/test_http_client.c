@@ -99,8 +99,8 @@ static int serve(sconn_t *s)
     if (!end) return 0;
     size_t head = (size_t)(end - s->buf) + 4;
     size_t body = 0;
-    char *cl = strcasestr(s->buf, "\r\ncontent-length:");
-    if (cl && cl < end) body = (size_t)strtoul(cl + 17, NULL, 10);
+    char *clh = strcasestr(s->buf, "\r\ncontent-length:");
+    if (clh && clh < end) body = (size_t)strtoul(clh + 17, NULL, 10);
     if (s->len < head + body) return 0;
     size_t n = head + body < sizeof(last_request) - 1 ? head + body : sizeof(last_request) - 1;
     memcpy(last_request, s->buf, n);
@@ -372,9 +372,9 @@ static void test_streaming(void)
     r->cancel_after = 3;
     CHECK(rc == 0);
     run_until(never, NULL, 200);
-    CHECK(r->bodies == 3);  /* nothing after the cancel */
-    CHECK(r->dones == 0);   /* and no on_done */
-    CHECK(stream_closed);   /* the connection was closed */
+    CHECK(r->bodies == 3); /* nothing after the cancel */
+    CHECK(r->dones == 0);  /* and no on_done */
+    CHECK(stream_closed);  /* the connection was closed */
     CHECK(strstr(r->body, "{\"tick\":0}{\"tick\":1}{\"tick\":2}") == r->body);
 
     /* cancel from outside a callback, mid-stream */
@@ -470,8 +470,8 @@ static void test_errors(void)
     CHECK(strcmp(r.msg, "connection refused") == 0);
 
     /* refused at once, no callback: */
-    const char *bad[] = {"ftp://x/", "127.0.0.1/", "http://", "http://a b/", "http://h:0/",
-                         "http://h:99999/", "http://u@h/", "http://[::1/"};
+    const char *bad[] = {"ftp://x/",    "127.0.0.1/",      "http://",     "http://a b/",
+                         "http://h:0/", "http://h:99999/", "http://u@h/", "http://[::1/"};
     mg_http_call_t *c;
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         mg_http_spec_t b = {.url = bad[i], .url_len = strlen(bad[i])};

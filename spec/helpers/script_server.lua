@@ -358,6 +358,24 @@ handlers["/trickle"] = function(c)
     end
 end
 
+handlers["/clte"] = function(c)
+    -- both framings: a smuggling-shaped response
+    send(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    return "close"
+end
+
+handlers["/badchunk"] = function(c)
+    send(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nxx\r\n0\r\n\r\n")
+    return "close"
+end
+
+-- Which connection this is (numbered from 1 in accept order) and how many
+-- requests it carried: keep-alive reuse shows as one number.
+handlers["/conn"] = function(c)
+    c.requests = (c.requests or 0) + 1
+    send(c, response("200 OK", { "Content-Type: text/plain" }, c.id .. ":" .. c.requests))
+end
+
 local function default_handler(c, req)
     local body = {}
     read_body(c, req, function(b) body[#body + 1] = b end, nop)
@@ -365,8 +383,11 @@ local function default_handler(c, req)
         req.method .. " " .. req.path .. " " .. concat(body)))
 end
 
+local nconns = 0
+
 local function serve(sock)
-    local c = { sock = sock, buf = "" }
+    nconns = nconns + 1
+    local c = { sock = sock, buf = "", id = nconns }
     while true do
         local raw = {}
         local req, err = read_head(c, function(b) raw[#raw + 1] = b end)
