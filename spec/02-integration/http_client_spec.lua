@@ -62,9 +62,12 @@ describe("mg.http.request", function()
             workers = 1,
             node = { lua_path = { POLICY_DIR } },
             routes = {
-                upstreams = gateway.array(),
+                upstreams = { gateway.upstream("mock", mock) },
                 routes = { { id = "h", paths = { "/h" },
-                             policies = { { name = "it-http", conf = {} } } } },
+                             policies = { { name = "it-http", conf = {} } } },
+                           { id = "hf", paths = { "/hf/*" }, upstream = "mock",
+                             policies = { { name = "it-http-hf",
+                                            conf = { url = mock.url("/side?status=203") } } } } },
                 consumers = gateway.array(), global_policies = gateway.array(),
             },
         })
@@ -213,6 +216,15 @@ describe("mg.http.request", function()
             assert.is_true(out.raised, m)
             assert.matches("mg.http.request", out.error, 1, true)
         end
+    end)
+
+    it("works in header_filter, while the upstream's response waits", function()
+        local res = assert(client.get(gw.port, "/hf/x?bytes=100000"))
+        assert.equal(200, res.status)
+        assert.equal("203", res.headers["x-hf-status"])
+        assert.equal("/side", res.headers["x-hf-path"])
+        assert.equal(100000, #res.body)
+        assert.is_true(mock_body(100000) == res.body)
     end)
 
     it("survives the client leaving while the call is pending", function()
