@@ -693,7 +693,7 @@ mg_http_client_t *mg__http_client_new(uv_loop_t *loop, const mg_http_client_opts
     if (!cl) return NULL;
     cl->loop = loop;
     if (opts) cl->o = *opts;
-    if (!cl->o.max_idle_per_host) cl->o.max_idle_per_host = 16;
+    if (!cl->o.max_idle_per_host) cl->o.max_idle_per_host = 64;
     if (!cl->o.idle_ms) cl->o.idle_ms = 60000;
     if (!cl->o.max_requests) cl->o.max_requests = 1000;
     mg_list_init(&cl->hosts);

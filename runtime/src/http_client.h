@@ -88,7 +88,7 @@ typedef struct mg_http_cbs_s {
 } mg_http_cbs_t;
 
 typedef struct mg_http_client_opts_s {
-    uint32_t max_idle_per_host; /* pooled keep-alive connections; 0: 16 */
+    uint32_t max_idle_per_host; /* pooled keep-alive connections; 0: 64 */
     uint32_t idle_ms;           /* an idle pooled connection closes after; 0: 60000 */
     uint32_t max_requests;      /* per connection; 0: 1000 */
 } mg_http_client_opts_t;
