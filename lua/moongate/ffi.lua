@@ -22,7 +22,8 @@ enum {
     MG_ERROR = -1,
     MG_AGAIN = -2,
     MG_DECLINED = -3,
-    MG_EINVAL = -4
+    MG_EINVAL = -4,
+    MG_EFULL = -5
 };
 enum {
     MG_HDR_SET = 0,
@@ -122,6 +123,54 @@ mg_sha256_t *mg_sha256_new(void);
 int mg_sha256_update(mg_sha256_t *s, const char *data, size_t len);
 int mg_sha256_final(mg_sha256_t *s, unsigned char *out32);
 void mg_sha256_free(mg_sha256_t *s);
+typedef struct mg_shm_zone_s mg_shm_zone_t;
+mg_shm_zone_t *mg_shm_zone(const char *name, size_t name_len);
+int mg_shm_stats(mg_shm_zone_t *z, uint64_t *used, uint64_t *capacity, uint64_t *evictions);
+enum { MG_LIMIT_TOKEN_BUCKET = 1, MG_LIMIT_FIXED_WINDOW = 2, MG_LIMIT_SLIDING_WINDOW = 3 };
+typedef struct mg_limit_spec_s {
+    int algorithm;
+    double limit;
+    double rate;
+    int64_t window_us;
+} mg_limit_spec_t;
+typedef struct mg_limit_result_s {
+    int allowed;
+    double limit;
+    double remaining;
+    double reset;
+    double retry_after;
+} mg_limit_result_t;
+int mg_limit_take(mg_shm_zone_t *z, const char *key, size_t key_len, const mg_limit_spec_t *spec,
+                  double n, int64_t now_us, mg_limit_result_t *out);
+int mg_limit_take_all(mg_shm_zone_t *const *zones, const char *const *keys, const size_t *key_lens,
+                      const mg_limit_spec_t *const *specs, uint32_t count, double n,
+                      int64_t now_us, mg_limit_result_t *out);
+int mg_limit_conc_acquire(mg_req_t *r, mg_shm_zone_t *z, const char *key, size_t key_len,
+                          uint32_t max, int64_t *current);
+enum { MG_BREAKER_CLOSED = 0, MG_BREAKER_OPEN = 1, MG_BREAKER_HALF_OPEN = 2 };
+typedef struct mg_breaker_conf_s {
+    uint32_t window_ms;
+    uint32_t min_requests;
+    double failure_rate;
+    uint32_t slow_ms;
+    double slow_rate;
+    uint32_t open_ms;
+    uint32_t max_open_ms;
+    uint32_t probes;
+    uint32_t close_after;
+} mg_breaker_conf_t;
+typedef struct mg_breaker_result_s {
+    int allowed;
+    int probe;
+    int state;
+    double retry_after;
+} mg_breaker_result_t;
+int mg_breaker_acquire(mg_shm_zone_t *z, const char *key, size_t key_len,
+                       const mg_breaker_conf_t *conf, int64_t now_us, mg_breaker_result_t *out);
+int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
+                      const mg_breaker_conf_t *conf, int failed, double duration_ms,
+                      int was_probe, int64_t now_us);
+int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
 ]]
 
 ffi.cdef(_M.cdef)

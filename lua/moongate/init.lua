@@ -63,6 +63,9 @@ _M.json = {
 
 -- mg.http.request{method=, url=, headers=, body=, timeout_ms=, max_body=}
 _M.http = require("moongate.http")
+-- Node-wide primitives in shared memory (README "policy kit").
+_M.limit = require("moongate.limit")
+_M.breaker = require("moongate.breaker")
 
 _M.worker_id = function()
   return C.mg_worker_id()

@@ -26,7 +26,8 @@ enum {
     MG_ERROR = -1,    /* failed; the request is being ended by C */
     MG_AGAIN = -2,    /* would block: yield the coroutine, C resumes it */
     MG_DECLINED = -3, /* not found / not applicable */
-    MG_EINVAL = -4    /* bad argument */
+    MG_EINVAL = -4,   /* bad argument */
+    MG_EFULL = -5     /* a shm set holds only entries that must not be evicted */
 };
 
 enum {
@@ -161,6 +162,87 @@ mg_sha256_t *mg_sha256_new(void);
 int mg_sha256_update(mg_sha256_t *s, const char *data, size_t len);
 int mg_sha256_final(mg_sha256_t *s, unsigned char *out32);
 void mg_sha256_free(mg_sha256_t *s);
+
+/* Shared-memory zones (shm.c): created by the master before it forks the
+ * workers (node config `shm`), so every worker of a node sees the same
+ * memory; without a master (plain luajit, C tests) the built-in zones are
+ * created in-process on first use. A zone is a hash table of fixed-size
+ * entries with a lock per set of 8 entries, never a global lock. */
+typedef struct mg_shm_zone_s mg_shm_zone_t;
+/* The zone of that name, or NULL when the node declares none. */
+mg_shm_zone_t *mg_shm_zone(const char *name, size_t name_len);
+/* used: live entries; capacity: entries the zone holds; evictions: live
+ * entries dropped to make room (expired ones are reused, not counted). */
+int mg_shm_stats(mg_shm_zone_t *z, uint64_t *used, uint64_t *capacity, uint64_t *evictions);
+
+/* Rate limits (limit.c). Times are microseconds of CLOCK_MONOTONIC; now_us
+ * 0 reads the clock. n: units to take (0 peeks). A refused take consumes
+ * nothing. Keys longer than 64 bytes are identified by their SHA-256. */
+enum { MG_LIMIT_TOKEN_BUCKET = 1, MG_LIMIT_FIXED_WINDOW = 2, MG_LIMIT_SLIDING_WINDOW = 3 };
+
+typedef struct mg_limit_spec_s {
+    int algorithm;     /* MG_LIMIT_* */
+    double limit;      /* windows: units per window; token bucket: burst (bucket size) */
+    double rate;       /* token bucket: units refilled per second */
+    int64_t window_us; /* windows: window length */
+} mg_limit_spec_t;
+
+typedef struct mg_limit_result_s {
+    int allowed;
+    double limit;
+    double remaining;   /* units left after this take (floored) */
+    double reset;       /* seconds until the full limit is available again */
+    double retry_after; /* refused: seconds until this take could pass; -1 never (n > limit) */
+} mg_limit_result_t;
+
+int mg_limit_take(mg_shm_zone_t *z, const char *key, size_t key_len, const mg_limit_spec_t *spec,
+                  double n, int64_t now_us, mg_limit_result_t *out);
+/* All levels or none: takes n from every (zones[i], keys[i], specs[i]) when
+ * each admits it, else from none. Returns 0 when admitted, i + 1 for the
+ * first level i that refused, or a negative error. out[i] is filled for
+ * every level (what it would have left, had the take been admitted).
+ * count <= 8. */
+int mg_limit_take_all(mg_shm_zone_t *const *zones, const char *const *keys, const size_t *key_lens,
+                      const mg_limit_spec_t *const *specs, uint32_t count, double n, int64_t now_us,
+                      mg_limit_result_t *out);
+/* One slot of a concurrency limit, held by the request until it ends (its
+ * log phase ran, or it was aborted). 0 admitted, MG_DECLINED at max (then
+ * nothing is held); *current: holders after the call. At most 4 per request. */
+int mg_limit_conc_acquire(mg_req_t *r, mg_shm_zone_t *z, const char *key, size_t key_len,
+                          uint32_t max, int64_t *current);
+
+/* Circuit breakers (breaker.c): node-wide state per key (an upstream
+ * target). Acquire before using the target, report when the exchange ends. */
+enum { MG_BREAKER_CLOSED = 0, MG_BREAKER_OPEN = 1, MG_BREAKER_HALF_OPEN = 2 };
+
+typedef struct mg_breaker_conf_s {
+    uint32_t window_ms;    /* rolling window of 10 buckets */
+    uint32_t min_requests; /* calls in the window before it may open */
+    double failure_rate;   /* opens at failures / calls >= this */
+    uint32_t slow_ms;      /* a call this long is slow; 0: none is */
+    double slow_rate;      /* opens at slow / calls >= this; 0: never */
+    uint32_t open_ms;      /* how long it stays open */
+    uint32_t max_open_ms;  /* > open_ms: each reopen doubles open_ms up to this */
+    uint32_t probes;       /* concurrent calls admitted half-open */
+    uint32_t close_after;  /* consecutive probe successes that close it */
+} mg_breaker_conf_t;
+
+typedef struct mg_breaker_result_s {
+    int allowed;
+    int probe;          /* admitted as a half-open probe: report with was_probe */
+    int state;          /* MG_BREAKER_* after the call */
+    double retry_after; /* refused: seconds until a probe may pass */
+} mg_breaker_result_t;
+
+int mg_breaker_acquire(mg_shm_zone_t *z, const char *key, size_t key_len,
+                       const mg_breaker_conf_t *conf, int64_t now_us, mg_breaker_result_t *out);
+/* failed: the call failed (a slow call is told by duration_ms >= slow_ms). */
+int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
+                      const mg_breaker_conf_t *conf, int failed, double duration_ms, int was_probe,
+                      int64_t now_us);
+/* MG_BREAKER_* (an open breaker past its open time reads half-open), or a
+ * negative error. Unknown keys are closed. */
+int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

@@ -31,6 +31,7 @@
 #include "log.h"
 #include "master.h"
 #include "node.h"
+#include "shm.h"
 #include "worker.h"
 
 #ifndef MG_VERSION
@@ -320,6 +321,8 @@ static int cmd_mock(const cli_opts_t *o)
     memset(&conf.status, 0, sizeof(conf.status));
 
     signal(SIGPIPE, SIG_IGN);
+    /* built-in zones, shared by the mock's workers */
+    if (mg__shm_create(&conf) < 0) return cli_fail("mock: cannot create the shm zones");
     if (mg_listen_open_set(&conf.listen[0], conf.workers, fds, err, sizeof(err)) < 0)
         return cli_fail("mock: %s", err);
     if (conf.listen[0].port == 0) conf.listen[0].port = mg_listen_port(fds[0]);

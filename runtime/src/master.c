@@ -31,6 +31,7 @@
 
 #include "listen.h"
 #include "log.h"
+#include "shm.h"
 #include "worker.h"
 
 #define MASTER_STORM_RESPAWNS 10     /* respawns of one worker ...          */
@@ -618,6 +619,9 @@ static void master_changed(const mg_node_conf_t *a, const mg_node_conf_t *b, cha
     CHANGED(a->log_level != b->log_level || strcmp(a->access_log, b->access_log) != 0, "log");
     CHANGED(strcmp(a->pid_file, b->pid_file) != 0, "pid_file");
     CHANGED(a->shutdown_timeout_ms != b->shutdown_timeout_ms, "shutdown_timeout_ms");
+    /* zones are mapped once, before the workers fork */
+    CHANGED(a->nshm != b->nshm || memcmp(a->shm, b->shm, sizeof(a->shm[0]) * (size_t)a->nshm) != 0,
+            "shm");
 #undef CHANGED
 }
 
@@ -786,6 +790,12 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     }
     M.pid_written = 1;
 
+    /* Shared-memory zones: mapped here, inherited by every worker (and
+     * every respawned one) through fork. */
+    if (mg__shm_create(conf) < 0) {
+        master_fail("cannot create the shared-memory zones (shm)");
+        goto out;
+    }
     master_snapshot(conf);
     M.workers = calloc((size_t)conf->workers, sizeof(*M.workers));
     if (M.workers == NULL || uv_loop_init(&M.loop) != 0) {

@@ -175,6 +175,12 @@ typedef struct mg_req_s {
     uint64_t up_start_ns;
     uint64_t up_ns;
     struct mg_http_op_s *http; /* mg.http.request's call and result, or NULL */
+    /* concurrency-limit slots held until the request ends (limit.c) */
+    struct {
+        mg_shm_zone_t *zone;
+        uint32_t slot;
+    } conc[4];
+    int nconc;
     mg_link_t free_link;
 } mg_req_t;
 

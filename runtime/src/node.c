@@ -319,6 +319,58 @@ static int node_listener(lua_State *L, const char *name, mg_listen_conf_t *l, no
     return r;
 }
 
+static int node_shm_cmp(const void *a, const void *b)
+{
+    return strcmp(((const mg_shm_conf_t *)a)->name, ((const mg_shm_conf_t *)b)->name);
+}
+
+/* shm = {name = bytes} at t (popped here), sorted by name so that two loads
+ * of one config compare equal. */
+static int node_shm(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
+{
+    int n = 0, custom = 0;
+
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        size_t len;
+        const char *name;
+        double v;
+        mg_shm_conf_t *z;
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            lua_pop(L, 3);
+            return node_bad(c, "shm", "zone names must be strings");
+        }
+        name = lua_tolstring(L, -2, &len);
+        /* the built-in zones always exist: room for 14 more */
+        custom += strcmp(name, "limits") != 0 && strcmp(name, "breakers") != 0;
+        if (n >= MG_SHM_MAX_ZONES || custom > MG_SHM_MAX_ZONES - 2) {
+            lua_pop(L, 3);
+            return node_bad(c, "shm", "at most 14 zones besides limits and breakers");
+        }
+        if (len == 0 || len >= MG_SHM_NAME_MAX) {
+            lua_pop(L, 3);
+            return node_bad(c, "shm", "zone names are 1 to 31 characters");
+        }
+        if (lua_type(L, -1) != LUA_TNUMBER) {
+            lua_pop(L, 3);
+            return node_bad(c, "shm", "zone sizes must be numbers (bytes)");
+        }
+        v = lua_tonumber(L, -1);
+        if (!(v >= 4096 && v <= 68719476736.0)) { /* 64 GiB */
+            lua_pop(L, 3);
+            return node_bad(c, "shm", "zone sizes are 4096 bytes to 64 GiB");
+        }
+        z = &out->shm[n++];
+        memcpy(z->name, name, len + 1);
+        z->size = (uint64_t)v;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    out->nshm = n;
+    qsort(out->shm, (size_t)n, sizeof(out->shm[0]), node_shm_cmp);
+    return 0;
+}
+
 static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
 {
     double workers = 0, v;
@@ -424,6 +476,9 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
                      &lim->max_keepalive_requests, c));
         lua_pop(L, 1);
     }
+
+    TRY(node_sub(L, t, "shm", c));
+    if (r == 1) TRY(node_shm(L, lua_gettop(L), out, c));
 
     TRY(node_sub(L, t, "log", c));
     if (r == 1) {

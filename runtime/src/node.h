@@ -14,6 +14,8 @@
 
 #define MG_MAX_LISTEN 16
 #define MG_PATH_MAX 4096
+#define MG_SHM_MAX_ZONES 16 /* built-in ones included */
+#define MG_SHM_NAME_MAX 32  /* with the NUL */
 
 typedef struct mg_listen_conf_s {
     char address[128]; /* as written: "127.0.0.1:8080" */
@@ -33,6 +35,12 @@ typedef struct mg_limits_s {
     uint32_t max_keepalive_requests;   /* close after this many */
 } mg_limits_t;
 
+/* A shared-memory zone of the `shm` setting (shm.c creates them). */
+typedef struct mg_shm_conf_s {
+    char name[MG_SHM_NAME_MAX];
+    uint64_t size; /* bytes */
+} mg_shm_conf_t;
+
 typedef struct mg_node_conf_s {
     char conf_path[MG_PATH_MAX]; /* absolute */
     char prefix[MG_PATH_MAX];    /* directory of conf_path */
@@ -46,7 +54,9 @@ typedef struct mg_node_conf_s {
     int log_level;                /* MG_LOG_* */
     char access_log[MG_PATH_MAX]; /* "" = off, "stdout", or a path */
     uint32_t shutdown_timeout_ms;
-    char routes_path[MG_PATH_MAX]; /* config_source.path of a file source, else "" */
+    int nshm;
+    mg_shm_conf_t shm[MG_SHM_MAX_ZONES]; /* sorted by name */
+    char routes_path[MG_PATH_MAX];       /* config_source.path of a file source, else "" */
     /* mock mode: no master, one worker running lua/moongate/mock.lua */
     int mock;
 } mg_node_conf_t;

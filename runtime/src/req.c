@@ -13,6 +13,7 @@
 #include <strings.h>
 
 #include "mg.h"
+#include "shm.h"
 
 /* ---- small helpers --------------------------------------------------------- */
 
@@ -260,6 +261,7 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->v.start_time = mg_time_now();
     r->up_ns = 0;
     r->http = NULL;
+    r->nconc = 0;
     return r;
 }
 
@@ -269,6 +271,9 @@ void mg__req_free(mg_req_t *r)
     assert(!r->up); /* the upstream connection went back to its pool first */
     mg__req_http_release(r);
     mg__lua_release(r);
+    /* Every end of a request passes here (finished, failed, aborted), after
+     * its log phase: concurrency slots go back exactly once. */
+    if (r->nconc) mg__limit_conc_release(r);
     uv_timer_stop(&r->sleep_timer);
     if (r->upstream) {
         mg_upstream_release(r->upstream);
