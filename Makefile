@@ -157,6 +157,11 @@ bench-sandbox: build
 bench-router: build
 	luajit bench/router.lua
 
+### bench-prims: ns per call of mg.limit takes (one key, 10k keys), take_all and breaker acquire+report from Lua (PASS/FAIL vs 100 ns)
+.PHONY: bench-prims
+bench-prims: build
+	luajit bench/prims.lua $(BENCH_PRIMS_ARGS)
+
 ### rock: luarocks lint, then build and install into a local tree (build/rock)
 rock:
 	luarocks lint moongate-scm-1.rockspec

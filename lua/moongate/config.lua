@@ -330,12 +330,24 @@ end
 
 -- node configuration -------------------------------------------------------
 
+-- Zone names as runtime/src/shm.c takes them: at most 31 bytes, and at
+-- most 14 zones besides the built-in "limits" and "breakers".
 local function check_zone_names(zones)
+  local custom = 0
   for name in pairs(zones) do
     if not find(name, "^[%w_%-]+$") then
       return false, "invalid zone name " .. quote(name)
                     .. " (letters, digits, '_' and '-')"
     end
+    if #name > 31 then
+      return false, "zone name " .. quote(name) .. " is longer than 31 characters"
+    end
+    if name ~= "limits" and name ~= "breakers" then
+      custom = custom + 1
+    end
+  end
+  if custom > 14 then
+    return false, "at most 14 zones besides limits and breakers"
   end
   return true
 end

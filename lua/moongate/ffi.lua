@@ -126,6 +126,7 @@ void mg_sha256_free(mg_sha256_t *s);
 typedef struct mg_shm_zone_s mg_shm_zone_t;
 mg_shm_zone_t *mg_shm_zone(const char *name, size_t name_len);
 int mg_shm_stats(mg_shm_zone_t *z, uint64_t *used, uint64_t *capacity, uint64_t *evictions);
+int mg_shm_set_clock(int64_t now_us);
 enum { MG_LIMIT_TOKEN_BUCKET = 1, MG_LIMIT_FIXED_WINDOW = 2, MG_LIMIT_SLIDING_WINDOW = 3 };
 typedef struct mg_limit_spec_s {
     int algorithm;

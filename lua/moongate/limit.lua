@@ -47,7 +47,7 @@ limiter.__index = limiter
 
 local function positive(opts, name, who)
   local v = opts[name]
-  if type(v) ~= "number" or not (v > 0) or v == math.huge then
+  if type(v) ~= "number" or v ~= v or v <= 0 or v == math.huge then -- v ~= v: NaN
     error(who .. ": " .. name .. " must be a positive number", 3)
   end
   return v
@@ -75,14 +75,14 @@ function _M.new(opts)
     local burst = opts.burst
     if burst == nil then
       burst = math_max(rate, 1)
-    elseif type(burst) ~= "number" or not (burst > 0) or burst == math.huge then
+    elseif type(burst) ~= "number" or burst ~= burst or burst <= 0 or burst == math.huge then
       error(who .. ": burst must be a positive number", 2)
     end
     spec.rate, spec.limit = rate, burst
     self.rate, self.limit = rate, burst
   else
     local limit = opts.limit
-    if type(limit) ~= "number" or not (limit >= 0) or limit == math.huge then
+    if type(limit) ~= "number" or limit ~= limit or limit < 0 or limit == math.huge then
       error(who .. ": limit must be a number >= 0", 2)
     end
     local window_ms = positive(opts, "window_ms", who)

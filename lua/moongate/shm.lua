@@ -42,6 +42,15 @@ function _M.stats(name)
   return tonumber(used_out[0]), tonumber(cap_out[0]), tonumber(ev_out[0])
 end
 
+-- Outside a worker (specs, tools, benchmarks): the primitives' time is
+-- now_us (CLOCK_MONOTONIC microseconds) until set_clock(nil) gives the
+-- clock back. Raises in a worker, whose time is its loop's.
+function _M.set_clock(now_us)
+  if C.mg_shm_set_clock(now_us or 0) ~= C.MG_OK then
+    error("mg.shm.set_clock: not in a worker, and now_us >= 0", 2)
+  end
+end
+
 -- A runtime failure's message.
 function _M.reason(rc)
   if rc == C.MG_EFULL then

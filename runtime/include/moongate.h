@@ -174,6 +174,11 @@ mg_shm_zone_t *mg_shm_zone(const char *name, size_t name_len);
 /* used: live entries; capacity: entries the zone holds; evictions: live
  * entries dropped to make room (expired ones are reused, not counted). */
 int mg_shm_stats(mg_shm_zone_t *z, uint64_t *used, uint64_t *capacity, uint64_t *evictions);
+/* Outside a worker (specs, tools, benchmarks): from now on the primitives'
+ * time is now_us (CLOCK_MONOTONIC microseconds), until called with 0 (the
+ * clock again). In a worker the time is its loop's and this returns
+ * MG_EINVAL. */
+int mg_shm_set_clock(int64_t now_us);
 
 /* Rate limits (limit.c). Times are microseconds of CLOCK_MONOTONIC; now_us
  * 0 reads the clock. n: units to take (0 peeks). A refused take consumes

@@ -55,7 +55,7 @@ static inline int64_t brk_bucket_us(const mg_breaker_conf_t *c)
 /* Moves the window to now: buckets older than the window are emptied. */
 static void brk_advance(brk_state_t *b, const mg_breaker_conf_t *c, int64_t now)
 {
-    int64_t epoch = now / brk_bucket_us(c), i;
+    int64_t epoch = now / brk_bucket_us(c);
 
     if (epoch <= b->epoch) return;
     if (epoch - b->epoch >= BRK_BUCKETS) {
@@ -63,7 +63,7 @@ static void brk_advance(brk_state_t *b, const mg_breaker_conf_t *c, int64_t now)
         memset(b->fail, 0, sizeof(b->fail));
         memset(b->slow, 0, sizeof(b->slow));
     } else {
-        for (i = b->epoch + 1; i <= epoch; i++) {
+        for (int64_t i = b->epoch + 1; i <= epoch; i++) {
             int k = (int)(i % BRK_BUCKETS);
             b->total[k] = b->fail[k] = b->slow[k] = 0;
         }

@@ -158,14 +158,14 @@ int mg_limit_take(mg_shm_zone_t *z, const char *key, size_t key_len, const mg_li
     limit_state_t st;
     uint32_t slot;
     int64_t exp;
-    int r, err = 0;
+    int err = 0;
 
     if (z == NULL || (key == NULL && key_len) || !limit_spec_ok(spec) || !limit_n_ok(n) ||
         out == NULL)
         return MG_EINVAL;
     if (now_us <= 0) now_us = mg__shm_now_us();
     mg__shm_key(z, key, key_len, spec->algorithm, &k);
-    if ((r = mg__shm_lock(z, k.set)) < 0) return MG_ERROR;
+    if (mg__shm_lock(z, k.set) < 0) return MG_ERROR;
     e = mg__shm_get(z, &k, 1, now_us, NULL, 0, &slot, &err);
     if (e == NULL) {
         mg__shm_unlock(z, k.set);

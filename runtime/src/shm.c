@@ -11,6 +11,7 @@
 #include <time.h>
 
 #include "log.h"
+#include "mg.h"
 
 #define SHM_MAGIC 0x6d6773686d7a6e31ULL /* "mgshmzn1" */
 #define SHM_HEADER 256                  /* zone header, room to grow */
@@ -25,22 +26,35 @@ _Static_assert(sizeof(struct mg_shm_zone_s) <= SHM_HEADER, "zone header size");
 static mg_shm_zone_t *shm_zones[MG_SHM_MAX_ZONES];
 static int shm_nzones;
 static int shm_created;
+static int64_t shm_clock; /* mg_shm_set_clock's time, or 0 */
+
+int mg_shm_set_clock(int64_t now_us)
+{
+    if (mg__worker != NULL || now_us < 0) return MG_EINVAL;
+    shm_clock = now_us;
+    return MG_OK;
+}
 
 int64_t mg__shm_now_us(void)
 {
     struct timespec ts;
+
+    /* uv_now: CLOCK_MONOTONIC(_COARSE) in ms, the same clock as below */
+    if (mg__worker != NULL) return (int64_t)uv_now(mg__worker->loop) * 1000;
+    if (shm_clock != 0) return shm_clock;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static inline mg_shm_set_t *shm_sets(mg_shm_zone_t *z)
+static inline mg_shm_set_t *shm_set(mg_shm_zone_t *z, uint32_t set)
 {
-    return (mg_shm_set_t *)((char *)z + SHM_HEADER);
+    return (mg_shm_set_t *)((char *)z + SHM_HEADER + (size_t)set * z->set_stride);
 }
 
 mg_shm_entry_t *mg__shm_entry(mg_shm_zone_t *z, uint32_t slot)
 {
-    return (mg_shm_entry_t *)((char *)z + z->entries_off + (size_t)slot * z->entry_size);
+    return (mg_shm_entry_t *)((char *)shm_set(z, slot / MG_SHM_WAYS) + sizeof(mg_shm_set_t) +
+                              (size_t)(slot % MG_SHM_WAYS) * z->entry_size);
 }
 
 size_t mg__shm_value_size(const mg_shm_zone_t *z)
@@ -76,17 +90,17 @@ mg_shm_zone_t *mg__shm_zone_new(const char *name, size_t size)
     z->entry_size = (uint32_t)esize;
     z->nsets = (uint32_t)nsets;
     z->size = size;
-    z->entries_off = SHM_HEADER + nsets * sizeof(mg_shm_set_t);
+    z->set_stride = stride;
     if (getrandom(&z->seed, sizeof(z->seed), 0) != sizeof(z->seed))
         z->seed = (uint64_t)mg__shm_now_us() * 0x9e3779b97f4a7c15ULL;
 
-    /* Only the set headers are written here (1/18 of a limits zone): the
-     * entries stay untouched zero pages until used. */
+    /* Writing the set headers touches every page: the zone is resident
+     * from the start (once, shared by all workers). */
     pthread_mutexattr_init(&attr);
     pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
     pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
     for (i = 0; i < z->nsets; i++)
-        pthread_mutex_init(&shm_sets(z)[i].lock, &attr);
+        pthread_mutex_init(&shm_set(z, i)->lock, &attr);
     pthread_mutexattr_destroy(&attr);
 
     shm_zones[shm_nzones++] = z;
@@ -160,8 +174,17 @@ static uint64_t shm_hash(uint64_t seed, const char *p, size_t len)
         memcpy(&w, p, 8);
         h = shm_mix(h ^ w, 0xe7037ed1a0b428dbULL);
     }
+    /* the last 0..7 bytes, without a variable-length memcpy call */
     w = 0;
-    memcpy(&w, p, len);
+    if (len >= 4) {
+        uint32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + len - 4, 4);
+        w = (uint64_t)a << 32 | b;
+    } else if (len > 0) {
+        w = (uint64_t)(unsigned char)p[0] << 16 | (uint64_t)(unsigned char)p[len / 2] << 8 |
+            (unsigned char)p[len - 1];
+    }
     h = shm_mix(h ^ w, 0x8ebc6af09c88c6e3ULL);
     return shm_mix(h, 0x589965cc75374cc3ULL);
 }
@@ -176,11 +199,12 @@ void mg__shm_key(const mg_shm_zone_t *z, const char *key, size_t len, int kind, 
     k->kind = (uint8_t)kind;
     if (len <= MG_SHM_KEY_MAX) {
         k->len = (uint8_t)len;
-        memcpy(k->bytes, key, len);
+        k->bytes = key;
     } else {
         /* ~0.5 us per key over 64 bytes: the price of never confusing two */
         k->len = MG_SHM_HASHED;
-        SHA256((const unsigned char *)key, len, (unsigned char *)k->bytes);
+        SHA256((const unsigned char *)key, len, (unsigned char *)k->digest);
+        k->bytes = k->digest;
     }
 }
 
@@ -195,7 +219,7 @@ static inline size_t shm_stored_len(uint8_t len)
  * the rest keep their state (see shm.h). */
 static void shm_repair(mg_shm_zone_t *z, uint32_t set)
 {
-    mg_shm_set_t *s = &shm_sets(z)[set];
+    mg_shm_set_t *s = shm_set(z, set);
     int i;
 
     for (i = 0; i < MG_SHM_WAYS; i++) {
@@ -211,7 +235,7 @@ static void shm_repair(mg_shm_zone_t *z, uint32_t set)
 
 int mg__shm_lock(mg_shm_zone_t *z, uint32_t set)
 {
-    mg_shm_set_t *s = &shm_sets(z)[set];
+    mg_shm_set_t *s = shm_set(z, set);
     int r;
 
     do {
@@ -228,7 +252,7 @@ int mg__shm_lock(mg_shm_zone_t *z, uint32_t set)
 
 void mg__shm_unlock(mg_shm_zone_t *z, uint32_t set)
 {
-    pthread_mutex_unlock(&shm_sets(z)[set].lock);
+    pthread_mutex_unlock(&shm_set(z, set)->lock);
 }
 
 /* --- lookup ---------------------------------------------------------------- */
@@ -241,11 +265,12 @@ static int shm_kept(const mg_shm_entry_t *e, mg_shm_entry_t *const *keep, int nk
     return 0;
 }
 
-/* O(ways): one tag line, then the key of each way whose tag matches. */
+/* A hit reads the set's tag line and the matching entry only; a miss that
+ * creates looks at the other entries (expiry, last use) to pick a way. */
 mg_shm_entry_t *mg__shm_get(mg_shm_zone_t *z, const mg_shm_key_t *k, int create, int64_t now_us,
                             mg_shm_entry_t *const *keep, int nkeep, uint32_t *slot, int *err)
 {
-    mg_shm_set_t *s = &shm_sets(z)[k->set];
+    mg_shm_set_t *s = shm_set(z, k->set);
     uint32_t base = k->set * MG_SHM_WAYS;
     int i, free_way = -1, expired = -1, lru = -1;
     int64_t lru_us = INT64_MAX;
@@ -253,29 +278,31 @@ mg_shm_entry_t *mg__shm_get(mg_shm_zone_t *z, const mg_shm_key_t *k, int create,
     mg_shm_entry_t *e;
 
     for (i = 0; i < MG_SHM_WAYS; i++) {
-        uint16_t t = atomic_load_explicit(&s->tag[i], memory_order_relaxed);
-        if (t == 0) {
-            if (free_way < 0) free_way = i;
-            continue;
-        }
+        if (atomic_load_explicit(&s->tag[i], memory_order_relaxed) != k->tag) continue;
         e = mg__shm_entry(z, base + (uint32_t)i);
-        if (t == k->tag && e->kind == k->kind && e->key_len == k->len &&
-            memcmp(e->key, k->bytes, klen) == 0) {
+        if (e->kind == k->kind && e->key_len == k->len && memcmp(e->key, k->bytes, klen) == 0) {
             e->last_us = now_us;
             *slot = base + (uint32_t)i;
             return e;
         }
-        if (!create || shm_kept(e, keep, nkeep)) continue;
+    }
+    if (!create) {
+        *err = MG_DECLINED;
+        return NULL;
+    }
+    for (i = 0; i < MG_SHM_WAYS; i++) {
+        if (atomic_load_explicit(&s->tag[i], memory_order_relaxed) == 0) {
+            free_way = i;
+            break;
+        }
+        e = mg__shm_entry(z, base + (uint32_t)i);
+        if (shm_kept(e, keep, nkeep)) continue;
         if (e->expires_us <= now_us) {
             if (expired < 0) expired = i;
         } else if (e->expires_us != MG_SHM_PINNED && e->last_us < lru_us) {
             lru_us = e->last_us;
             lru = i;
         }
-    }
-    if (!create) {
-        *err = MG_DECLINED;
-        return NULL;
     }
     if (free_way >= 0) {
         i = free_way;

@@ -4,8 +4,9 @@
  * it forks, so every worker (and a respawned one) sees it at the same
  * address. Layout:
  *
- *   [zone header, 256 B][set headers: nsets x 64 B][entries: nsets x 8 x entry_size]
+ *   [zone header, 256 B][set 0][set 1]...   set = [header, 64 B][8 entries]
  *
+ * A set's header and entries are adjacent: a lookup touches one page.
  * The table is set-associative: a key hashes (seeded, so clients cannot aim
  * keys at one set) to one set of MG_SHM_WAYS entries, guarded by that set's
  * robust process-shared mutex; there is no zone-wide lock. A set header
@@ -84,22 +85,24 @@ struct mg_shm_zone_s {
     uint32_t entry_size;
     uint32_t nsets;
     uint32_t pad;
-    uint64_t seed; /* of the set hash */
-    uint64_t size; /* of the mapping */
-    uint64_t entries_off;
+    uint64_t seed;       /* of the set hash */
+    uint64_t size;       /* of the mapping */
+    uint64_t set_stride; /* 64 + 8 x entry_size */
     _Atomic uint64_t used;
     _Atomic uint64_t evictions;
     _Atomic uint64_t recovered; /* locks taken over from a dead holder */
 };
 
-/* A key prepared for one zone: hash, tag and the stored form. */
+/* A key prepared for one zone: hash, tag and the stored form (the caller's
+ * bytes, or the digest of a long key). Valid while the caller's key is. */
 typedef struct mg_shm_key_s {
     uint64_t hash;
     uint32_t set;
     uint16_t tag;
     uint8_t len; /* as stored: <= MG_SHM_KEY_MAX or MG_SHM_HASHED */
     uint8_t kind;
-    char bytes[MG_SHM_KEY_MAX];
+    const char *bytes;
+    char digest[32];
 } mg_shm_key_t;
 
 /* Creates the built-in zones (limits 16 MiB, breakers 1 MiB) and those of
@@ -125,7 +128,9 @@ mg_shm_entry_t *mg__shm_get(mg_shm_zone_t *z, const mg_shm_key_t *k, int create,
 mg_shm_entry_t *mg__shm_entry(mg_shm_zone_t *z, uint32_t slot);
 size_t mg__shm_value_size(const mg_shm_zone_t *z);
 
-/* CLOCK_MONOTONIC in microseconds. */
+/* CLOCK_MONOTONIC in microseconds: in a worker, its loop's time (updated
+ * once per loop turn, 1 ms resolution: free, where a clock read costs 50 to
+ * 150 ns on some VMs); elsewhere the clock itself. */
 int64_t mg__shm_now_us(void);
 
 /* The request's concurrency slots go back (req.c, when a request ends). */

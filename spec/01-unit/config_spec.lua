@@ -337,6 +337,15 @@ describe("config", function()
                   node_errors({ shm = { big = 1.5 } }))
       assert.same({ "shm: invalid zone name \"a b\" (letters, digits, '_' and '-')" },
                   node_errors({ shm = { ["a b"] = "1m" } }))
+      local long = ("z"):rep(32)
+      assert.same({ "shm: zone name \"" .. long .. "\" is longer than 31 characters" },
+                  node_errors({ shm = { [long] = "1m" } }))
+      local many = { limits = "1m", breakers = "1m" }
+      for i = 1, 15 do
+        many["z" .. i] = 4096
+      end
+      assert.same({ "shm: at most 14 zones besides limits and breakers" },
+                  node_errors({ shm = many }))
       assert.same({ "limits.max_headers: unknown field" },
                   node_errors({ limits = { max_headers = 1 } }))
     end)
