@@ -778,6 +778,15 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
         return 1;
     }
 
+    /* Shared-memory zones: mapped here, inherited by every worker (and
+     * every respawned one) through fork. Before the listeners and the pid
+     * file: writing their set headers takes some ms at 16 MiB, and until
+     * the loop's signal handlers are installed a stop signal would kill
+     * the master, so that window stays as short as it was. */
+    if (mg__shm_create(conf) < 0) {
+        mg_log(MG_LOG_ERROR, "cannot create the shared-memory zones (shm)");
+        goto out;
+    }
     if (master_open_listeners() < 0) goto out;
     if (daemonize && master_daemonize() < 0) goto out;
     M.pid = getpid();
@@ -790,12 +799,6 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     }
     M.pid_written = 1;
 
-    /* Shared-memory zones: mapped here, inherited by every worker (and
-     * every respawned one) through fork. */
-    if (mg__shm_create(conf) < 0) {
-        master_fail("cannot create the shared-memory zones (shm)");
-        goto out;
-    }
     master_snapshot(conf);
     M.workers = calloc((size_t)conf->workers, sizeof(*M.workers));
     if (M.workers == NULL || uv_loop_init(&M.loop) != 0) {
