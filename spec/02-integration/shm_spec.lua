@@ -67,6 +67,23 @@ describe("shm across workers", function()
     assert.is_true(workers["0"] and workers["1"], "both workers answered")
   end)
 
+  it("a reload that resizes a zone says it needs a restart, and the state stays", function()
+    local node = cjson.decode(assert(io.open(gw.conf_path)):read("*a"))
+    node.shm["custom-zone"] = "128k"
+    local f = assert(io.open(gw.conf_path, "w"))
+    f:write(cjson.encode(node))
+    f:close()
+    local rc, out = gw:reload()
+    assert.equal(0, rc, out)
+    assert.is_truthy(eventually(function()
+      return gw:log():find("reload: changes to shm need a restart", 1, true)
+    end, 5), gw:log_tail())
+    -- the workers' zones are the ones mapped at start: the fixed window of
+    -- 20 used up by the first test is still used up
+    local res = assert(client.get(gw.port, "/fixed/x", { Connection = "close" }))
+    assert.equal(429, res.status)
+  end)
+
   it("a zone declared in the node config holds its own state", function()
     local statuses = {}
     for i = 1, 4 do
