@@ -172,6 +172,7 @@ int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
                       const mg_breaker_conf_t *conf, int failed, double duration_ms,
                       int was_probe, int64_t now_us);
 int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
+int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out_len);
 ]]
 
 ffi.cdef(_M.cdef)

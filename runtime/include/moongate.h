@@ -248,6 +248,11 @@ int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
 /* MG_BREAKER_* (an open breaker past its open time reads half-open), or a
  * negative error. Unknown keys are closed. */
 int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
+/* Base64 (standard alphabet, padded: what etcd's JSON gateway sends).
+ * out must hold 3 * (len / 4) bytes; *out_len gets the decoded length.
+ * MG_EINVAL: not base64 (a length that is not a multiple of 4, a bad
+ * character). O(len), through OpenSSL's EVP_DecodeBlock. */
+int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out_len);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

@@ -205,7 +205,6 @@ static void on_done(void *ud, int err, const char *msg)
     mg_etcd_t *e = ud;
     int state = e->state;
     const char *what = state == ST_AUTH ? "auth" : state == ST_RANGE ? "range" : "watch";
-    char why[300];
 
     e->call = NULL;
     if (err == MG_ETCD_RERANGE) {
@@ -220,6 +219,7 @@ static void on_done(void *ud, int err, const char *msg)
         return;
     }
     if (e->status != 200) {
+        char why[300];
         error_message(e, why, sizeof(why));
         fail(e, what, why);
         return;

@@ -1,4 +1,4 @@
-/* util.c: small FFI utilities (log, sha256) and the access log. */
+/* util.c: small FFI utilities (log, sha256, base64) and the access log. */
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -13,6 +13,23 @@ void mg_log_write(int level, const char *msg, size_t len)
 {
     if (level < mg_log_level) return;
     mg_log(level, "%.*s", (int)len, msg);
+}
+
+int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out_len)
+{
+    size_t pad = 0;
+    int n;
+
+    *out_len = 0;
+    if (len == 0) return MG_OK;
+    /* EVP_DecodeBlock takes an int and skips leading and trailing white
+     * space, which etcd never sends: refuse it rather than guess */
+    if (len % 4 != 0 || len > (size_t)0x7ffffff0) return MG_EINVAL;
+    if (in[len - 1] == '=') pad = in[len - 2] == '=' ? 2 : 1;
+    n = EVP_DecodeBlock(out, (const unsigned char *)in, (int)len);
+    if (n < 0 || (size_t)n < pad) return MG_EINVAL;
+    *out_len = (size_t)n - pad; /* it counts the padding as zero bytes */
+    return MG_OK;
 }
 
 struct mg_sha256_s {

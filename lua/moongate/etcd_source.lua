@@ -1,0 +1,696 @@
+-- The etcd config source's Lua side (issue 5), in the control process: it
+-- reads what the C driver (runtime/src/etcd.c) hands it -- the body of a
+-- /v3/kv/range, pieces of the endless /v3/watch stream -- keeps the
+-- entities accepted so far, and checks every new value before it is
+-- accepted:
+--
+--   local src = etcd_source.new{ prefix = "/moongate", lua_path = {dirs},
+--                                sandbox = {max_instructions =, policies_dir =},
+--                                log = function(level, msg) end }
+--   src.key_b64, src.end_b64        -- the range [prefix/, prefix0) for the driver
+--   local rev, changed = src:range(body)   -- everything, at one revision
+--   local rev, changed = src:watch(piece)  -- rev: highest revision applied
+--                                          -- (nil: none in this piece);
+--                                          -- "rerange": compacted, read again
+--   src:doc()  -- {elements = {upstreams, routes, consumers = {texts}},
+--              --  skeleton = '{"global_policies":[...]}', policies = {name = text}}
+--
+-- Keys: <prefix>/<kind>/<id>, kind one of upstreams, routes, consumers,
+-- global_policies (each a JSON object: an entity of routes.json; for
+-- global_policies, one {name, conf} entry) and policies/<name> (Lua
+-- source, loaded in moongate.sandbox). Entities are listed in key order
+-- (etcd's byte order), which is also the order of routes that tie.
+-- A value without "id" gets the key's (it is written into the text); a
+-- value whose "id" differs from its key is refused. certificates, other
+-- kinds and malformed keys are logged once per key and ignored.
+--
+-- Checks, per key (a value written by another tool is refused with a log
+-- naming the key and the error, and the previous value of that key stays):
+-- the entity's schema and its references -- a route's upstream and
+-- policies, a global policy's -- against what is accepted; a DELETE of an
+-- upstream or policy still named by a route is refused the same way. A
+-- batch (the events of one piece of the stream, or a whole range) is
+-- collapsed to the last event per key, then applied by dependency:
+-- policies, upstreams and consumers written; then routes and global
+-- policies; then upstreams, consumers and policies deleted. So an upstream
+-- and the route naming it, written together, are both accepted, whatever
+-- their order. A value refused only for a missing reference (an unknown
+-- upstream or policy), and a refused DELETE (the key is gone from etcd),
+-- are tried again when a later batch changes anything.
+--
+-- A re-read (range) is a batch too: a PUT for each key whose text is not
+-- the one last seen, a DELETE for each key that is gone. So an invalid
+-- value met on a re-read does not drop the previous valid one either.
+--
+-- Costs: decoding base64 goes through OpenSSL (mg_base64_decode) into one
+-- buffer reused; a range of N keys is one cjson decode of the body plus N
+-- small decodes and N validations (config.validate_routes on that entity
+-- and the upstream it names: O(entity)). doc() builds the lists: O(N).
+
+local ffi = require("ffi")
+local cjson = require("cjson.safe")
+local binding = require("moongate.ffi")
+local config = require("moongate.config")
+local sandbox = require("moongate.sandbox")
+
+local C = binding.C
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local find = string.find
+local sub = string.sub
+local byte = string.byte
+local format = string.format
+local concat = table.concat
+local insert = table.insert
+local remove = table.remove
+local ffi_string = ffi.string
+
+local _M = {}
+local mt = { __index = _M }
+
+local KINDS = { upstreams = true, routes = true, consumers = true, global_policies = true,
+                policies = true }
+local LISTED = { "upstreams", "routes", "consumers" } -- doc().elements
+
+local json = cjson.new()
+json.decode_invalid_numbers(false)
+json.decode_max_depth(62) -- as config_version's per-entity decoder
+local json_top = cjson.new() -- a range body nests entities one level deeper... as strings
+json_top.decode_invalid_numbers(false)
+
+-- ---- base64 ----------------------------------------------------------------------
+
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+-- for the prefix only (once): plain Lua
+local function b64_encode(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = byte(s, i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local c1 = math.floor(n / 262144) % 64
+    local c2 = math.floor(n / 4096) % 64
+    local c3 = math.floor(n / 64) % 64
+    local c4 = n % 64
+    out[#out + 1] = sub(B64, c1 + 1, c1 + 1) .. sub(B64, c2 + 1, c2 + 1)
+                    .. (b and sub(B64, c3 + 1, c3 + 1) or "=")
+                    .. (c and sub(B64, c4 + 1, c4 + 1) or "=")
+  end
+  return concat(out)
+end
+_M.b64_encode = b64_encode
+
+local b64_cap = 65536
+local b64_buf = ffi.new("unsigned char[?]", b64_cap)
+local b64_len = ffi.new("size_t[1]")
+
+-- nil when s is not base64
+local function b64_decode(s)
+  local n = #s
+  if n == 0 then
+    return ""
+  end
+  local need = n / 4 * 3 + 3
+  if need > b64_cap then
+    while b64_cap < need do
+      b64_cap = b64_cap * 2
+    end
+    b64_buf = ffi.new("unsigned char[?]", b64_cap)
+  end
+  if C.mg_base64_decode(s, n, b64_buf, b64_len) ~= 0 then
+    return nil
+  end
+  return ffi_string(b64_buf, b64_len[0])
+end
+_M.b64_decode = b64_decode
+
+-- ---- the source --------------------------------------------------------------------
+
+local function new_kind()
+  return { ids = {}, text = {} } -- ids: sorted list; text: id -> accepted text
+end
+
+-- opts: prefix (no trailing "/"), lua_path (dirs), sandbox ({max_instructions,
+-- policies_dir}), log(level, msg) (default: moongate's log).
+function _M.new(opts)
+  local prefix = opts.prefix or "/moongate"
+  local key = prefix .. "/"
+  local range_end = prefix .. "0" -- "/" + 1
+  local log = opts.log
+  if not log then
+    local mg = require("moongate")
+    log = function(level, msg)
+      mg.log[level](msg)
+    end
+  end
+  local sb = opts.sandbox or {}
+  return setmetatable({
+    prefix = prefix,
+    key = key,
+    key_b64 = b64_encode(key),
+    end_b64 = b64_encode(range_end),
+    lua_path = opts.lua_path or {},
+    sandboxed = { dir = sb.policies_dir, max_instructions = sb.max_instructions },
+    log = log,
+    kinds = { upstreams = new_kind(), routes = new_kind(), consumers = new_kind(),
+              global_policies = new_kind(), policies = new_kind() },
+    seen = {},      -- key -> the last value text met (accepted or not)
+    pending = {},   -- key -> value refused for a missing reference (tried again)
+    warned = {},    -- key -> true: an ignored key, logged once
+    route_refs = {},  -- route id -> {upstream =, policies = {names}}
+    global_refs = {}, -- global_policies id -> policy name
+    revision = 0,
+    stream = "",     -- the watch stream's unfinished line
+  }, mt)
+end
+
+-- key -> kind, id; nil and why for a key not ours
+local function parse_key(self, key)
+  if sub(key, 1, #self.key) ~= self.key then
+    return nil, "outside the prefix"
+  end
+  local rest = sub(key, #self.key + 1)
+  local kind, id = rest:match("^([^/]+)/(.+)$")
+  if not kind then
+    return nil, "not <prefix>/<kind>/<id>"
+  end
+  if kind == "certificates" then
+    return nil, "certificates are not supported by this build yet"
+  end
+  if not KINDS[kind] then
+    return nil, "unknown kind " .. format("%q", kind)
+  end
+  if find(id, "/", 1, true) then
+    return nil, "an id with '/'"
+  end
+  return kind, id
+end
+
+local function sorted_insert(list, id)
+  local lo, hi = 1, #list
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local v = list[mid]
+    if v == id then
+      return
+    elseif v < id then
+      lo = mid + 1
+    else
+      hi = mid - 1
+    end
+  end
+  insert(list, lo, id)
+end
+
+local function sorted_remove(list, id)
+  local lo, hi = 1, #list
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local v = list[mid]
+    if v == id then
+      remove(list, mid)
+      return
+    elseif v < id then
+      lo = mid + 1
+    else
+      hi = mid - 1
+    end
+  end
+end
+
+local function set(self, kind, id, text)
+  local k = self.kinds[kind]
+  if k.text[id] == nil then
+    sorted_insert(k.ids, id)
+  end
+  k.text[id] = text
+end
+
+local function unset(self, kind, id)
+  local k = self.kinds[kind]
+  if k.text[id] ~= nil then
+    sorted_remove(k.ids, id)
+    k.text[id] = nil
+  end
+end
+
+-- the policy loader of a batch: files first, then the accepted sandboxed texts
+local function loader(self)
+  if not self.batch_loader then
+    local sb = self.sandboxed
+    self.batch_loader = config.policy_loader(self.lua_path, {
+      sources = self.kinds.policies.text, dir = sb.dir, max_instructions = sb.max_instructions,
+    })
+  end
+  return self.batch_loader
+end
+
+-- validate_routes' paths name the mini document ("routes[0].upstream"):
+-- the key names the entity, so the index goes
+local function strip_paths(errs, list)
+  local out = {}
+  for i, e in ipairs(errs) do
+    out[i] = (e:gsub("^" .. list .. "%[0%]%.?", ""))
+  end
+  return concat(out, "; ")
+end
+
+local function missing_reference(msg)
+  return find(msg, "unknown upstream", 1, true) or find(msg, "unknown policy", 1, true)
+end
+
+local function policy_names(list)
+  local names = {}
+  if type(list) == "table" then
+    for _, p in ipairs(list) do
+      if type(p) == "table" and type(p.name) == "string" then
+        names[#names + 1] = p.name
+      end
+    end
+  end
+  return names
+end
+
+-- Checks value (decoded) as an entity of kind with id: nil, or why not.
+local function check_entity(self, kind, id, value)
+  if kind == "global_policies" then
+    -- with the other global entries: a policy named twice is refused
+    local list = {}
+    local k = self.kinds.global_policies
+    for _, gid in ipairs(k.ids) do
+      if gid ~= id then
+        list[#list + 1] = json.decode(k.text[gid])
+      end
+    end
+    list[#list + 1] = value
+    local _, errs = config.validate_routes({ global_policies = list },
+                                           { policy_loader = loader(self) })
+    if errs then
+      return strip_paths(errs, "global_policies%[%d+%]")
+    end
+    return nil
+  end
+  local doc = { [kind] = { value } }
+  if kind == "routes" and type(value.upstream) == "string" then
+    local utext = self.kinds.upstreams.text[value.upstream]
+    if utext then
+      doc.upstreams = { json.decode(utext) }
+    end
+  end
+  local _, errs = config.validate_routes(doc, { policy_loader = loader(self) })
+  if errs then
+    return strip_paths(errs, kind)
+  end
+  return nil
+end
+
+-- Many routes at once (a range, a big batch): one validate_routes call over
+-- them and the upstreams they name, errors sorted back by index (at 10,000
+-- routes: half the cost of one call per route, which checks the upstream
+-- each time). nil: check them one by one (few routes, or an error that is
+-- about no one route). Else key -> error text, or false when valid.
+local function precheck_routes(self, entries)
+  if #entries < 16 then
+    return nil
+  end
+  local list, keys, named, ups = {}, {}, {}, {}
+  local accepted = self.kinds.upstreams.text
+  for _, e in ipairs(entries) do
+    local text = e[4]
+    local value = json.decode(text)
+    if type(value) == "table" and text:match("^%s*{") and (value.id == nil or value.id == e[3]) then
+      value.id = e[3]
+      list[#list + 1] = value
+      keys[#keys + 1] = e[1]
+      local u = value.upstream
+      if type(u) == "string" and not named[u] and accepted[u] then
+        named[u] = true
+        ups[#ups + 1] = json.decode(accepted[u])
+      end
+    end
+  end
+  local _, errs = config.validate_routes({ upstreams = ups, routes = list },
+                                         { policy_loader = loader(self) })
+  local out = {}
+  for _, key in ipairs(keys) do
+    out[key] = false
+  end
+  for _, msg in ipairs(errs or {}) do
+    local i, rest = msg:match("^routes%[(%d+)%]%.?(.*)$")
+    local key = i and keys[tonumber(i) + 1]
+    if not key then
+      return nil
+    end
+    out[key] = out[key] and (out[key] .. "; " .. rest) or rest
+  end
+  return out
+end
+
+-- id written into the text when the value has none (the workers index
+-- entities by the id inside)
+local function with_id(text, id)
+  if text:match("^%s*{%s*}%s*$") then
+    return '{"id":' .. json.encode(id) .. "}"
+  end
+  return (text:gsub("^%s*{", '{"id":' .. json.encode(id) .. ",", 1))
+end
+
+local function refuse(self, key, msg, text)
+  local kind, id = parse_key(self, key)
+  local before = kind and self.kinds[kind].text[id] ~= nil
+  self.log("err", format("etcd: %s: refused: %s; %s", key, msg,
+                         before and "the previous value stays"
+                         or "the key is ignored until it is valid"))
+  if text and missing_reference(msg) then
+    self.pending[key] = text
+  end
+end
+
+-- One PUT: true when accepted.
+local function put(self, key, kind, id, text)
+  self.pending[key] = nil
+  if kind == "policies" then
+    if self.kinds.policies.text[id] == text then
+      return false
+    end
+    if not id:match("^[%w_%-]+$") then
+      refuse(self, key, format("invalid policy name %q (letters, digits, '_' and '-')", id))
+      return false
+    end
+    sandbox.configure(self.sandboxed)
+    local mod, err = sandbox.load(id, text)
+    if mod then
+      err = config.policy_problem(mod)
+      err = err and "the policy " .. err
+    end
+    if err then
+      refuse(self, key, tostring(err))
+      return false
+    end
+    set(self, kind, id, text)
+    self.batch_loader = nil -- a new text: modules loaded again
+    return true
+  end
+  local value, jerr = json.decode(text)
+  if value == nil then
+    refuse(self, key, "invalid JSON: " .. tostring(jerr))
+    return false
+  elseif type(value) ~= "table" or not text:match("^%s*{") then
+    refuse(self, key, "not a JSON object")
+    return false
+  end
+  if kind ~= "global_policies" then
+    if value.id == nil then
+      value.id = id
+      text = with_id(text, id)
+    elseif value.id ~= id then
+      refuse(self, key, format("id %s differs from the key's %q", json.encode(value.id), id))
+      return false
+    end
+  end
+  if self.kinds[kind].text[id] == text then
+    return false
+  end
+  local err
+  local pre -- nil: not prechecked
+  if kind == "routes" and self.prechecked then
+    pre = self.prechecked[key]
+  end
+  if pre ~= nil then
+    err = pre or nil
+  else
+    err = check_entity(self, kind, id, value)
+  end
+  if err then
+    refuse(self, key, err, text)
+    return false
+  end
+  set(self, kind, id, text)
+  if kind == "routes" then
+    self.route_refs[id] = { upstream = type(value.upstream) == "string" and value.upstream or nil,
+                            policies = policy_names(value.policies) }
+  elseif kind == "global_policies" then
+    self.global_refs[id] = type(value.name) == "string" and value.name or nil
+  end
+  return true
+end
+
+-- who still names upstream / policy `id` (a route id, or "global_policies/x")
+local function users(self, kind, id)
+  local out = {}
+  if kind == "upstreams" then
+    for rid, refs in pairs(self.route_refs) do
+      if refs.upstream == id then
+        out[#out + 1] = "routes/" .. rid
+      end
+    end
+  elseif kind == "policies" then
+    for rid, refs in pairs(self.route_refs) do
+      for _, name in ipairs(refs.policies) do
+        if name == id then
+          out[#out + 1] = "routes/" .. rid
+        end
+      end
+    end
+    for gid, name in pairs(self.global_refs) do
+      if name == id then
+        out[#out + 1] = "global_policies/" .. gid
+      end
+    end
+  end
+  table.sort(out)
+  return out
+end
+
+-- One DELETE: true when something was removed.
+local function delete(self, key, kind, id)
+  self.pending[key] = nil
+  if self.kinds[kind].text[id] == nil then
+    return false
+  end
+  local by = users(self, kind, id)
+  if #by > 0 then
+    if kind == "policies" and self.kinds.policies.text[id] and config.policy_file(self.lua_path, id) then
+      by = {} -- a policy file of that name serves them: the sandboxed text was shadowed anyway
+    end
+  end
+  if #by > 0 then
+    self.log("err", format("etcd: %s: delete refused: still used by %s%s; the value stays "
+                           .. "until they no longer name it", key,
+                           concat(by, ", ", 1, math.min(#by, 5)), #by > 5 and ", ..." or ""))
+    self.pending[key] = false -- gone from etcd: goes here once unused
+    return false
+  end
+  unset(self, kind, id)
+  if kind == "routes" then
+    self.route_refs[id] = nil
+  elseif kind == "global_policies" then
+    self.global_refs[id] = nil
+  elseif kind == "policies" then
+    self.batch_loader = nil
+  end
+  return true
+end
+
+local PUT_FIRST = { policies = 1, upstreams = 2, consumers = 2, routes = 3, global_policies = 3 }
+local DELETE_AT = { routes = 3, global_policies = 3, consumers = 4, upstreams = 4, policies = 5 }
+
+-- batch: {key = text | false (deleted)}; order: keys in first-seen order.
+-- Returns true when an accepted value changed.
+local function apply(self, batch, order)
+  local changed = false
+  self.batch_loader = nil
+  local steps = { {}, {}, {}, {}, {} }
+  for _, key in ipairs(order) do
+    local text = batch[key]
+    local kind, id = parse_key(self, key)
+    if not kind then
+      if not self.warned[key] then
+        self.warned[key] = true
+        self.log("warn", format("etcd: %s: ignored (%s)", key, id))
+      end
+    else
+      local step = text and PUT_FIRST[kind] or DELETE_AT[kind]
+      local s = steps[step]
+      s[#s + 1] = { key, kind, id, text }
+    end
+  end
+  for n, s in ipairs(steps) do
+    if n == 3 then
+      local routes = {}
+      for _, e in ipairs(s) do
+        if e[2] == "routes" and e[4] then
+          routes[#routes + 1] = e
+        end
+      end
+      self.prechecked = precheck_routes(self, routes)
+    end
+    for _, e in ipairs(s) do
+      local ok
+      if e[4] then
+        ok = put(self, e[1], e[2], e[3], e[4])
+      else
+        ok = delete(self, e[1], e[2], e[3])
+      end
+      changed = changed or ok
+    end
+  end
+  self.prechecked = nil
+  -- values refused for a reference that may exist now
+  if changed and next(self.pending) then
+    local again, again_order = {}, {}
+    for key, text in pairs(self.pending) do
+      again[key] = text
+      again_order[#again_order + 1] = key
+    end
+    table.sort(again_order)
+    self.pending = {}
+    local quiet = self.log
+    self.log = function() end -- they were logged when first refused
+    local any = false
+    for _, key in ipairs(again_order) do
+      local kind, id = parse_key(self, key)
+      if again[key] == false then
+        if delete(self, key, kind, id) then
+          any = true
+          quiet("info", format("etcd: %s: deleted now that nothing names it", key))
+        end
+      elseif put(self, key, kind, id, again[key]) then
+        any = true
+        quiet("info", format("etcd: %s: accepted now that what it names exists", key))
+      end
+    end
+    self.log = quiet
+    changed = changed or any
+  end
+  self.batch_loader = nil
+  return changed
+end
+
+-- ---- range and watch -----------------------------------------------------------------
+
+-- The whole /v3/kv/range body: everything under the prefix at one revision.
+-- Returns the revision and whether the accepted set changed, or nil and why.
+function _M:range(body)
+  local r = json_top.decode(body)
+  if type(r) ~= "table" or type(r.header) ~= "table" then
+    return nil, "not a range answer"
+  end
+  local rev = tonumber(r.header.revision)
+  if not rev then
+    return nil, "a range answer without a revision"
+  end
+  local batch, order, present = {}, {}, {}
+  for _, kv in ipairs(type(r.kvs) == "table" and r.kvs or {}) do
+    local key = type(kv.key) == "string" and b64_decode(kv.key)
+    local text = type(kv.value) == "string" and b64_decode(kv.value) or (kv.value == nil and "")
+    if key and text then
+      present[key] = true
+      if self.seen[key] ~= text then
+        self.seen[key] = text
+        batch[key] = text
+        order[#order + 1] = key
+      end
+    end
+  end
+  -- what is gone since the last read
+  for key in pairs(self.seen) do
+    if not present[key] then
+      self.seen[key] = nil
+      batch[key] = false
+      order[#order + 1] = key
+    end
+  end
+  self.stream = ""
+  local changed = apply(self, batch, order)
+  self.revision = rev
+  return rev, changed
+end
+
+-- A piece of the watch stream (newline-separated JSON messages, cut
+-- anywhere). Returns the highest revision applied (nil when the piece
+-- ended no event) and whether the accepted set changed; "rerange" when
+-- etcd cancelled the watch (history compacted): the caller reads
+-- everything again; nil, nil, why on an error message.
+function _M:watch(piece)
+  local buf = self.stream .. piece
+  local batch, order = {}, {}
+  local rev
+  local from = 1
+  while true do
+    local nl = find(buf, "\n", from, true)
+    if not nl then
+      break
+    end
+    local line = sub(buf, from, nl - 1)
+    from = nl + 1
+    if find(line, "%S") then
+      local m = json_top.decode(line)
+      local res = type(m) == "table" and m.result
+      if type(res) ~= "table" then
+        self.stream = ""
+        local e = type(m) == "table" and m.error
+        return nil, nil, "watch: " .. (type(e) == "table" and tostring(e.message) or "a bad message")
+      end
+      if res.canceled or res.compact_revision then
+        self.stream = ""
+        return "rerange"
+      end
+      for _, ev in ipairs(type(res.events) == "table" and res.events or {}) do
+        local kv = ev.kv
+        local key = type(kv) == "table" and type(kv.key) == "string" and b64_decode(kv.key)
+        if key then
+          local text = false
+          if ev.type ~= "DELETE" then
+            text = type(kv.value) == "string" and b64_decode(kv.value) or ""
+          end
+          if batch[key] == nil then
+            order[#order + 1] = key
+          end
+          batch[key] = text
+          self.seen[key] = text or nil
+          local mr = tonumber(kv.mod_revision)
+          if mr and (not rev or mr > rev) then
+            rev = mr
+          end
+        end
+      end
+    end
+  end
+  self.stream = sub(buf, from)
+  if not rev then
+    return nil, false
+  end
+  local changed = apply(self, batch, order)
+  self.revision = rev
+  return rev, changed
+end
+
+-- The accepted config as the control process hands it out.
+function _M:doc()
+  local elements = {}
+  for _, kind in ipairs(LISTED) do
+    local k = self.kinds[kind]
+    local list = {}
+    for i, id in ipairs(k.ids) do
+      list[i] = k.text[id]
+    end
+    elements[kind] = list
+  end
+  local g = self.kinds.global_policies
+  local gl = {}
+  for i, id in ipairs(g.ids) do
+    gl[i] = g.text[id]
+  end
+  local policies = {}
+  for name, text in pairs(self.kinds.policies.text) do
+    policies[name] = text
+  end
+  return { elements = elements, skeleton = '{"global_policies":[' .. concat(gl, ",") .. "]}",
+           policies = policies, revision = self.revision }
+end
+
+return _M
