@@ -26,5 +26,10 @@ describe("config.unsupported", function()
     }, errs)
     local e2 = config.unsupported(node({ config_source = { type = "etcd" } }), nil)
     assert.same({ 'config_source.type: only "file" is supported by this build yet' }, e2)
+    local e3 = config.unsupported(node({ config_source = { type = "etcd", endpoints = {
+      "http://127.0.0.1:2379", "https://10.0.0.2:2379" } } }), nil)
+    assert.same({ 'config_source.type: only "file" is supported by this build yet',
+                  "config_source.endpoints[1]: https is not supported by this build yet "
+                  .. "(the etcd client speaks http:// only)" }, e3)
   end)
 end)
