@@ -173,6 +173,11 @@ int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
                       int was_probe, int64_t now_us);
 int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
 int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out_len);
+typedef struct mg_upstream_breaker_s mg_upstream_breaker_t;
+mg_upstream_breaker_t *mg_upstream_breaker_new(mg_shm_zone_t *z, const mg_breaker_conf_t *conf,
+                                               const int *failure_statuses, size_t nstatuses);
+void mg_upstream_breaker_release(mg_upstream_breaker_t *b);
+int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
 ]]
 
 ffi.cdef(_M.cdef)

@@ -12,6 +12,9 @@
 --   header=Name:Value  add a response header (repeatable)
 --   interim=103     send a 1xx (with a Link header) before the answer
 --   skip_body=1     answer without reading the request body
+-- GET /__mock/hits answers {"hits": N}: the requests this mock worker
+-- received before it (any path, whatever their fate), so a spec can tell
+-- whether the gateway reached the backend at all.
 
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
@@ -109,11 +112,20 @@ local function as_list(v)
   return { v }
 end
 
+local hits = 0
+
 function _M.access(rp)
   local r = ffi_cast(req_ptr, rp)
   local v = ffi_cast(view_ptr, rp)
   context.set(r)
   local req = request.new_req(r, v)
+  if req.path == "/__mock/hits" then
+    local body = '{"hits":' .. hits .. '}\n'
+    C.mg_resp_set_header(r, "Content-Type", 12, "application/json", 16, SET)
+    C.mg_resp_send(r, 200, body, #body)
+    return
+  end
+  hits = hits + 1
   local args = req:args()
   local delay = tonumber(args.delay_ms)
   if delay and delay > 0 then

@@ -253,6 +253,20 @@ int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t 
  * MG_EINVAL: not base64 (a length that is not a multiple of 4, a bad
  * character). O(len), through OpenSSL's EVP_DecodeBlock. */
 int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out_len);
+
+/* Breakers in the proxy path (the circuit-breaker policy; proxy_breaker.c):
+ * a conf, the response statuses that count as failures (100..999) and a
+ * zone, made once per config version (freed through ffi.gc) and attached
+ * to a request in access. The proxy then acquires, for the target it
+ * picks, the breaker of key "<upstream id>/<host>:<port>" in that zone,
+ * skips targets it refuses, answers 503 when none admits, and reports the
+ * exchange once it ends. NULL: a bad conf, zone or status. A request holds
+ * a reference until it ends; set_breaker with NULL detaches. */
+typedef struct mg_upstream_breaker_s mg_upstream_breaker_t;
+mg_upstream_breaker_t *mg_upstream_breaker_new(mg_shm_zone_t *z, const mg_breaker_conf_t *conf,
+                                               const int *failure_statuses, size_t nstatuses);
+void mg_upstream_breaker_release(mg_upstream_breaker_t *b);
+int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

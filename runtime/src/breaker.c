@@ -41,7 +41,7 @@ typedef struct {
 
 _Static_assert(sizeof(brk_state_t) <= MG_SHM_ENTRY_LARGE - MG_SHM_ENTRY_HEAD, "state fits");
 
-static int brk_conf_ok(const mg_breaker_conf_t *c)
+int mg__breaker_conf_ok(const mg_breaker_conf_t *c)
 {
     return c != NULL && c->window_ms >= BRK_BUCKETS && c->open_ms > 0 && c->probes > 0 &&
            c->close_after > 0 && c->failure_rate > 0 && c->slow_rate >= 0;
@@ -123,6 +123,11 @@ static int brk_args_ok(mg_shm_zone_t *z, const char *key, size_t len)
     return z != NULL && (key != NULL || len == 0) && mg__shm_value_size(z) >= sizeof(brk_state_t);
 }
 
+int mg__breaker_zone_ok(mg_shm_zone_t *z)
+{
+    return brk_args_ok(z, "", 0);
+}
+
 int mg_breaker_acquire(mg_shm_zone_t *z, const char *key, size_t key_len,
                        const mg_breaker_conf_t *conf, int64_t now_us, mg_breaker_result_t *out)
 {
@@ -131,7 +136,7 @@ int mg_breaker_acquire(mg_shm_zone_t *z, const char *key, size_t key_len,
     brk_state_t *b;
     int err = 0;
 
-    if (!brk_args_ok(z, key, key_len) || !brk_conf_ok(conf) || out == NULL) return MG_EINVAL;
+    if (!brk_args_ok(z, key, key_len) || !mg__breaker_conf_ok(conf) || out == NULL) return MG_EINVAL;
     if (now_us <= 0) now_us = mg__shm_now_us();
     /* A key never reported is closed: no entry is made for it here, so
      * acquires alone never fill the zone. */
@@ -179,7 +184,7 @@ int mg_breaker_report(mg_shm_zone_t *z, const char *key, size_t key_len,
     brk_state_t *b;
     int err = 0, slow;
 
-    if (!brk_args_ok(z, key, key_len) || !brk_conf_ok(conf)) return MG_EINVAL;
+    if (!brk_args_ok(z, key, key_len) || !mg__breaker_conf_ok(conf)) return MG_EINVAL;
     if (now_us <= 0) now_us = mg__shm_now_us();
     e = brk_entry(z, key, key_len, 1, now_us, &k, &err);
     if (e == NULL) return err;
@@ -241,4 +246,22 @@ int mg_breaker_state(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t 
     if (state == MG_BREAKER_OPEN && now_us >= b->open_until) state = MG_BREAKER_HALF_OPEN;
     mg__shm_unlock(z, k.set);
     return state;
+}
+
+int mg__breaker_release(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us)
+{
+    mg_shm_key_t k;
+    mg_shm_entry_t *e;
+    int err = 0;
+
+    if (!brk_args_ok(z, key, key_len)) return MG_EINVAL;
+    if (now_us <= 0) now_us = mg__shm_now_us();
+    e = brk_entry(z, key, key_len, 0, now_us, &k, &err);
+    if (e == NULL) return err == MG_DECLINED ? MG_OK : err;
+    brk_state_t *b = (brk_state_t *)e->value;
+    /* Only the half-open period's count: a probe of an earlier period
+     * that lands here frees a slot of this one, as its report would. */
+    if (b->state == MG_BREAKER_HALF_OPEN && b->probes > 0) b->probes--;
+    mg__shm_unlock(z, k.set);
+    return MG_OK;
 }

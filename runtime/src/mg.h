@@ -175,6 +175,15 @@ typedef struct mg_req_s {
     uint64_t up_start_ns;
     uint64_t up_ns;
     struct mg_http_op_s *http; /* mg.http.request's call and result, or NULL */
+    /* circuit breaker (proxy_breaker.c): brk NULL on routes without one;
+     * brk_key set from acquire until the one report of the exchange */
+    mg_upstream_breaker_t *brk;
+    const char *brk_key; /* the acquired target's key (the upstream's copy) */
+    uint32_t brk_key_len;
+    int brk_probe;         /* admitted as a half-open probe */
+    int brk_head;          /* 0: no response head yet; 1: a success status; 2: a failure one */
+    double brk_head_ms;    /* acquire to response head */
+    uint64_t brk_start_ns; /* acquire */
     /* concurrency-limit slots held until the request ends (limit.c) */
     struct {
         mg_shm_zone_t *zone;
@@ -234,9 +243,20 @@ typedef struct mg_upstream_s {
     struct {
         mg_target_t *t;
         int weight;
-        int current; /* smooth weighted round robin (as nginx does) */
+        int current;     /* smooth weighted round robin (as nginx does) */
+        char *brk_key;   /* "<upstream id>/<host>:<port>": its breaker's key */
+        uint32_t brk_key_len;
     } targets[64];
 } mg_upstream_t;
+
+/* A circuit-breaker policy's conf for the proxy (mg_upstream_breaker_new):
+ * owned by Lua's handle and by each request it is attached to. */
+struct mg_upstream_breaker_s {
+    int refs;
+    mg_shm_zone_t *zone;
+    mg_breaker_conf_t conf;
+    uint8_t failure[125]; /* bit s: status s (0..999) is a failure */
+};
 
 typedef struct mg_upconn_s {
     uv_tcp_t tcp;
@@ -375,6 +395,12 @@ void mg__proxy_client_drained(mg_req_t *r);
 void mg__proxy_release(mg_req_t *r); /* back to the pool, or closed */
 void mg__proxy_abort(mg_req_t *r);
 void mg__proxy_resp_settings(llhttp_settings_t *s);
+
+/* circuit breakers in the proxy path (proxy_breaker.c) */
+int mg__breaker_pick(mg_req_t *r, int first); /* target index, or -1: r was answered 503 */
+void mg__breaker_head(mg_req_t *r, int status);
+void mg__breaker_end(mg_req_t *r, int failed);
+void mg__breaker_detach(mg_req_t *r); /* the request ends */
 void mg__targets_close(mg_worker_t *w);
 
 /* mg.http.request (req_http.c) */

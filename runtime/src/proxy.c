@@ -82,6 +82,12 @@ int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t hl, int po
     h[hl] = 0;
     mg_target_t *t = target_get(mg__worker, h, port);
     if (!t) return MG_DECLINED;
+    /* The key of the target's circuit breaker, made here once rather than
+     * per request: "<upstream id>/<host>:<port>" (README). */
+    size_t kl = strlen(u->id) + hl + 8;
+    char *key = malloc(kl);
+    if (!key) return MG_ERROR;
+    int n = snprintf(key, kl, "%s/%s:%d", u->id, h, port);
     /* The pool of a target shared by upstreams takes the largest size. */
     if (u->pool_size > t->pool_size) t->pool_size = u->pool_size;
     t->idle_ms = u->idle_ms;
@@ -89,17 +95,23 @@ int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t hl, int po
     u->targets[u->ntargets].t = t;
     u->targets[u->ntargets].weight = weight;
     u->targets[u->ntargets].current = 0;
+    u->targets[u->ntargets].brk_key = key;
+    u->targets[u->ntargets].brk_key_len = (uint32_t)n;
     u->ntargets++;
     return MG_OK;
 }
 
 void mg_upstream_release(mg_upstream_t *u)
 {
-    if (u && --u->refs == 0) free(u);
+    if (!u || --u->refs > 0) return;
+    for (int i = 0; i < u->ntargets; i++)
+        free(u->targets[i].brk_key);
+    free(u);
 }
 
-/* Smooth weighted round robin (nginx's): even spread, no bursts. O(targets). */
-static mg_target_t *pick_target(mg_upstream_t *u)
+/* Smooth weighted round robin (nginx's): even spread, no bursts. O(targets).
+ * The index of the target, or -1 when every weight is 0. */
+static int pick_target(mg_upstream_t *u)
 {
     int total = 0, best = -1;
     for (int i = 0; i < u->ntargets; i++) {
@@ -108,9 +120,9 @@ static mg_target_t *pick_target(mg_upstream_t *u)
         total += u->targets[i].weight;
         if (best < 0 || u->targets[i].current > u->targets[best].current) best = i;
     }
-    if (best < 0) return NULL;
+    if (best < 0) return -1;
     u->targets[best].current -= total;
-    return u->targets[best].t;
+    return best;
 }
 
 /* ---- upstream connections ---------------------------------------------------- */
@@ -455,11 +467,16 @@ void mg__proxy_start(mg_req_t *r)
         mg__req_fail(r, 500, "the request body was consumed by a policy");
         return;
     }
-    r->target = pick_target(r->upstream);
-    if (!r->target) {
+    int i = pick_target(r->upstream);
+    if (i < 0) {
         mg__req_fail(r, 503, "no upstream target available");
         return;
     }
+    if (r->brk) {
+        i = mg__breaker_pick(r, i);
+        if (i < 0) return; /* every target's breaker refused: answered 503 */
+    }
+    r->target = r->upstream->targets[i].t;
     up_attach(r);
 }
 
@@ -479,6 +496,8 @@ static void up_fail(mg_req_t *r, mg_upconn_t *u, int status, const char *why)
     }
     mg_log(MG_LOG_WARN, "%s: %s:%d (upstream %s, request %s)", why, r->target->host,
            r->target->port, r->upstream->id, r->v.request_id);
+    /* 500: our own request head did not fit; anything else is the target's */
+    if (r->brk_key) mg__breaker_end(r, status != 500);
     if (r->resp_started) {
         mg__conn_close(r->conn);
         return;
@@ -618,6 +637,7 @@ static void on_up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
                 up_process(u);
                 return;
             }
+            if (r->brk_key) mg__breaker_end(r, 1); /* the body was cut */
             mg__conn_close(r->conn);
             return;
         }
@@ -780,6 +800,7 @@ static void up_process(mg_upconn_t *u)
                     u->head_sent = 1;
                     u->body_base = u->pos;
                     r->up_ns = mg__now_ns() - r->up_start_ns;
+                    if (r->brk_key) mg__breaker_head(r, u->parser.status_code);
                     if (r->resp_no_body) {
                         /* no body: tell llhttp, which otherwise waits for one */
                         u->parser.flags |= F_SKIPBODY;
@@ -797,6 +818,7 @@ static void up_process(mg_upconn_t *u)
                 u->pos = u->len;
             } else {
                 if (r->resp_started) {
+                    if (r->brk_key) mg__breaker_end(r, 1);
                     mg__conn_close(c);
                     return;
                 }
@@ -813,6 +835,9 @@ static void up_process(mg_upconn_t *u)
         }
         if (u->msg_done && !r->resp_finished) {
             r->resp_finished = 1;
+            /* the exchange with the backend is over: report it now, before
+             * the client has the last bytes (and can ask again) */
+            if (r->brk_key) mg__breaker_end(r, 0);
             if (r->resp_chunked) mg__out_add_last_chunk(&c->out);
         }
         int rc = mg__conn_flush(c);

@@ -261,6 +261,8 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->v.start_time = mg_time_now();
     r->up_ns = 0;
     r->http = NULL;
+    r->brk = NULL;
+    r->brk_key = NULL;
     r->nconc = 0;
     return r;
 }
@@ -274,6 +276,9 @@ void mg__req_free(mg_req_t *r)
     /* Every end of a request passes here (finished, failed, aborted), after
      * its log phase: concurrency slots go back exactly once. */
     if (r->nconc) mg__limit_conc_release(r);
+    /* ...and an acquired breaker gets its one report (or its probe slot
+     * back) when nothing reported it yet: a client gone, a failed body. */
+    if (r->brk) mg__breaker_detach(r);
     uv_timer_stop(&r->sleep_timer);
     if (r->upstream) {
         mg_upstream_release(r->upstream);

@@ -133,6 +133,14 @@ size_t mg__shm_value_size(const mg_shm_zone_t *z);
  * 150 ns on some VMs); elsewhere the clock itself. */
 int64_t mg__shm_now_us(void);
 
+/* Breakers (breaker.c). conf_ok: the conf is one acquire/report take;
+ * zone_ok: the zone's entries hold a breaker. release: a probe's call
+ * ended with no verdict (the client left first): its slot goes back and
+ * nothing is counted. */
+int mg__breaker_conf_ok(const mg_breaker_conf_t *c);
+int mg__breaker_zone_ok(mg_shm_zone_t *z);
+int mg__breaker_release(mg_shm_zone_t *z, const char *key, size_t key_len, int64_t now_us);
+
 /* The request's concurrency slots go back (req.c, when a request ends). */
 void mg__limit_conc_release(mg_req_t *r);
 
