@@ -136,7 +136,8 @@ int mg_breaker_acquire(mg_shm_zone_t *z, const char *key, size_t key_len,
     brk_state_t *b;
     int err = 0;
 
-    if (!brk_args_ok(z, key, key_len) || !mg__breaker_conf_ok(conf) || out == NULL) return MG_EINVAL;
+    if (!brk_args_ok(z, key, key_len) || !mg__breaker_conf_ok(conf) || out == NULL)
+        return MG_EINVAL;
     if (now_us <= 0) now_us = mg__shm_now_us();
     /* A key never reported is closed: no entry is made for it here, so
      * acquires alone never fill the zone. */

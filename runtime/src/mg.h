@@ -243,8 +243,8 @@ typedef struct mg_upstream_s {
     struct {
         mg_target_t *t;
         int weight;
-        int current;     /* smooth weighted round robin (as nginx does) */
-        char *brk_key;   /* "<upstream id>/<host>:<port>": its breaker's key */
+        int current;   /* smooth weighted round robin (as nginx does) */
+        char *brk_key; /* "<upstream id>/<host>:<port>": its breaker's key */
         uint32_t brk_key_len;
     } targets[64];
 } mg_upstream_t;

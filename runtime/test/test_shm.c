@@ -432,6 +432,46 @@ static void test_breaker(mg_shm_zone_t *z)
     CHECK(mg_breaker_acquire(mg_shm_zone("limits", 6), k, kl, &c, t, &o) == MG_EINVAL);
 }
 
+/* What the proxy adds (proxy_breaker.c): a probe released with no verdict
+ * gives its slot back and counts nothing; the upstream breaker's checks. */
+static void test_breaker_release(mg_shm_zone_t *z)
+{
+    mg_breaker_conf_t c = brk_conf();
+    mg_breaker_result_t o;
+    const char *k = "release";
+    size_t kl = strlen(k);
+    int64_t t = T0;
+    int i;
+
+    c.probes = 1;
+    c.close_after = 1;
+    CHECK(mg__breaker_release(z, k, kl, t) == 0); /* unknown key: nothing to do */
+    for (i = 0; i < 4; i++)
+        mg_breaker_report(z, k, kl, &c, 1, 5, 0, t);
+    t += 30 * SEC;
+    CHECK(mg_breaker_acquire(z, k, kl, &c, t, &o) == 0 && o.probe);
+    CHECK(mg_breaker_acquire(z, k, kl, &c, t, &o) == 0 && !o.allowed);
+    CHECK(mg__breaker_release(z, k, kl, t) == 0);
+    CHECK(mg_breaker_state(z, k, kl, t) == MG_BREAKER_HALF_OPEN);   /* no verdict */
+    CHECK(mg_breaker_acquire(z, k, kl, &c, t, &o) == 0 && o.probe); /* the slot is back */
+    CHECK(mg__breaker_release(z, k, kl, t) == 0);
+    CHECK(mg__breaker_release(z, k, kl, t) == 0); /* never below 0 */
+    CHECK(mg_breaker_acquire(z, k, kl, &c, t, &o) == 0 && o.probe);
+    CHECK(mg_breaker_acquire(z, k, kl, &c, t, &o) == 0 && !o.allowed);
+
+    int ok[] = {500, 429}, bad[] = {99}, big[] = {1000};
+    mg_upstream_breaker_t *b = mg_upstream_breaker_new(z, &c, ok, 2);
+    CHECK(b != NULL && (b->failure[500 / 8] >> (500 % 8) & 1) &&
+          (b->failure[429 / 8] >> (429 % 8) & 1));
+    CHECK(!(b->failure[503 / 8] >> (503 % 8) & 1));
+    mg_upstream_breaker_release(b);
+    CHECK(mg_upstream_breaker_new(z, &c, bad, 1) == NULL);
+    CHECK(mg_upstream_breaker_new(z, &c, big, 1) == NULL);
+    CHECK(mg_upstream_breaker_new(mg_shm_zone("limits", 6), &c, ok, 2) == NULL);
+    c.open_ms = 0;
+    CHECK(mg_upstream_breaker_new(z, &c, ok, 2) == NULL);
+}
+
 /* A child takes a set's lock and is SIGKILLed holding it: the next locker
  * recovers the lock and the entries in that set keep their state. */
 static void test_robust(mg_shm_zone_t *z)
@@ -525,6 +565,7 @@ int main(void)
     test_concurrency(lim);
     test_take_all(lim);
     test_breaker(brk);
+    test_breaker_release(brk);
     test_robust(lim);
     test_multiprocess(lim);
     return check_report();

@@ -36,6 +36,22 @@ describe("mock backend", function()
         return res
     end
 
+    describe("/__mock/hits", function()
+        it("counts the requests received before it, whatever their path or fate", function()
+            local function hits()
+                return cjson.decode(get("/__mock/hits").body).hits
+            end
+            local before = hits()
+            assert.equal(before, hits()) -- asking does not count
+            get("/a")
+            get("/b?status=503")
+            local res = get("/__mock/hits")
+            assert.equal(200, res.status)
+            assert.matches("^application/json", res.headers["content-type"])
+            assert.equal(before + 2, cjson.decode(res.body).hits)
+        end)
+    end)
+
     describe("echo", function()
         it("answers a GET with the request as JSON", function()
             local res = get("/some/path?a=1&b=two", { ["X-Thing"] = "yes" })
