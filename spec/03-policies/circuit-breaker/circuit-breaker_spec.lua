@@ -112,7 +112,7 @@ describe("circuit-breaker", function()
                     close_after = 2 } },
       { "reopen", { min_requests = 2, failure_rate = 1, open_ms = 300, probes = 1,
                     close_after = 1 } },
-      { "grow", { min_requests = 2, failure_rate = 1, open_ms = 300, max_open_ms = 5000,
+      { "grow", { min_requests = 2, failure_rate = 1, open_ms = 500, max_open_ms = 5000,
                   probes = 1, close_after = 1 } },
       { "two", { min_requests = 4, failure_rate = 0.5, open_ms = 60000 }, two = true },
       { "abort", { min_requests = 2, failure_rate = 1, open_ms = 1500, probes = 1,
@@ -238,12 +238,12 @@ describe("circuit-breaker", function()
     it("max_open_ms: each reopen lasts twice as long", function()
       assert.equal(500, get("/grow/x?status=500").status)
       assert.equal(500, get("/grow/x?status=500").status)
-      socket.sleep(0.35) -- first opening: 300 ms
-      assert.equal(500, get("/grow/x?status=500").status) -- reopened for 600 ms
+      socket.sleep(0.55) -- first opening: 500 ms
+      assert.equal(500, get("/grow/x?status=500").status) -- reopened for 1000 ms
       local t0 = socket.gettime()
-      socket.sleep(0.4)
-      assert_open(get("/grow/x")) -- 400 ms later: would be half-open at 300
-      local wait = 0.65 - (socket.gettime() - t0)
+      socket.sleep(0.6)
+      assert_open(get("/grow/x")) -- 600 ms later: would be half-open without growth
+      local wait = 1.05 - (socket.gettime() - t0)
       if wait > 0 then
         socket.sleep(wait)
       end
