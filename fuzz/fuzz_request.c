@@ -410,7 +410,11 @@ static void proxy_conf(const char *fuzz_dir)
         "  {\"id\": \"strip\", \"paths\": [\"/strip/*\"], \"upstream\": \"b\", \"strip_prefix\": "
         "true},\n"
         "  {\"id\": \"pol\", \"paths\": [\"/p/*\"], \"upstream\": \"b\",\n"
-        "   \"policies\": [{\"name\": \"fuzz-edit\"}]},\n"
+        "   \"policies\": [{\"name\": \"fuzz-edit\"},\n"
+        /* breaker hooks on every end of an exchange (state persists across
+         * inputs: it opens, half-opens and closes as the answers go) */
+        "    {\"name\": \"circuit-breaker\", \"conf\": {\"min_requests\": 4, \"open_ms\": 20,\n"
+        "     \"probes\": 2, \"close_after\": 1, \"slow_ms\": 5, \"slow_rate\": 0.9}}]},\n"
         "  {\"id\": \"exact\", \"paths\": [\"/exact\"], \"methods\": [\"GET\", \"POST\"], "
         "\"upstream\": "
         "\"b\"},\n"
