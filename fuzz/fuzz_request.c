@@ -523,13 +523,14 @@ static void lua_budget_hook(lua_State *L, lua_Debug *ar)
 
 /* LuaJIT allocates its heap with mmap, which LeakSanitizer does not scan:
  * C memory that only Lua points at (cjson's encode buffer, config-held
- * upstreams) looks leaked at exit. Each input ends with a full GC, so
+ * upstreams and circuit breakers) looks leaked at exit. Each input ends with a full GC, so
  * request-scoped objects (sha256 states) are really freed and checked. */
 const char *__lsan_default_suppressions(void);
 const char *__lsan_default_suppressions(void)
 {
     return "leak:cjson.so\n"
-           "leak:mg_upstream_new\n";
+           "leak:mg_upstream_new\n"
+           "leak:mg_upstream_breaker_new\n";
 }
 
 const char *__lsan_default_options(void);
