@@ -6,6 +6,8 @@
  *   moongate check  [-c FILE]          validate the node config and routes
  *   moongate version                   moongate and library versions
  *   moongate mock --listen ADDR [--workers N]   the mock backend
+ *   moongate config dump [-c FILE]     print the routes in force (Admin API)
+ *   moongate config push ROUTES [-c FILE]   validate, then write through the Admin API
  *   moongate help
  *
  * FILE defaults to conf/moongate.json. Every failure exits 1 with a reason
@@ -26,6 +28,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "cli_config.h"
 #include "listen.h"
 #include "llhttp.h"
 #include "log.h"
@@ -60,6 +63,10 @@ static void cli_usage(FILE *f)
           "  version                  print the versions of moongate and its libraries\n"
           "  mock   --listen ADDR [--workers N]\n"
           "                           run the mock backend (foreground)\n"
+          "  config dump [-c FILE]    print the routes in force, from the admin API\n"
+          "  config push ROUTES [-c FILE]\n"
+          "                           validate ROUTES (a routes.json), then write its\n"
+          "                           entities through the admin API (etcd mode)\n"
           "  help                     this text\n"
           "\n"
           "FILE defaults to " DEFAULT_CONF ".\n",
@@ -370,6 +377,20 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "check") == 0) {
         if (cli_parse(cmd, argc - 2, argv + 2, "c", &o) != 0) return 1;
         return cmd_check(&o);
+    }
+    if (strcmp(cmd, "config") == 0) {
+        const char *sub = argc > 2 ? argv[2] : "";
+        if (strcmp(sub, "dump") == 0) {
+            if (cli_parse("config dump", argc - 3, argv + 3, "c", &o) != 0) return 1;
+            return mg_cli_config("dump", NULL, o.conf);
+        }
+        if (strcmp(sub, "push") == 0) {
+            if (argc < 4 || argv[3][0] == '-')
+                return cli_fail("config push: expects a routes file (config push ROUTES -c FILE)");
+            if (cli_parse("config push", argc - 4, argv + 4, "c", &o) != 0) return 1;
+            return mg_cli_config("push", argv[3], o.conf);
+        }
+        return cli_fail("config: expects dump or push (see moongate help)");
     }
     if (strcmp(cmd, "mock") == 0) {
         if (cli_parse(cmd, argc - 2, argv + 2, "lw", &o) != 0) return 1;
