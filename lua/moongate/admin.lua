@@ -695,6 +695,22 @@ end
 
 -- ---- the runtime adapter -----------------------------------------------------------------
 
+-- The API of a node (config.load_node's table) over view (a function
+-- returning the doc in force): what the control process makes at start.
+function _M.from_node(node, view)
+  local src = node.config_source
+  return _M.new({
+    mode = src.type,
+    view = view,
+    api_key = node.admin.api_key,
+    etcd = src.type == "etcd" and { endpoints = src.endpoints, prefix = src.prefix,
+                                    timeout_ms = src.timeout_ms } or nil,
+    lua_path = node.lua_path,
+    sandbox = node.sandbox,
+    routes_path = src.path,
+  })
+end
+
 -- Serves a request of the admin listener (the control process's access
 -- handler calls it). The body is read through the runtime (yields) and
 -- bounded by MAX_BODY before it is read whole.

@@ -195,6 +195,19 @@ describe("admin: file mode", function()
     assert.equal(7, b.version)
   end)
 
+  it("from_node: the node's mode, key and routes file", function()
+    local config = require("moongate.config")
+    local node = assert(config.validate_node({ admin = { api_key = "nk" },
+                                               config_source = { path = "r.json" } },
+                                             "/etc/mg/moongate.json"))
+    local a = admin.from_node(node, function() return doc end)
+    assert.equal("file", a.mode)
+    assert.equal(401, (call(a, "GET", "/routes")))
+    local s, b = call(a, "PUT", "/routes/a", { headers = { ["x-api-key"] = "nk" }, body = "{}" })
+    assert.equal(405, s)
+    assert.matches("/etc/mg/r.json", b.error, 1, true)
+  end)
+
   it("asks for no key when none is configured (a loopback listener)", function()
     local open = admin.new({ mode = "file", view = function() return doc end })
     assert.equal(200, (call(open, "GET", "/routes", { headers = {} })))
