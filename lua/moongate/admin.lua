@@ -88,7 +88,9 @@ end
 
 -- ---- the view ---------------------------------------------------------------------
 
--- What a doc holds, by kind: {texts = {id = text}, order = {ids sorted}}.
+-- What a doc holds, by kind: {texts = {id = text}, order = {ids}}; order
+-- is the version's own (a file's order: it decides ties between routes),
+-- by id for a doc keyed by id (etcd's key order).
 local indexes = setmetatable({}, { __mode = "k" })
 
 local function id_of(kind, text)
@@ -100,6 +102,16 @@ local function id_of(kind, text)
   return type(id) == "string" and id or nil
 end
 
+local function add(ix, kind, id, text)
+  local k = ix[kind]
+  if id and k.texts[id] == nil then
+    k.order[#k.order + 1] = id
+  end
+  if id then
+    k.texts[id] = text
+  end
+end
+
 local function index_of(doc)
   local ix = indexes[doc]
   if ix then
@@ -107,41 +119,37 @@ local function index_of(doc)
   end
   ix = {}
   for kind in pairs(KINDS) do
-    ix[kind] = {}
+    ix[kind] = { texts = {}, order = {} }
   end
   if type(doc.entities) == "table" then
     for kind, set in pairs(doc.entities) do
       if ix[kind] then
         for id, text in pairs(set) do
-          ix[kind][id] = text
+          add(ix, kind, id, text)
         end
+        sort(ix[kind].order)
       end
     end
   else
     local elements = doc.elements or {}
     for _, kind in ipairs({ "upstreams", "routes", "consumers" }) do
       for _, text in ipairs(elements[kind] or {}) do
-        local id = id_of(kind, text)
-        if id then
-          ix[kind][id] = text
-        end
+        add(ix, kind, id_of(kind, text), text)
       end
     end
     if type(doc.skeleton) == "string" then
       local split = json_split.split(doc.skeleton, { global_policies = true })
       local list = split and split.elements.global_policies or {}
       for _, text in ipairs(list) do
-        local id = id_of("global_policies", text)
-        if id then
-          ix.global_policies[id] = text
-        end
+        add(ix, "global_policies", id_of("global_policies", text), text)
       end
     end
   end
   if type(doc.policies) == "table" then
     for name, source in pairs(doc.policies) do
-      ix.policies[name] = source
+      add(ix, "policies", name, source)
     end
+    sort(ix.policies.order)
   end
   indexes[doc] = ix
   return ix
@@ -201,31 +209,36 @@ function API:get(kind, id)
     end
     self.pending[kind][id] = nil
   end
-  return index_of(doc)[kind][id]
+  return index_of(doc)[kind].texts[id]
 end
 
--- The ids of kind, sorted (byte order). O(n log n).
+-- The ids of kind in the version's order, then the ids written since
+-- (sorted). O(n) (plus O(w log w) for w pending writes).
 function API:ids(kind)
   local doc, rev = self:current()
-  local set = index_of(doc)[kind]
+  local k = index_of(doc)[kind]
   local pend = self.pending[kind]
   local ids, n = {}, 0
-  for id in pairs(set) do
+  for _, id in ipairs(k.order) do
     local p = pend[id]
     if not (p and p.rev > rev and not p.text) then
       n = n + 1
       ids[n] = id
     end
   end
+  local new = {}
   for id, p in pairs(pend) do
     if p.rev <= rev then
       pend[id] = nil
-    elseif p.text and set[id] == nil then
-      n = n + 1
-      ids[n] = id
+    elseif p.text and k.texts[id] == nil then
+      new[#new + 1] = id
     end
   end
-  sort(ids)
+  sort(new)
+  for _, id in ipairs(new) do
+    n = n + 1
+    ids[n] = id
+  end
   return ids
 end
 

@@ -93,16 +93,17 @@ describe("admin: file mode", function()
     assert.is_false(admin.same_key("abcd", "abc"))
   end)
 
-  it("lists each kind sorted by id, with total, limit and offset", function()
+  it("lists each kind in the version's order, with total, limit and offset", function()
     local s, b, h = call(api, "GET", "/routes")
     assert.equal(200, s)
     assert.equal("7", h["X-Moongate-Version"])
-    assert.same({ "a", "b", "c" }, { b.items[1].id, b.items[2].id, b.items[3].id })
+    -- the file's order: it decides ties between routes
+    assert.same({ "b", "a", "c" }, { b.items[1].id, b.items[2].id, b.items[3].id })
     assert.equal(3, b.total)
     assert.equal(100, b.limit)
     assert.equal(0, b.offset)
     -- the entity as written, policies and all
-    assert.equal("request-headers", b.items[1].policies[1].name)
+    assert.equal("request-headers", b.items[2].policies[1].name)
     s, b = call(api, "GET", "/upstreams")
     assert.equal(200, s)
     assert.same({ "u1", "u2" }, { b.items[1].id, b.items[2].id })
@@ -126,7 +127,7 @@ describe("admin: file mode", function()
     assert.equal(200, s)
     assert.equal(2, #b.items)
     assert.equal(3, b.total)
-    assert.equal("b", b.items[2].id)
+    assert.equal("a", b.items[2].id)
     s, b = call(api, "GET", "/routes?limit=2&offset=2")
     assert.equal(200, s)
     assert.equal(1, #b.items)
@@ -264,12 +265,20 @@ describe("admin: etcd mode", function()
     s, b = call(api, "GET", "/routes")
     assert.equal(200, s)
     assert.equal(4, b.total)
-    assert.same({ "a", "b", "c", "new" }, { b.items[1].id, b.items[2].id, b.items[3].id,
+    -- after the version's own, those written since
+    assert.same({ "b", "a", "c", "new" }, { b.items[1].id, b.items[2].id, b.items[3].id,
                                            b.items[4].id })
     -- again: it exists now, 200
     s = call(api, "PUT", "/routes/new", { body = '{"id": "new", "paths": ["/n2"]}' })
     assert.equal(200, s)
     assert.equal('{"id": "new", "paths": ["/n2"]}', e:get(P .. "/routes/new"))
+  end)
+
+  it("a doc keyed by id lists by id", function()
+    doc = { version = 5, revision = 0, entities = { routes = {
+      z = '{"id": "z"}', m = '{"id": "m"}', a = '{"id": "a"}' } } }
+    local _, b = call(api, "GET", "/routes")
+    assert.same({ "a", "m", "z" }, { b.items[1].id, b.items[2].id, b.items[3].id })
   end)
 
   it("the view catching up replaces what the write remembered", function()
