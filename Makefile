@@ -152,6 +152,11 @@ bench-reload: build
 bench-sandbox: build
 	luajit bench/sandbox.lua $(BENCH_SANDBOX_ARGS)
 
+### bench-admin: the Admin API handler at 5,000 routes: index a version, a page, one by id, PUT/DELETE against a real etcd
+.PHONY: bench-admin
+bench-admin: build
+	luajit bench/admin.lua $(BENCH_ADMIN_ARGS)
+
 ### bench-router: router lookup, build time and memory at 100/1k/10k/100k routes (PASS/FAIL vs the 10k targets)
 .PHONY: bench-router
 bench-router: build
