@@ -2,6 +2,7 @@
 -- API (admin.lua): one put, one delete, or a transaction with compares.
 --
 --   local kv = etcd_kv.new{ endpoints = {"http://127.0.0.1:2379"}, timeout_ms = 5000,
+--                           user = "u", password = "p",  -- optional: etcd auth
 --                           request = mg.http.request }
 --   local rev, err, status = kv:put(key, value)
 --   local rev, err, status = kv:delete(key)           -- rev, deleted count
@@ -16,6 +17,11 @@
 -- (a put twice would be harmless; a txn's compare could fail the second
 -- time). Errors: nil, "etcd: <why>", and the status the Admin API answers
 -- (503 unreachable, 502 a bad answer).
+--
+-- Auth: with user and password, a token from /v3/auth/authenticate is sent
+-- as Authorization and kept; an answer saying it is no longer valid
+-- (etcd restarted, token TTL) gets a new one and the call is sent once
+-- more (a write refused for its token was not applied).
 
 local cjson = require("cjson.safe")
 
@@ -90,32 +96,23 @@ function _M.new(opts)
     endpoints[i] = e
   end
   return setmetatable({ endpoints = endpoints, request = opts.request,
-                        timeout_ms = opts.timeout_ms or 5000 }, KV)
+                        timeout_ms = opts.timeout_ms or 5000,
+                        user = opts.user, password = opts.password }, KV)
 end
 
 local UNREACHED = { ["connection refused"] = true, ["connect failed"] = true,
                     ["name resolution failed"] = true }
 
--- POSTs body (a table) to path on the first endpoint that answers.
--- Returns the decoded answer, or nil, err, status.
-function KV:call(path, body)
-  local text = cjson.encode(body)
+-- POSTs text to path on the first endpoint that answers. Returns the
+-- answer's status and decoded body, or nil, err, status.
+local function post(self, path, text, token)
   local last
+  local headers = { ["Content-Type"] = "application/json", Authorization = token }
   for _, base in ipairs(self.endpoints) do
     local res, err = self.request({ method = "POST", url = base .. path, body = text,
-                                    headers = { ["Content-Type"] = "application/json" },
-                                    timeout_ms = self.timeout_ms })
+                                    headers = headers, timeout_ms = self.timeout_ms })
     if res then
-      local v = cjson.decode(res.body)
-      if res.status ~= 200 then
-        local msg = type(v) == "table" and (v.message or v.error) or res.body
-        return nil, "etcd: " .. base .. path .. " answered " .. res.status .. ": "
-                    .. tostring(msg), 502
-      end
-      if type(v) ~= "table" then
-        return nil, "etcd: " .. base .. path .. ": an answer that is not JSON", 502
-      end
-      return v
+      return res.status, cjson.decode(res.body), base, res.body
     end
     last = "etcd: " .. base .. ": " .. tostring(err)
     if not UNREACHED[err] then
@@ -125,6 +122,58 @@ function KV:call(path, body)
     end
   end
   return nil, last, 503
+end
+
+local function bad_answer(base, path, status, v, raw)
+  local msg = type(v) == "table" and (v.message or v.error) or raw
+  return nil, "etcd: " .. base .. path .. " answered " .. status .. ": " .. tostring(msg), 502
+end
+
+local function authenticate(self)
+  local status, v, base, raw = post(self, "/v3/auth/authenticate",
+                                    cjson.encode({ name = self.user, password = self.password }))
+  if not status then
+    return nil, v, base
+  end
+  if status ~= 200 or type(v) ~= "table" or type(v.token) ~= "string" then
+    return bad_answer(base, "/v3/auth/authenticate", status, v, raw)
+  end
+  self.token = v.token
+  return true
+end
+
+local function token_refused(status, v)
+  local msg = type(v) == "table" and tostring(v.message or v.error or "") or ""
+  return status == 401 or msg:find("invalid auth token", 1, true) ~= nil
+         or msg:find("user name is empty", 1, true) ~= nil
+end
+
+-- POSTs body (a table) to path. Returns the decoded answer, or nil, err,
+-- status.
+function KV:call(path, body)
+  local text = cjson.encode(body)
+  for attempt = 1, 2 do
+    if self.user and not self.token then
+      local ok, err, status = authenticate(self)
+      if not ok then
+        return nil, err, status
+      end
+    end
+    local status, v, base, raw = post(self, path, text, self.token)
+    if not status then
+      return nil, v, base
+    end
+    if status == 200 and type(v) == "table" then
+      return v
+    end
+    if self.user and attempt == 1 and token_refused(status, v) then
+      self.token = nil
+    elseif status == 200 then
+      return nil, "etcd: " .. base .. path .. ": an answer that is not JSON", 502
+    else
+      return bad_answer(base, path, status, v, raw)
+    end
+  end
 end
 
 local function revision(v)

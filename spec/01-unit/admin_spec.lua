@@ -489,6 +489,58 @@ describe("admin: etcd mode", function()
   end)
 end)
 
+describe("admin: etcd with auth", function()
+  local e
+
+  setup(function()
+    e = etcd.start()
+    assert(e:ctl({ "user", "add", "root:pw", "--interactive=false" }) == 0)
+    assert(e:ctl({ "auth", "enable" }) == 0)
+  end)
+
+  teardown(function()
+    if e then
+      e:stop()
+    end
+  end)
+
+  local function stored(key)
+    local rc, out = e:ctl({ "--user", "root:pw", "get", "--print-value-only", key })
+    assert.equal(0, rc, out)
+    return (out:gsub("\n$", ""))
+  end
+
+  it("writes with a token for user/password, and gets a new one when etcd drops it", function()
+    local doc = { version = 1, revision = 0, entities = {} }
+    local api = admin.new({ mode = "etcd", view = function() return doc end,
+                            etcd = { endpoints = { e.url }, prefix = "/auth", user = "root",
+                                     password = "pw" }, request = request })
+    assert.equal(201, (call(api, "PUT", "/consumers/a", { body = "{}" })))
+    assert.equal('{"id":"a"}', stored("/auth/consumers/a"))
+    local token = api.kv.token
+    assert.truthy(token)
+    -- turning auth off and on drops every token (as a restart does)
+    assert(e:ctl({ "--user", "root:pw", "auth", "disable" }) == 0)
+    assert(e:ctl({ "auth", "enable" }) == 0)
+    assert.equal(201, (call(api, "PUT", "/consumers/b", { body = "{}" })))
+    assert.equal('{"id":"b"}', stored("/auth/consumers/b"))
+    assert.are_not.equal(token, api.kv.token)
+  end)
+
+  it("without credentials or with a wrong password: 502 with etcd's reason, nothing written", function()
+    local doc = { version = 1, revision = 0, entities = {} }
+    for _, cred in ipairs({ {}, { user = "root", password = "nope" } }) do
+      local api = admin.new({ mode = "etcd", view = function() return doc end,
+                              etcd = { endpoints = { e.url }, prefix = "/auth", user = cred.user,
+                                       password = cred.password }, request = request })
+      local s, b = call(api, "PUT", "/consumers/c", { body = "{}" })
+      assert.equal(502, s)
+      assert.matches("etcd: ", b.error, 1, true)
+    end
+    assert.equal("", stored("/auth/consumers/c"))
+  end)
+end)
+
 describe("etcd_kv", function()
   it("base64 as etcd's gateway takes it", function()
     assert.equal("", etcd_kv.b64(""))
