@@ -636,10 +636,11 @@ function API:read_one(kind, id)
   if text == nil then
     return fail(404, "no " .. kind .. " " .. quote(id), kind .. "." .. id)
   end
-  if KINDS[kind].source then
-    return answer(200, text, { ["Content-Type"] = "text/plain; charset=utf-8" })
-  end
-  return answer(200, text)
+  local doc = self:current()
+  return answer(200, text, {
+    ["Content-Type"] = KINDS[kind].source and "text/plain; charset=utf-8" or "application/json",
+    ["X-Moongate-Version"] = tostring(doc.version or 0),
+  })
 end
 
 local function not_allowed(allow, msg)
