@@ -17,12 +17,19 @@
 --              them: the tries of most routes are out of the CPU caches)
 --   hot ns     the same lookups cycling through HOT requests only (their
 --              tries stay cached: what is left is the work of a lookup)
---   build ms, memory MB (collectgarbage("count") after a full GC), hits,
+--   build ms, memory MB (collectgarbage("count") after a full GC, plus the
+--              arrays the router mapped itself), hits,
 --   B/lookup   garbage per lookup (the collector stopped)
 --   compiled/GC/I  where the profiler's samples fell: compiled code, the
 --              garbage collector, the interpreter
 -- Timings are the median of 5 rounds. --jv FILE writes LuaJIT's -jv log
 -- of the timed loop (what compiles, what aborts).
+--
+-- --child N --count M builds the router of N routes, warms up, then does
+-- exactly M lookups over the same requests and exits: bench/router-callgrind
+-- runs it under valgrind with two values of M and prints the difference per
+-- lookup (instructions and simulated cache misses: figures that a shared,
+-- noisy machine does not blur).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
 local ffi = require("ffi")
@@ -41,6 +48,7 @@ local HOT = 256       -- requests of the hot measure
 local MISS_RATIO = 0.1
 local JV_FILE
 local CHILD -- --child N: measure N routes, print one RESULT line (see below)
+local COUNT -- --count M: with --child, only M lookups (see above)
 
 do
   local i = 1
@@ -48,6 +56,9 @@ do
     local a, b = arg[i], arg[i + 1]
     if a == "--child" then
       CHILD = assert(tonumber(b), "--child N")
+      i = i + 1
+    elseif a == "--count" then
+      COUNT = assert(tonumber(b), "--count M")
       i = i + 1
     elseif a == "--lookups" then
       LOOKUPS = assert(tonumber(b), "--lookups N")
@@ -293,7 +304,8 @@ local function run(size)
   local before = collectgarbage("count")
   local rt = router.new(routes, opts)
   full_gc()
-  local mem_mb = mb(collectgarbage("count") - before)
+  -- plus what it mapped outside the GC's heap (its largest arrays)
+  local mem_mb = mb(collectgarbage("count") - before + rt.mapped_bytes / 1024)
 
   local reqs, want = make_requests(routes, gens, SAMPLES)
 
@@ -349,6 +361,18 @@ end
 -- from a size never carry over to the next.
 local FIELDS = { "size", "routes", "lookup_ns", "hot_ns", "build_ms", "mem_mb", "hits", "wrong",
                  "garbage", "N", "G", "I" }
+
+if CHILD and COUNT then
+  local routes, gens = make_routes(CHILD)
+  local rt = router.new(routes, { header = bench_header })
+  local reqs = make_requests(routes, gens, SAMPLES)
+  lookups(rt, reqs, 100000) -- warm-up: the JIT compiles
+  full_gc()
+  collectgarbage("stop") -- the same work in both runs but the lookups
+  local hits = lookups(rt, reqs, COUNT)
+  print(format("COUNTED %d lookups, %d hits", COUNT, hits))
+  os.exit(0)
+end
 
 if CHILD then
   local res = run(CHILD)

@@ -183,6 +183,12 @@ int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
 ffi.cdef(_M.cdef)
 -- libc, not part of moongate.h
 pcall(ffi.cdef, "int memcmp(const void *s1, const void *s2, size_t n);")
+-- the router's large arrays (huge pages)
+pcall(ffi.cdef, [[
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+int madvise(void *addr, size_t length, int advice);
+]])
 
 local function in_process()
   return pcall(function() return ffi.C.mg_time_now end)

@@ -22,22 +22,30 @@
 --
 -- Layout. One trie per host bucket (each exact host, each wildcard host,
 -- and one for the routes without hosts); a trie level is a path segment
--- (the bytes between two "/"). A node has literal children, found in one
--- Lua table for the whole router keyed by node number * 2^32 + hash of the
--- segment, and at most one parameter child, which takes any non-empty
+-- (the bytes between two "/"). A node has literal children, found by
+-- the hash of their segment: a single child in the node itself, more in a
+-- children's table of the node's own (FFI, open addressing, at most half
+-- full); and at most one parameter child, which takes any non-empty
 -- segment. A node holds the entries whose pattern ends there, `exact` (the
 -- path ends here) and `prefix` (the path ends here or goes on), chained
 -- best first, and the lowest rank under it, so a walk skips what cannot
 -- win. The nodes are one int32 array, 64 bytes a node with the segment's
--- bytes inline when they fit: a level costs about two cache lines, and the
--- GC sees a handful of objects instead of several per route. The segment
--- is compared byte for byte after the hash lookup (a request's segment may
+-- bytes inline when they fit (16), made in listing order: the nodes of a
+-- route's own part of the path are neighbours. A lookup in a large router
+-- thus misses the caches about twice where the routes part (the slot of a
+-- wide node's table, then the child) and once per cache line of the
+-- route's own nodes and of its entry (ents: route, entry, predicates,
+-- parameters side by side), whatever the number of routes; the nodes and
+-- tables of a large router are in huge pages when the kernel gives them
+-- (big_int32), so those misses are not TLB misses as well. The GC sees a
+-- handful of objects instead of several per route. The segment is
+-- compared byte for byte after the hash lookup (a request's segment may
 -- collide with a route's); two segments of one node never share a hash
 -- (new tries other multipliers until they do not).
 --
 -- Cost of a lookup: one pass over the path bytes (a multiply-add each) per
--- trie walked, one table lookup and one memcmp per segment, a branch per
--- parameter child met: independent of the number of routes. The walk is
+-- trie walked, one probe (rarely more) and one memcmp per segment, a
+-- branch per parameter child met: independent of the number of routes. The walk is
 -- one loop over bytes, segments, parameter branches and tries (a loop
 -- nested in another breaks LuaJIT traces into pieces). It allocates
 -- nothing unless the winner has parameters (their values and the params
@@ -60,6 +68,9 @@ local ffi_cast = ffi.cast
 local ffi_copy = ffi.copy
 local ffi_string = ffi.string
 local tobit = bit.tobit
+local band = bit.band
+local bxor = bit.bxor
+local rshift = bit.rshift
 local ipairs = ipairs
 local pairs = pairs
 local next = next
@@ -95,15 +106,26 @@ local N_LEN = 4        -- the length of the segment leading here (0: roots, para
 local N_OFF = 5        -- where that segment is in the labels array, when not inline
 local N_EXACT_RANK = 6 -- the rank code of N_EXACT: a candidate is judged
 local N_PREFIX_RANK = 7 -- without reading the entry arrays
-local INLINE_AT = 32   -- the byte offset of the inline segment in a node
-local INLINE_MAX = 32  -- the longest inline segment
+-- the literal children: at most one is held in the node itself (most
+-- nodes of a large router have one child, and then the walk reads no
+-- other memory to find it); more are in a table of their own in the kid
+-- array (open addressing, linear probing, at most half full): slot s is
+-- karr[N_KOFF + 2s] (hash) and [+ 1] (child, 0: empty), and
+-- karr[N_KOFF - 1] is the number of children
+local N_KHASH = 8      -- the only child's segment hash (N_KMASK < 0)
+local N_KID = 9        -- the only child, or 0
+local N_KOFF = 10      -- the children's table (N_KMASK >= 0)
+local N_KMASK = 11     -- its slot count - 1, or -1: at most one child, in the node
+local INLINE_AT = 48   -- the byte offset of the inline segment in a node
+local INLINE_MAX = 16  -- the longest inline segment
 
-local ID_STEP = 2 ^ 32 -- a child's key: parent * ID_STEP + segment hash
+local ID_STEP = 2 ^ 32 -- a child's key while building: parent * ID_STEP + segment hash
 -- room kept for updates (plan/apply) past what a build used; an update
 -- that needs more rebuilds
 local NODE_SPARE_MIN = 256
 local ENTRY_SPARE_MIN = 256
 local LABEL_SPARE = 4096
+local KID_SPARE_MIN = 4096 -- int32 slots
 local RANK_MAX = 2 ^ 29 - 1 -- times 4 in a rank code
 
 local int32_arr = ffi.typeof("int32_t[?]")
@@ -112,6 +134,39 @@ local uint8_ptr = ffi.typeof("uint8_t *")
 local int32_ptr = ffi.typeof("int32_t *")
 
 -- ---- compiling ------------------------------------------------------------
+
+-- A large router's nodes are tens of MB: in 4 KiB pages, nearly every
+-- node a lookup meets is a TLB miss as well as a cache miss (and under a
+-- hypervisor a TLB miss is a two-level page walk). Arrays of HUGE_MIN bytes
+-- or more are mapped on their own, 2 MiB aligned, and offered to the
+-- kernel for transparent huge pages (madvise; nothing changes where THP
+-- is off). Returns the int32 array (zeroed), what keeps it alive (munmap
+-- when collected) and the bytes mapped (the GC does not count them).
+local HUGE_PAGE = 2 * 1024 * 1024
+local HUGE_MIN = 2 * HUGE_PAGE
+local PROT_RW, MAP_PRIVATE_ANON, MADV_HUGEPAGE = 3, 0x22, 14
+local MAP_FAILED = ffi_cast("void *", -1)
+
+local function big_int32(n)
+  local bytes = n * 4
+  if bytes >= HUGE_MIN then
+    -- one page more than needed, to start on a 2 MiB boundary
+    local len = (floor((bytes - 1) / HUGE_PAGE) + 2) * HUGE_PAGE
+    local p = C.mmap(nil, len, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
+    if p ~= MAP_FAILED then
+      local p8 = ffi_cast(uint8_ptr, p)
+      local skew = tonumber(ffi_cast("uintptr_t", p) % HUGE_PAGE)
+      local start = p8 + (skew == 0 and 0 or HUGE_PAGE - skew)
+      C.madvise(start, len - HUGE_PAGE, MADV_HUGEPAGE) -- advice: failure is harmless
+      local owner = ffi.gc(p8, function(q)
+        C.munmap(q, len)
+      end)
+      return ffi_cast(int32_ptr, start), owner, len
+    end
+  end
+  local a = int32_arr(n)
+  return a, a, 0
+end
 
 -- char is signed on x86 and unsigned on ARM: the hash takes bytes as a
 -- char of the C view reads them, so the walk needs no conversion
@@ -134,6 +189,66 @@ _M.segment_hash = hash -- for specs: to make colliding segments
 
 -- Multipliers tried in turn until no two segments of one node collide.
 local MULTS = { 1000003, 999983, 786433, 524287, 393241, 262147, 196613, 131071 }
+
+-- The home slot of a segment hash in a children's table: the high bits
+-- folded in (the low bits of h depend on the low bits of the bytes only).
+local function home(h, mask)
+  return band(bxor(h, rshift(h, 16)), mask)
+end
+
+-- the slot count of a children's table for n children (at most half full)
+local function kid_slots(n)
+  local s = 4
+  while s < 2 * n do
+    s = s * 2
+  end
+  return s
+end
+
+-- The child of node whose segment hash is h, or 0 (not on the request
+-- path: walk has its own copy, folded into its loop).
+local function child_of(nodes, karr, node, h)
+  local base = node * NODE
+  local km = nodes[base + N_KMASK]
+  if km < 0 then
+    return nodes[base + N_KHASH] == h and nodes[base + N_KID] or 0
+  end
+  local off = nodes[base + N_KOFF]
+  local s = home(h, km)
+  while true do
+    local c = karr[off + 2 * s + 1]
+    if c == 0 or karr[off + 2 * s] == h then
+      return c
+    end
+    s = band(s + 1, km)
+  end
+end
+
+-- the number of literal children of node
+local function kid_count(nodes, karr, node)
+  local base = node * NODE
+  if nodes[base + N_KMASK] < 0 then
+    return nodes[base + N_KID] ~= 0 and 1 or 0
+  end
+  return karr[nodes[base + N_KOFF] - 1]
+end
+
+-- Writes a children's table of slots slots at karr[at] holding the pairs
+-- list[1..2n] (hash, child); returns the int32s used.
+local function write_kids(karr, at, list, n, slots)
+  ffi.fill(karr + at, (1 + 2 * slots) * 4)
+  karr[at] = n
+  local off, mask = at + 1, slots - 1
+  for k = 1, n do
+    local h = list[2 * k - 1]
+    local s = home(h, mask)
+    while karr[off + 2 * s + 1] ~= 0 do
+      s = band(s + 1, mask)
+    end
+    karr[off + 2 * s], karr[off + 2 * s + 1] = h, list[2 * k]
+  end
+  return 1 + 2 * slots
+end
 
 -- Splits a path pattern into segments (false for a parameter). Returns
 -- kind, segments, names, parameter segment numbers, the literal body (when
@@ -299,8 +414,11 @@ local function ranks_of(ranks, n, prio, hclass, prank, preds, params)
 end
 
 -- The tries of the entries, or nil when two segments of one node have the
--- same hash under mult. t: what new gathered; returns nodes, labels, kids,
--- roots (bucket kind -> key -> node) and the entry chains (next_entry).
+-- same hash under mult. t: what new gathered; returns nodes, labels, the
+-- kid array (see N_KHASH), roots (bucket kind -> key -> node) and the
+-- entry chains (next_entry). The nodes are made in listing order, so the
+-- nodes only one route uses (most of them, in a large router) are next
+-- to each other.
 local function build_tries(t, mult)
   local n, ranks = t.n, t.ranks
   -- one more node's room to start the nodes on a 64-byte line
@@ -310,7 +428,9 @@ local function build_tries(t, mult)
   local nodes = ffi_cast(int32_ptr, nodes8)
   local labels = uint8_arr(t.label_bytes + t.label_spare + 1)
   local next_entry = int32_arr(t.entry_cap + 1)
-  local kids, label_of, hashes = {}, {}, {}
+  -- kids: the children while building; multi: node -> its children's
+  -- (hash, child) pairs, for the nodes with more than one
+  local kids, label_of, hashes, multi = {}, {}, {}, {}
   local count, loff = 0, 0
   local buckets = { exact = {}, suffix = {}, prefix = {}, none = {} }
 
@@ -318,6 +438,7 @@ local function build_tries(t, mult)
     count = count + 1
     local base = count * NODE
     nodes[base + N_MIN] = rank
+    nodes[base + N_KMASK] = -1
     local len = #seg
     nodes[base + N_LEN] = len
     if len <= INLINE_MAX then
@@ -329,6 +450,18 @@ local function build_tries(t, mult)
     end
     label_of[count] = seg
     return count
+  end
+
+  local function link(node, h, child)
+    local base = node * NODE
+    local list = multi[node]
+    if list then
+      list[#list + 1], list[#list + 2] = h, child
+    elseif nodes[base + N_KID] == 0 then
+      nodes[base + N_KHASH], nodes[base + N_KID] = h, child
+    else
+      multi[node] = { nodes[base + N_KHASH], nodes[base + N_KID], h, child }
+    end
   end
 
   for i = 1, n do
@@ -360,6 +493,7 @@ local function build_tries(t, mult)
         if not child then
           child = new_node(seg, rank)
           kids[ckey] = child
+          link(node, h, child)
         elseif label_of[child] ~= seg then
           return nil -- two segments of this node share a hash
         end
@@ -392,14 +526,31 @@ local function build_tries(t, mult)
       next_entry[prev] = i
     end
   end
+  -- the children's tables, and room for updates
+  local kuse = 0
+  for _, list in pairs(multi) do
+    kuse = kuse + 1 + 2 * kid_slots(#list / 2)
+  end
+  local kcap = kuse + max(KID_SPARE_MIN, floor(kuse / 4))
+  local karr, karr_mem, kmapped = big_int32(kcap + 1)
+  kuse = 1 -- 0 is never a table's offset
+  for node, list in pairs(multi) do
+    local slots = kid_slots(#list / 2)
+    local base = node * NODE
+    nodes[base + N_KOFF], nodes[base + N_KMASK] = kuse + 1, slots - 1
+    nodes[base + N_KHASH], nodes[base + N_KID] = 0, 0
+    kuse = kuse + write_kids(karr, kuse, list, #list / 2, slots)
+  end
   -- the bound above counted every segment of every entry; shared ones
   -- were made once: keep what was used, and room for updates
   local cap = count + max(NODE_SPARE_MIN, floor(count / 8))
-  local used = int32_arr((cap + 2) * NODE)
-  skew = tonumber(ffi_cast("uintptr_t", used) % 64)
-  local used8 = ffi_cast(uint8_ptr, used) + (skew == 0 and 0 or 64 - skew)
+  local used_p, used, mapped = big_int32((cap + 2) * NODE)
+  skew = tonumber(ffi_cast("uintptr_t", used_p) % 64)
+  local used8 = ffi_cast(uint8_ptr, used_p) + (skew == 0 and 0 or 64 - skew)
   ffi_copy(used8, nodes8, (count + 1) * NODE * 4)
-  return ffi_cast(int32_ptr, used8), labels, kids, buckets, next_entry, count, used, cap, loff
+  return ffi_cast(int32_ptr, used8), labels,
+         { karr = karr, karr_mem = karr_mem, kuse = kuse, kcap = kcap + 1, mapped = mapped + kmapped },
+         buckets, next_entry, count, used, cap, loff
 end
 
 local DEFAULT_PATHS = { "/*" }
@@ -421,9 +572,12 @@ function _M.new(routes, opts)
   -- in arrays; the entry tables match returns are made on an entry's
   -- first match (a table per route would be most of the memory).
   local n = 0
-  local pairs_ = {}      -- [2e - 1] route, [2e] its entry table once made
+  -- what a match reads of entry e, side by side (one cache line, or two
+  -- neighbours, for the winner): ents[4e - 3] its route, [4e - 2] its
+  -- entry table once made, [4e - 1] its predicates, [4e] its parameters'
+  -- names and segment numbers (false without)
+  local ents = {}
   local paths, kinds, lens = {}, {}, {}
-  local params_info, preds_of = {}, {} -- only for the entries that have them
   -- what ranks and places the entries (dropped after the build)
   local prio, hclass, prank, segments, bkind, bkey = {}, {}, {}, {}, {}, {}
   local has_preds, has_params = {}, {}
@@ -476,10 +630,10 @@ function _M.new(routes, opts)
       for _, h in ipairs(hosts) do
         n = n + 1
         -- route and entry side by side: the winner costs one cache line
-        pairs_[2 * n - 1], pairs_[2 * n] = route, false
+        ents[4 * n - 3], ents[4 * n - 2], ents[4 * n - 1], ents[4 * n] =
+          route, false, preds or false, info or false
         paths[n], kinds[n] = p, kind
         lens[n] = kind == "prefix" and body and #body or false
-        params_info[n], preds_of[n] = info, preds
         has_preds[n] = preds ~= nil
         has_params[n] = body == nil
         prio[n], prank[n], segments[n] = route.priority or 0, path_rank, segs
@@ -536,14 +690,17 @@ function _M.new(routes, opts)
     nodes8 = ffi_cast(uint8_ptr, nodes),
     nodes_mem = mem, -- what nodes points into: keeps it alive
     labels = labels,
-    kids = kids,
+    karr = kids.karr,
+    karr_mem = kids.karr_mem, -- what karr points into
+    -- bytes of the arrays mapped outside the GC's heap (see big_int32)
+    mapped_bytes = kids.mapped,
+    kuse = kids.kuse, -- the kid array's int32s used, and its size
+    kcap = kids.kcap,
     mult = mult,
-    pairs = pairs_,
+    ents = ents,
     paths = paths,
     kinds = kinds,
     lens = lens,
-    params_info = params_info,
-    preds_of = preds_of,
     ranks = ranks,
     next_entry = next_entry,
     header = opts.header or default_header,
@@ -661,7 +818,8 @@ local function plan_run(rt, plan, run, seen)
   if step < 1 then
     return false
   end
-  local nodes, kids, mult = rt.nodes, rt.kids, rt.mult
+  local nodes, karr, mult = rt.nodes, rt.karr, rt.mult
+  local grow = plan.grow
   for k, d in ipairs(list) do
     local pp, rp = meta.ppos[d.prio], meta.rpos[d.prank]
     if not (pp and rp) then
@@ -684,14 +842,17 @@ local function plan_run(rt, plan, run, seen)
         if (seen[sib] or seg) ~= seg then
           return false
         end
-        seen[sib] = seg
-        if node then
-          local child = kids[node * ID_STEP + h]
-          if child and label_at(rt, child) ~= seg then
-            return false
-          end
-          node = child
+        local child = node and child_of(nodes, karr, node, h) or 0
+        if child ~= 0 and label_at(rt, child) ~= seg then
+          return false
         end
+        if child == 0 and not seen[sib] then
+          -- a new child of node (or of the new node at key)
+          local parent = node or key
+          grow[parent] = (grow[parent] or 0) + 1
+        end
+        seen[sib] = seg
+        node = child ~= 0 and child or nil
         key = key .. "/" .. seg
       else
         if node then
@@ -761,15 +922,35 @@ function _M.plan(rt, old, new)
   if changed + #removed > MAX_CHANGED then
     return nil
   end
-  local plan = { removed = removed, added = {}, entries = {}, nodes = 0, label_bytes = 0 }
+  local plan = { removed = removed, added = {}, entries = {}, nodes = 0, label_bytes = 0,
+                 grow = {} }
   local seen = {}
   for _, r in ipairs(runs) do
     if not plan_run(rt, plan, r, seen) then
       return nil
     end
   end
+  -- the kid array's room: the children's tables that apply will make,
+  -- as add_child makes them (a node's second child makes a table of 4
+  -- slots; a table more than half full, one of twice its slots)
+  local kid_ints = 0
+  for parent, added in pairs(plan.grow) do
+    local c, slots = 0, 0
+    if type(parent) == "number" then
+      c = kid_count(rt.nodes, rt.karr, parent)
+      slots = rt.nodes[parent * NODE + N_KMASK] + 1
+    end
+    for _ = 1, added do
+      c = c + 1
+      if c >= 2 and 2 * c > slots then
+        slots = slots == 0 and 4 or 2 * slots
+        kid_ints = kid_ints + 1 + 2 * slots
+      end
+    end
+  end
+  plan.grow = nil
   if rt.n + #plan.entries > rt.entry_cap or rt.node_count + plan.nodes > rt.node_cap
-     or rt.loff + plan.label_bytes > rt.label_cap then
+     or rt.loff + plan.label_bytes > rt.label_cap or rt.kuse + kid_ints > rt.kcap then
     return nil
   end
   return plan
@@ -782,6 +963,7 @@ local function add_node(rt, seg, rank)
   local nodes, base = rt.nodes, count * NODE
   ffi.fill(nodes + base, NODE * 4)
   nodes[base + N_MIN] = rank
+  nodes[base + N_KMASK] = -1
   local len = #seg
   nodes[base + N_LEN] = len
   if len <= INLINE_MAX then
@@ -792,6 +974,47 @@ local function add_node(rt, seg, rank)
     rt.loff = rt.loff + len
   end
   return count
+end
+
+-- links child (segment hash h) under node (apply: the room was checked by
+-- plan, which counts the tables made here the same way)
+local function add_child(rt, node, h, child)
+  local nodes, karr = rt.nodes, rt.karr
+  local base = node * NODE
+  local km = nodes[base + N_KMASK]
+  if km < 0 and nodes[base + N_KID] == 0 then
+    nodes[base + N_KHASH], nodes[base + N_KID] = h, child
+    return
+  end
+  local list, n, slots
+  if km < 0 then
+    list, n, slots = { nodes[base + N_KHASH], nodes[base + N_KID], h, child }, 2, 4
+  else
+    local off = nodes[base + N_KOFF]
+    n = karr[off - 1] + 1
+    if 2 * n <= km + 1 then
+      karr[off - 1] = n
+      local s = home(h, km)
+      while karr[off + 2 * s + 1] ~= 0 do
+        s = band(s + 1, km)
+      end
+      karr[off + 2 * s], karr[off + 2 * s + 1] = h, child
+      return
+    end
+    list, slots = {}, 2 * (km + 1)
+    for s = 0, km do
+      if karr[off + 2 * s + 1] ~= 0 then
+        list[#list + 1], list[#list + 2] = karr[off + 2 * s], karr[off + 2 * s + 1]
+      end
+    end
+    list[#list + 1], list[#list + 2] = h, child
+  end
+  -- a new table at the end of the kid array; the old one's room is not
+  -- reused (plan rebuilds once the room is gone)
+  local at = rt.kuse
+  rt.kuse = at + write_kids(karr, at, list, n, slots)
+  nodes[base + N_KOFF], nodes[base + N_KMASK] = at + 1, slots - 1
+  nodes[base + N_KHASH], nodes[base + N_KID] = 0, 0
 end
 
 local function add_root(rt, d, rank)
@@ -817,9 +1040,10 @@ local function add_entry(rt, d)
   rt.n = e
   local rank = d.code
   local nodes, ranks, next_entry = rt.nodes, rt.ranks, rt.next_entry
-  rt.pairs[2 * e - 1], rt.pairs[2 * e] = d.route, false
+  local ents = rt.ents
+  ents[4 * e - 3], ents[4 * e - 2], ents[4 * e - 1], ents[4 * e] =
+    d.route, false, d.preds or false, d.info or false
   rt.paths[e], rt.kinds[e], rt.lens[e] = d.path, d.kind, d.len
-  rt.params_info[e], rt.preds_of[e] = d.info or false, d.preds or false
   ranks[e] = rank
   next_entry[e] = 0
   local node = rt.buckets[d.bkind][d.bkey] or add_root(rt, d, rank)
@@ -829,11 +1053,11 @@ local function add_entry(rt, d)
   for _, seg in ipairs(d.segs) do
     local child
     if seg then
-      local ckey = node * ID_STEP + hash(seg, rt.mult)
-      child = rt.kids[ckey]
-      if not child then
+      local h = hash(seg, rt.mult)
+      child = child_of(nodes, rt.karr, node, h)
+      if child == 0 then
         child = add_node(rt, seg, rank)
-        rt.kids[ckey] = child
+        add_child(rt, node, h, child)
       end
     else
       child = nodes[node * NODE + N_PARAM]
@@ -871,7 +1095,7 @@ local function remove_entry(rt, e, d)
   local node = rt.buckets[d.bkind][d.bkey]
   for _, seg in ipairs(d.segs) do
     if seg then
-      node = rt.kids[node * ID_STEP + hash(seg, rt.mult)]
+      node = child_of(nodes, rt.karr, node, hash(seg, rt.mult))
     else
       node = nodes[node * NODE + N_PARAM]
     end
@@ -892,8 +1116,9 @@ local function remove_entry(rt, e, d)
     next_entry[prev] = next_entry[e]
   end
   next_entry[e] = 0
-  rt.pairs[2 * e - 1], rt.pairs[2 * e] = false, false
-  rt.paths[e], rt.params_info[e], rt.preds_of[e] = false, false, false
+  local ents = rt.ents
+  ents[4 * e - 3], ents[4 * e - 2], ents[4 * e - 1], ents[4 * e] = false, false, false, false
+  rt.paths[e] = false
   rt.size = rt.size - 1
 end
 
@@ -989,14 +1214,14 @@ end
 -- the rest of a chain whose first entry failed its predicates
 local function consider_chain(e, i)
   local rt = req_rt
-  local ranks, preds_of, next_entry = rt.ranks, rt.preds_of, rt.next_entry
+  local ranks, ents, next_entry = rt.ranks, rt.ents, rt.next_entry
   e = next_entry[e]
   while e ~= 0 do
     local rp = ranks[e]
     if rp >= best_rank then
       return
     end
-    if rp % 2 == 0 or passes(preds_of[e]) then
+    if rp % 2 == 0 or passes(ents[4 * e - 1]) then
       best, best_rank, best_end = e, rp, i
       return
     end
@@ -1008,7 +1233,7 @@ end
 -- rank code, known to beat the best. Keeps the first entry of the
 -- chain that beats the best and whose predicates pass.
 local function consider(e, rp, i)
-  if rp % 2 == 0 or passes(req_rt.preds_of[e]) then
+  if rp % 2 == 0 or passes(req_rt.ents[4 * e - 1]) then
     best, best_rank, best_end = e, rp, i
     return
   end
@@ -1018,16 +1243,21 @@ end
 -- Walks roots[1..nroots] along the path of v: depth first, the literal
 -- child before the parameter child (kept on a stack). One loop: an
 -- iteration either arrives at a node (candidates), or hashes one byte of
--- the segment being read, or ends that segment (children). Pointers are
--- read from v and rt at each use rather than kept in locals: a cdata
--- pointer live at a trace exit is boxed there (an allocation).
+-- the segment being read, or ends that segment (children), or probes the
+-- next slot of a children's table. Pointers are read from v and rt at
+-- each use rather than kept in locals: a cdata pointer live at a trace
+-- exit is boxed there (an allocation).
 local function walk(rt, v, len, nroots)
-  local nodes, kids, mult = rt.nodes, rt.kids, rt.mult
+  local nodes, karr, mult = rt.nodes, rt.karr, rt.mult
   local k, i, d = roots[1], 0, 0
   local ri, sp = 1, 0
   local j, h = 0, 0
-  -- 1: at node k, 0: reading a segment (a number: true and false are two
-  -- types to the JIT, and a loop variable changing type breaks the trace)
+  local ks, koff, kmask = 0, 0, 0 -- a probe of a children's table
+  -- a number from the start, as arrived below
+  local child = 0 -- luacheck: ignore 311
+  -- 1: at node k, 0: reading a segment, 2: probing (a number: true and
+  -- false are two types to the JIT, and a loop variable changing type
+  -- breaks the trace)
   local arrived = 1
   while true do
     if arrived == 1 then
@@ -1051,22 +1281,42 @@ local function walk(rt, v, len, nroots)
         end
       end
     else
-      local c = j < len and v.path[j] or SLASH
-      if c ~= SLASH then
-        h = tobit(h * mult + c)
-        j = j + 1
-        goto continue
+      if arrived == 0 then
+        local c = j < len and v.path[j] or SLASH
+        if c ~= SLASH then
+          h = tobit(h * mult + c)
+          j = j + 1
+          goto continue
+        end
+        -- the segment (i, j) ends: the children of node k
+        d = d + 1
+        seg_s[d], seg_e[d] = i + 1, j
+        local base = k * NODE
+        local pc = nodes[base + N_PARAM]
+        if pc ~= 0 and j > i + 1 then
+          sp = sp + 1
+          stk_node[sp], stk_off[sp], stk_d[sp] = pc, j, d
+        end
+        kmask = nodes[base + N_KMASK]
+        if kmask < 0 then
+          child = nodes[base + N_KHASH] == h and nodes[base + N_KID] or 0
+        else
+          koff = nodes[base + N_KOFF]
+          ks = home(h, kmask)
+          child = karr[koff + 2 * ks + 1]
+          if child ~= 0 and karr[koff + 2 * ks] ~= h then
+            arrived = 2
+            goto continue
+          end
+        end
+      else -- the next slot
+        ks = band(ks + 1, kmask)
+        child = karr[koff + 2 * ks + 1]
+        if child ~= 0 and karr[koff + 2 * ks] ~= h then
+          goto continue
+        end
       end
-      -- the segment (i, j) ends: the children of node k
-      d = d + 1
-      seg_s[d], seg_e[d] = i + 1, j
-      local pc = nodes[k * NODE + N_PARAM]
-      if pc ~= 0 and j > i + 1 then
-        sp = sp + 1
-        stk_node[sp], stk_off[sp], stk_d[sp] = pc, j, d
-      end
-      local child = kids[k * ID_STEP + h]
-      if child then
+      if child ~= 0 then
         -- the hash may be another segment's: compare the bytes
         local cbase = child * NODE
         local n = nodes[cbase + N_LEN]
@@ -1151,9 +1401,9 @@ end
 -- The entry table of entry number k, made on its first match: route,
 -- path, kind, len (plain prefixes), names (parameters).
 local function make_entry(rt, k)
-  local info = rt.params_info[k]
+  local info = rt.ents[4 * k]
   local e = {
-    route = rt.pairs[2 * k - 1], path = rt.paths[k], kind = rt.kinds[k],
+    route = rt.ents[4 * k - 3], path = rt.paths[k], kind = rt.kinds[k],
     len = rt.lens[k] or nil, names = info and info.names,
   }
   if info and e.kind == "prefix" then
@@ -1161,7 +1411,7 @@ local function make_entry(rt, k)
     -- returns a view of the entry with that len
     e.view_mt = { __index = e }
   end
-  rt.pairs[2 * k] = e
+  rt.ents[4 * k - 2] = e
   return e
 end
 
@@ -1209,13 +1459,13 @@ function _M.match(rt, v, host_fn, r)
   walk(rt, v, v.path_len, nroots)
   local route, e, params
   if best ~= 0 then
-    local pair = rt.pairs
-    route, e = pair[2 * best - 1], pair[2 * best]
+    local ents = rt.ents
+    route, e = ents[4 * best - 3], ents[4 * best - 2]
     if not e then
       e = make_entry(rt, best)
     end
     if best_rank % 4 >= 2 then -- parameters
-      params = params_of(rt.params_info[best], v)
+      params = params_of(ents[4 * best], v)
       if e.view_mt then
         e = setmetatable({ len = best_end }, e.view_mt)
       end

@@ -552,6 +552,69 @@ describe("router", function()
       assert.is_true(applied >= 8, "applied " .. applied)
       assert.is_true(applied < 64, "never ran out of room")
     end)
+
+    it("adds siblings one at a time: in the node, then a table, then larger tables", function()
+      -- /s/<x> for 1, 2 (a node's second child makes a table), 3, 5, 9,
+      -- 17 children (each table more than half full is replaced); 24
+      -- appends stay within the listing room at one place (~log2 of it)
+      local list = { { id = "s1", paths = { "/s/c1" } } }
+      local rt = build(list)
+      for k = 2, 24 do
+        local new = {}
+        for i, r in ipairs(list) do
+          new[i] = r
+        end
+        new[k] = { id = "s" .. k, paths = { "/s/c" .. k } }
+        local plan = router.plan(rt, list, new)
+        assert.is_table(plan, "update " .. k)
+        router.apply(rt, plan)
+        list = new
+        for i = 1, k do
+          assert.equal("s" .. i, (lookup(rt, "/s/c" .. i)))
+        end
+        assert.is_nil((lookup(rt, "/s/c" .. (k + 1))))
+        assert.is_nil((lookup(rt, "/s/c0")))
+      end
+      -- and removed ones are gone while their siblings stay
+      local new = {}
+      for i = 1, 24, 2 do
+        new[#new + 1] = list[i]
+      end
+      local plan = router.plan(rt, list, new)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      for i = 1, 24 do
+        assert.equal(i % 2 == 1 and "s" .. i or nil, (lookup(rt, "/s/c" .. i)), i)
+      end
+    end)
+  end)
+
+  describe("a large router", function()
+    it("finds every route among 40,000 (its nodes then mapped on their own, for huge pages)", function()
+      local routes = {}
+      for k = 1, 40000 do
+        routes[k] = { id = "r" .. k, paths = { "/svc-" .. k .. "/items" } }
+      end
+      routes[#routes + 1] = { id = "pre", paths = { "/svc-7/*" } }
+      local rt = build(routes)
+      assert.is_true(rt.mapped_bytes > 0) -- 80,000 nodes of 64 bytes: above the 4 MiB bound
+      for k = 1, 40000, 97 do
+        assert.equal("r" .. k, (lookup(rt, "/svc-" .. k .. "/items")))
+        assert.is_nil((lookup(rt, "/svc-" .. k .. "/item")))
+      end
+      assert.equal("pre", (lookup(rt, "/svc-7/other")))
+      assert.is_nil((lookup(rt, "/svc-40001/items")))
+      -- updates land in the mapped arrays too
+      local new = { { id = "first", paths = { "/svc-1/items" } } }
+      for k, r in ipairs(routes) do
+        new[k + 1] = r
+      end
+      local plan = router.plan(rt, routes, new)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal("first", (lookup(rt, "/svc-1/items")))
+      assert.equal("r2", (lookup(rt, "/svc-2/items")))
+    end)
   end)
 
   -- A plain reference: every (route, path, host) in precedence order, the
