@@ -25,6 +25,8 @@ local pcall = pcall
 local tostring = tostring
 local tonumber = tonumber
 local loadfile = loadfile
+local load = load
+local unpack = unpack
 local setmetatable = setmetatable
 local io_open = io.open
 local os_getenv = os.getenv
@@ -1151,10 +1153,126 @@ function _M.policy_file(dirs, name)
   return nil
 end
 
+local function read_text(file)
+  local f = io_open(file, "rb")
+  if not f then
+    return nil
+  end
+  local text = f:read("*a")
+  f:close()
+  return text or ""
+end
+
+-- The helper modules of policies: while a policy module's chunk runs,
+-- require(modname) looks first in the policy directories (the lua_path
+-- dirs, then policies/: <dir>/<mod/name>.lua, <dir>/<mod/name>/init.lua),
+-- and every file loaded that way or with dofile is recorded as a helper of
+-- the policy (file -> source text, in h.deps), so that a reload which
+-- finds a helper's text changed runs the policy again (policy_modules.lua).
+-- A required helper is run once per source text (its own and its
+-- helpers'; h.helpers: file -> {text, value, deps}, kept by the caller
+-- across loads) and is also put in
+-- package.loaded; a dofile'd one runs at each dofile, as dofile does.
+-- A require made later, from a phase function, is not watched.
+local function with_helpers(h, fn, ...)
+  local real_require, real_dofile = _G.require, _G.dofile
+  local search = {}
+  for i, dir in ipairs(h.dirs or {}) do
+    search[i] = dir
+  end
+  search[#search + 1] = _M.policies_dir
+  local read = h.read or read_text
+
+  local function unchanged(deps)
+    for file, text in pairs(deps) do
+      if read(file) ~= text then
+        return false
+      end
+    end
+    return true
+  end
+
+  local function source(file)
+    local text = read(file)
+    if not text then
+      error("cannot open " .. file, 0)
+    end
+    h.deps[file] = text
+    return text
+  end
+
+  _G.require = function(modname)
+    if type(modname) == "string" and find(modname, "^[%w_-]+[%w_.-]*$")
+       and not find(modname, "..", 1, true) then
+      local rel = gsub(modname, "%.", "/")
+      for _, dir in ipairs(search) do
+        for _, file in ipairs({ dir .. "/" .. rel .. ".lua", dir .. "/" .. rel .. "/init.lua" }) do
+          local text = read(file)
+          if text then
+            local outer = h.deps
+            outer[file] = text
+            local known = h.helpers[file]
+            if known and known.text == text and unchanged(known.deps) then
+              for f, t in pairs(known.deps) do
+                outer[f] = t
+              end
+              package.loaded[modname] = known.value
+              return known.value
+            end
+            local chunk, err = load(text, "@" .. file)
+            if not chunk then
+              error(err, 0)
+            end
+            -- what it loads in turn: its own helpers, and the policy's
+            h.deps = {}
+            local ok, value = pcall(chunk, modname)
+            local own = h.deps
+            h.deps = outer
+            if not ok then
+              error(value, 0)
+            end
+            for f, t in pairs(own) do
+              outer[f] = t
+            end
+            if value == nil then
+              value = true
+            end
+            h.helpers[file] = { text = text, value = value, deps = own }
+            package.loaded[modname] = value
+            return value
+          end
+        end
+      end
+    end
+    return real_require(modname)
+  end
+  _G.dofile = function(file)
+    if type(file) ~= "string" then
+      return real_dofile(file)
+    end
+    local chunk, err = load(source(file), "@" .. file)
+    if not chunk then
+      error(err, 0)
+    end
+    return chunk()
+  end
+  local res = { pcall(fn, ...) }
+  _G.require, _G.dofile = real_require, real_dofile
+  return unpack(res)
+end
+
 -- Runs a policy module's compiled chunk as the gateway does; raises with the
--- file named when it fails or does not return a table.
-function _M.run_policy(chunk, name, file)
-  local ok, res = pcall(chunk, name)
+-- file named when it fails or does not return a table. h (optional):
+-- {dirs =, deps = {}, helpers = {}, read = fn(file) -> text or nil}: the
+-- helper modules the chunk loads are looked up and recorded as
+-- with_helpers says.
+function _M.run_policy(chunk, name, file, h)
+  local ok, res
+  if h then
+    ok, res = with_helpers(h, chunk, name)
+  else
+    ok, res = pcall(chunk, name)
+  end
   if not ok then
     local msg = tostring(res)
     -- a runtime error names its place already ("<file>:<line>: ...")
@@ -1200,7 +1318,7 @@ end
 -- nil and "not found". A module that fails to load or does not return a
 -- table raises an error. Modules are cached per loader.
 function _M.policy_loader(dirs, sandboxed)
-  local cache = {}
+  local cache, helpers = {}, {}
   return function(name)
     local mod = cache[name]
     if mod then
@@ -1214,7 +1332,7 @@ function _M.policy_loader(dirs, sandboxed)
         if not chunk then
           error(err, 0)
         end
-        mod = _M.run_policy(chunk, name, file)
+        mod = _M.run_policy(chunk, name, file, { dirs = dirs, deps = {}, helpers = helpers })
         cache[name] = mod
         return mod
       end

@@ -15,10 +15,16 @@
 -- the first file that exists wins. A name no file has is then looked up
 -- in sandboxed (config.sandboxed_source: etcd's policies, the node's
 -- sandbox.policies_dir) and loaded by moongate.sandbox; so a sandboxed
--- policy never shadows a file or built-in one. Lookups and reads are memoized per
--- generation: O(policy names) file reads per config load, not O(routes).
--- Only the policy's own file is compared: a change to a module it
--- require()s is not seen (package.loaded keeps that one anyway).
+-- policy never shadows a file or built-in one. Lookups and reads are
+-- memoized per generation: O(policy names + helper files) file reads per
+-- config load, not O(routes).
+-- A file module's identity is its own source and the sources of the
+-- helper modules it loaded while it ran (require()d from the policy
+-- directories, or dofile'd; config.run_policy records them): a reload that
+-- finds any of them changed runs the policy module again (and the changed
+-- helpers), so editing policies/lib/headers.lua alone reaches
+-- request-headers and response-headers. A require made later, inside a
+-- phase, is not watched.
 
 local config = require("moongate.config")
 local sandbox = require("moongate.sandbox")
@@ -34,8 +40,10 @@ local _M = {}
 local mt = { __index = _M }
 
 function _M.new()
-  -- file path -> {text =, mod =}: the module last loaded from that file
-  return setmetatable({ files = {} }, mt)
+  -- file path -> {text =, mod =, deps = {file = text}}: the module last
+  -- loaded from that file and its helpers' sources then; helpers: file ->
+  -- {text =, value =}, the required helpers (config.run_policy)
+  return setmetatable({ files = {}, helpers = {} }, mt)
 end
 
 local function read(file)
@@ -48,18 +56,30 @@ local function read(file)
   return text or ""
 end
 
+-- whether every helper in deps still has the source recorded
+local function deps_unchanged(deps, read_text)
+  for file, text in pairs(deps) do
+    if read_text(file) ~= text then
+      return false
+    end
+  end
+  return true
+end
+
 -- the module of file with source text; raises as config.policy_loader does
-local function run(self, name, file, text)
+local function run(self, name, file, text, dirs, read_text)
   local known = self.files[file]
-  if known and known.text == text then
+  if known and known.text == text and deps_unchanged(known.deps, read_text) then
     return known.mod
   end
   local chunk, err = load(text, "@" .. file)
   if not chunk then
     error(err, 0)
   end
-  local res = config.run_policy(chunk, name, file)
-  self.files[file] = { text = text, mod = res }
+  local deps = {}
+  local res = config.run_policy(chunk, name, file,
+                                { dirs = dirs, deps = deps, helpers = self.helpers, read = read_text })
+  self.files[file] = { text = text, mod = res, deps = deps }
   self.loads = (self.loads or 0) + 1
   return res
 end
@@ -86,6 +106,16 @@ end
 function _M:generation(dirs, sandboxed)
   -- name -> {mod} | {err} | false (not found)
   local seen = {}
+  -- file -> its text, or false: each file read once per generation
+  local texts = {}
+  local function read_once(file)
+    local t = texts[file]
+    if t == nil then
+      t = read(file) or false
+      texts[file] = t
+    end
+    return t or nil
+  end
 
   local function resolve(name)
     local r = seen[name]
@@ -94,9 +124,9 @@ function _M:generation(dirs, sandboxed)
     end
     r = false
     for _, file in ipairs(config.policy_files(dirs, name) or {}) do
-      local text = read(file)
+      local text = read_once(file)
       if text then
-        local ok, res = pcall(run, self, name, file, text)
+        local ok, res = pcall(run, self, name, file, text, dirs, read_once)
         r = ok and { mod = res } or { err = res }
         break
       end
