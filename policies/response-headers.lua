@@ -7,11 +7,10 @@
 --
 -- remove (the upstream's), then set (replaces the upstream's), then add
 -- (beside the upstream's). Values take the variables of request-headers.
--- The edits are made in access, so they reach whatever response the client
--- gets after this policy ran: the upstream's, the gateway's own 502/504,
--- and the answers of static-response and redirect (which run later,
--- priority 700/800 < 900). Answers of policies that run earlier (cors,
--- ip-restriction, request-size-limit, key-auth) do not carry them.
+-- The edits are made in header_filter, which runs on every response of
+-- the route: the upstream's, the gateway's own errors after routing
+-- (502/504, 413...) and every policy's answer (key-auth's 401, cors'
+-- preflight, static-response, redirect).
 local config = require("moongate.config")
 
 local headers = dofile(config.policies_dir .. "/lib/headers.lua")
@@ -23,7 +22,7 @@ return {
   version = "1.0.0",
   schema = headers.edits_schema("response"),
   init = headers.compile_edits,
-  access = function(edits, ctx)
+  header_filter = function(edits, ctx)
     apply(edits, ctx.resp, ctx)
   end,
 }

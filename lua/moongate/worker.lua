@@ -44,8 +44,9 @@ local ctxs = {} -- request handle -> ctx, for requests with later phases
 -- ---- answering at the gateway ------------------------------------------
 
 -- A table body is JSON; a string body is text/plain unless a policy set
--- the Content-Type (static-response); no body, no Content-Type.
-local function respond(r, status, body)
+-- the Content-Type (static-response); no body, no Content-Type. Returns
+-- the body as a string.
+local function body_of(r, body)
   local ct
   if type(body) == "table" then
     body = json_encode(body)
@@ -61,13 +62,87 @@ local function respond(r, status, body)
   if ct then
     C.mg_resp_set_header(r, "Content-Type", 12, ct, #ct, SET)
   end
+  return body
+end
+
+local function respond(r, status, body)
+  body = body_of(r, body)
   C.mg_resp_send(r, status, body, #body)
 end
 
-local function policy_failed(r, v, route, p, err)
-  local rid = ffi_string(v.request_id, v.request_id_len)
-  mg.log.err("route ", route.id, " policy ", p.name, " failed: ", err, " (request ", rid, ")")
-  respond(r, 500, { error = "internal error", request_id = rid })
+local function internal_error(r, v)
+  respond(r, 500, { error = "internal error", request_id = ffi_string(v.request_id,
+                                                                      v.request_id_len) })
+end
+
+local function log_failure(route, p, phase, err, v)
+  mg.log.err("route ", route.id, " policy ", p.name, phase and (" " .. phase) or "", " failed: ",
+             err, " (request ", ffi_string(v.request_id, v.request_id_len), ")")
+end
+
+-- one piece of a body through the route's body_filter policies; nil and
+-- the error when one raises (it is logged)
+local function filter_piece(list, ctx, chunk, eof, v)
+  for i = 1, #list do
+    local p = list[i]
+    local ok, res = pcall(p.mod.body_filter, p.conf, ctx, chunk, eof)
+    if not ok then
+      log_failure(ctx.route, p, "body_filter", res, v)
+      return nil
+    end
+    if res ~= nil then
+      chunk = tostring(res)
+    end
+  end
+  return chunk
+end
+
+-- An answer made at the gateway for a routed request: a policy's `return
+-- status, body`, the 500 of a policy that raised, the 502 of an unknown
+-- ctx.upstream. The route's header_filter policies run on it, then its
+-- body_filter ones over the whole body (one piece, then the end), as on a
+-- proxied response (README "Phases"); they may change the status, the
+-- headers and the body (sent with its length). A filter that raises turns
+-- it into a 500, which no filter sees (nothing loops).
+local function answer(ctx, r, v, status, body)
+  local phases = ctx.route.phases
+  local hf, bf = phases.header_filter, phases.body_filter
+  if not (hf or bf) or ctx.answered then
+    respond(r, status, body)
+    return
+  end
+  ctx.answered = true
+  body = body_of(r, body)
+  v.status = status -- ctx.resp.status
+  if hf then
+    ctx.phase = "header_filter"
+    for i = 1, #hf do
+      local p = hf[i]
+      local ok, err = pcall(p.mod.header_filter, p.conf, ctx)
+      if not ok then
+        log_failure(ctx.route, p, "header_filter", err, v)
+        internal_error(r, v)
+        return
+      end
+    end
+  end
+  if bf then
+    ctx.phase = "body_filter"
+    local head = filter_piece(bf, ctx, body, false, v)
+    local tail = head and filter_piece(bf, ctx, "", true, v)
+    if not tail then
+      internal_error(r, v)
+      return
+    end
+    body = head .. tail
+  end
+  C.mg_resp_send(r, status, body, #body) -- a status set by a filter wins (C)
+end
+
+local function policy_failed(ctx, r, v, route, p, err)
+  log_failure(route, p, nil, err, v)
+  answer(ctx, r, v, 500, { error = "internal error", request_id = ffi_string(v.request_id,
+                                                                              v.request_id_len) })
 end
 
 -- ---- building config versions -----------------------------------------------
@@ -174,11 +249,11 @@ local function run_phase(list, ctx, r, v, route)
     local fn = p.mod[ctx.phase]
     local ok, status, body = pcall(fn, p.conf, ctx)
     if not ok then
-      policy_failed(r, v, route, p, status)
+      policy_failed(ctx, r, v, route, p, status)
       return true
     end
     if status then
-      respond(r, status, body)
+      answer(ctx, r, v, status, body)
       return true
     end
   end
@@ -248,7 +323,7 @@ function _M.access(rp)
     if ctx.upstream then -- a policy chose another upstream
       local h = cfg.upstreams[ctx.upstream]
       if not h then
-        respond(r, 502, { error = "unknown upstream " .. tostring(ctx.upstream) })
+        answer(ctx, r, v, 502, { error = "unknown upstream " .. tostring(ctx.upstream) })
         return
       end
       C.mg_req_set_upstream(r, h)

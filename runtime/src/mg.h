@@ -160,8 +160,11 @@ typedef struct mg_req_s {
     uint64_t resp_sent;
     char *head_buf; /* response or upstream request head being written */
     size_t head_len, head_cap;
-    int lua_status; /* status set by a policy, or 0 */
-    char *fblock;   /* body_filter output being written (one per flush) */
+    int lua_status;       /* status set by a policy, or 0 */
+    int hf_ran;           /* header_filter started for this request (never twice) */
+    int fail_status;      /* a gateway error answer waiting for header_filter, or 0 */
+    const char *fail_msg; /* its message (a string literal) */
+    char *fblock;         /* body_filter output being written (one per flush) */
     /* Lua */
     struct co_slot_s *co_slot; /* the coroutine running this request's phase */
     int wait;                  /* MG_WAIT_*: what a yielded phase waits for */

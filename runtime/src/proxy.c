@@ -806,6 +806,7 @@ static void up_process(mg_upconn_t *u)
                         u->parser.flags |= F_SKIPBODY;
                     }
                     if (r->phases & MG_PHASE_HEADER_FILTER) {
+                        r->hf_ran = 1; /* an error after it answers without it */
                         r->v.status = u->parser.status_code; /* ctx.resp.status */
                         mg__lua_start(r, MG_LUA_HEADER_FILTER);
                         return; /* mg__proxy_header_filter_done goes on */

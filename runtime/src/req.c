@@ -252,6 +252,8 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->head_len = 0;
     r->co_slot = NULL;
     r->lua_status = 0;
+    r->hf_ran = r->fail_status = 0;
+    r->fail_msg = NULL;
     r->wait = MG_WAIT_NONE;
     r->lua_phase = 0;
     r->lua_busy = 0;
@@ -481,7 +483,29 @@ static void local_start(mg_req_t *r, int status, int64_t len)
         r->resp_close = 1;
 }
 
-/* An error answer from the gateway: JSON with the request id. */
+/* Sends the gateway's error answer (mg__req_fail, or after its
+ * header_filter ran). */
+static void fail_send(mg_req_t *r, int status, const char *msg)
+{
+    /* Headers a policy set for the response stay (DESIGN.md: "whatever
+     * response the client gets"): a CORS header must reach a 502 too. Only
+     * safe names get this far (mg_resp_set_header). */
+    char body[256];
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"request_id\":\"%s\"}\n", msg,
+                     r->v.request_id_len ? r->v.request_id : "");
+    mg_resp_set_header(r, "Content-Type", 12, "application/json", 16, MG_HDR_SET);
+    local_start(r, status, n); /* with a status header_filter set, if it did */
+    if (!r->resp_no_body) local_write(r, body, (size_t)n);
+    r->resp_finished = 1;
+    mg__req_maybe_done(r);
+}
+
+/* An error answer from the gateway: JSON with the request id. A routed
+ * request whose route has header_filter policies runs them first, as on a
+ * proxied response (README "Phases"): its answer continues in
+ * mg__req_phase_done. At most once per request: an error while that
+ * header_filter runs (it raised, the client's body timed out) is answered
+ * without it. */
 void mg__req_fail(mg_req_t *r, int status, const char *msg)
 {
     mg_conn_t *c = r->conn;
@@ -492,6 +516,7 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
     }
     mg__req_http_release(r);
     mg__lua_release(r); /* a coroutine waiting on anything is dropped */
+    r->fail_status = 0;
     if (!r->v.request_id_len) make_request_id(c->w, r);
     if (!r->v.version_major) r->v.version_minor = 1; /* refused before the version was read */
     uv_timer_stop(&r->sleep_timer);
@@ -500,18 +525,16 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
     if (status == 400 || status == 408 || status == 413 || status == 414 || status == 431 ||
         status == 505 || status == 417 || status == 405 || !r->body_done)
         c->keepalive = 0;
-    /* Headers a policy set for the response stay (DESIGN.md: "whatever
-     * response the client gets"): a CORS header must reach a 502 too. Only
-     * safe names get this far (mg_resp_set_header). */
-    char body[256];
-    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"request_id\":\"%s\"}\n", msg,
-                     r->v.request_id_len ? r->v.request_id : "");
-    mg_resp_set_header(r, "Content-Type", 12, "application/json", 16, MG_HDR_SET);
     r->lua_status = 0;
-    local_start(r, status, n);
-    if (!r->resp_no_body) local_write(r, body, (size_t)n);
-    r->resp_finished = 1;
-    mg__req_maybe_done(r);
+    if ((r->phases & MG_PHASE_HEADER_FILTER) && !r->hf_ran && c->w->ref_header_filter >= 0) {
+        r->hf_ran = 1;
+        r->fail_status = status;
+        r->fail_msg = msg;
+        r->v.status = status; /* ctx.resp.status */
+        mg__lua_start(r, MG_LUA_HEADER_FILTER);
+        return;
+    }
+    fail_send(r, status, msg);
 }
 
 /* The request body failed while streaming (too large, malformed). */
@@ -569,6 +592,17 @@ void mg__req_phase_done(mg_req_t *r, int phase, int rc)
 {
     if (phase == MG_LUA_LOG) {
         mg__req_maybe_done(r);
+        return;
+    }
+    if (phase == MG_LUA_HEADER_FILTER && r->fail_status) { /* on a gateway error */
+        int status = r->fail_status;
+        r->fail_status = 0;
+        if (rc < 0) {
+            r->lua_status = 0;
+            fail_send(r, 500, "policy error"); /* hf_ran: the filter is not run again */
+        } else {
+            fail_send(r, status, r->fail_msg);
+        }
         return;
     }
     if (rc < 0) {

@@ -116,11 +116,12 @@ describe("response-headers", function()
       assert.same({ "gateway" }, values(res, "X-Set"))
     end)
 
-    it("does not decorate key-auth's 401 (key-auth runs first), but does the request it lets through",
+    it("decorates key-auth's 401 (header_filter runs on it) and the request it lets through",
        function()
       local res = assert(client.get(gw.port, "/auth/x"))
       assert.equal(401, res.status)
-      assert.same({}, values(res, "X-Set"))
+      assert.same({ "gateway" }, values(res, "X-Set"))
+      assert.equal('Key realm="moongate"', res.headers["www-authenticate"])
       res = assert(client.get(gw.port, "/auth/x", { apikey = "k" }))
       assert.equal(200, res.status)
       assert.same({ "gateway" }, values(res, "X-Set"))
