@@ -26,10 +26,11 @@
 -- of the timed loop (what compiles, what aborts).
 --
 -- --child N --count M builds the router of N routes, warms up, then does
--- exactly M lookups over the same requests and exits: bench/router-callgrind
--- runs it under valgrind with two values of M and prints the difference per
--- lookup (instructions and simulated cache misses: figures that a shared,
--- noisy machine does not blur).
+-- exactly M lookups over the same requests and exits: for valgrind
+-- (callgrind --cache-sim=yes with M = 0 and M = 200000, the difference
+-- divided by M gives instructions and simulated cache misses per lookup;
+-- slow: ~20 min per size on a 2-core machine, and LuaJIT's randomized
+-- string hashing moves the totals by ~40M instructions from run to run).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
 local ffi = require("ffi")
