@@ -36,7 +36,7 @@ SAN        ?=
 CFLAGS_ALL := $(OPT) $(SAN) -std=gnu11 -Wall -Wextra -fPIC \
 	-Iruntime/include -Iruntime/src -I$(LLHTTP_INC) $(LUAJIT_INC) \
 	-DMG_VERSION='"$(VERSION)"' $(if $(MG_LUA_DIR_FLAG),-DMG_LUA_DIR='"$(MG_LUA_DIR_FLAG)"') $(CFLAGS)
-LDLIBS_ALL := $(LUAJIT_LIB) -luv -lcrypto -lm -ldl -lpthread
+LDLIBS_ALL := $(LUAJIT_LIB) -luv -lhiredis -lcrypto -lm -ldl -lpthread
 
 RUNTIME_SRC := $(filter-out runtime/src/main.c,$(wildcard runtime/src/*.c))
 RUNTIME_OBJ := $(RUNTIME_SRC:runtime/src/%.c=$(BUILD)/obj/%.o)

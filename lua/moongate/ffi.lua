@@ -116,6 +116,25 @@ typedef struct mg_http_res_s {
 } mg_http_res_t;
 int mg_http_request(mg_req_t *r, const mg_http_opts_t *o);
 const mg_http_res_t *mg_http_result(mg_req_t *r);
+enum { MG_REDIS_DOWN = 0, MG_REDIS_CONNECTING = 1, MG_REDIS_UP = 2 };
+enum {
+    MG_REDIS_NIL = 0,
+    MG_REDIS_INTEGER = 1,
+    MG_REDIS_STRING = 2,
+    MG_REDIS_STATUS = 3,
+    MG_REDIS_ERROR = 4,
+    MG_REDIS_ARRAY = 5
+};
+typedef struct mg_redis_value_s {
+    int32_t type;
+    uint32_t n;
+    int64_t integer;
+    const char *str;
+    size_t len;
+} mg_redis_value_t;
+int mg_redis_state(void);
+int mg_redis_command(mg_req_t *r, int argc, const char **argv, const size_t *argvlen);
+int mg_redis_reply(mg_req_t *r, const mg_redis_value_t **values, size_t *n, const char **err);
 double mg_time_now(void);
 void mg_log_write(int level, const char *msg, size_t len);
 int mg_worker_id(void);
@@ -178,6 +197,7 @@ mg_upstream_breaker_t *mg_upstream_breaker_new(mg_shm_zone_t *z, const mg_breake
                                                const int *failure_statuses, size_t nstatuses);
 void mg_upstream_breaker_release(mg_upstream_breaker_t *b);
 int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
+int mg_sha1_hex(const char *data, size_t len, char *out40);
 ]]
 
 ffi.cdef(_M.cdef)

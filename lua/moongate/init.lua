@@ -71,6 +71,9 @@ _M.worker_id = function()
   return C.mg_worker_id()
 end
 
+-- the node's Redis (lua/moongate/redis.lua)
+_M.redis = require("moongate.redis")
+
 _M.ffi = ffi
 
 return _M

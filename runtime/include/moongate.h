@@ -154,6 +154,40 @@ typedef struct mg_http_res_s {
 int mg_http_request(mg_req_t *r, const mg_http_opts_t *o);
 const mg_http_res_t *mg_http_result(mg_req_t *r);
 
+/* Redis (runtime/src/redis.c): the worker's one connection to the node's
+ * `redis`, opened at the first use. */
+enum { MG_REDIS_DOWN = 0, MG_REDIS_CONNECTING = 1, MG_REDIS_UP = 2 };
+enum {
+    MG_REDIS_NIL = 0,
+    MG_REDIS_INTEGER = 1,
+    MG_REDIS_STRING = 2,
+    MG_REDIS_STATUS = 3,
+    MG_REDIS_ERROR = 4,
+    MG_REDIS_ARRAY = 5
+};
+/* One value of a reply. A reply is an array of these in pre-order: an
+ * ARRAY's n elements follow it (each with its own elements). */
+typedef struct mg_redis_value_s {
+    int32_t type; /* MG_REDIS_* */
+    uint32_t n;   /* ARRAY: number of elements */
+    int64_t integer;
+    const char *str; /* STRING, STATUS, ERROR (not NUL-terminated) */
+    size_t len;
+} mg_redis_value_t;
+/* MG_REDIS_DOWN (commands fail at once), _CONNECTING (the first connection:
+ * commands wait for it, within the timeout) or _UP. Starts connecting at the
+ * first call in a worker; DOWN outside a worker. */
+int mg_redis_state(void);
+/* Sends a command for the request: MG_AGAIN (yield; C resumes the coroutine
+ * with the outcome, within timeout_ms), MG_DECLINED (down: "redis
+ * unavailable"), MG_EINVAL (no command, a command refused on the shared
+ * connection, or the request already waits), MG_ERROR (out of memory). */
+int mg_redis_command(mg_req_t *r, int argc, const char **argv, const size_t *argvlen);
+/* The outcome, once resumed: MG_OK with the reply's values (valid until the
+ * coroutine yields again or returns), or MG_ERROR with *err "timeout" or
+ * "redis unavailable". MG_DECLINED: no outcome for this request now. */
+int mg_redis_reply(mg_req_t *r, const mg_redis_value_t **values, size_t *n, const char **err);
+
 /* Utilities */
 double mg_time_now(void);
 void mg_log_write(int level, const char *msg, size_t len);
@@ -267,6 +301,9 @@ mg_upstream_breaker_t *mg_upstream_breaker_new(mg_shm_zone_t *z, const mg_breake
                                                const int *failure_statuses, size_t nstatuses);
 void mg_upstream_breaker_release(mg_upstream_breaker_t *b);
 int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
+
+/* SHA-1 as 40 lowercase hex digits (Redis script ids). */
+int mg_sha1_hex(const char *data, size_t len, char *out40);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

@@ -622,6 +622,7 @@ static void master_changed(const mg_node_conf_t *a, const mg_node_conf_t *b, cha
     /* zones are mapped once, before the workers fork */
     CHANGED(a->nshm != b->nshm || memcmp(a->shm, b->shm, sizeof(a->shm[0]) * (size_t)a->nshm) != 0,
             "shm");
+    CHANGED(memcmp(&a->redis, &b->redis, sizeof(a->redis)) != 0, "redis");
 #undef CHANGED
 }
 

@@ -99,7 +99,8 @@ enum mg_wait {
     MG_WAIT_SLEEP,
     MG_WAIT_BODY,
     MG_WAIT_DRAIN,
-    MG_WAIT_HTTP, /* mg_http_request: the client's on_done resumes */
+    MG_WAIT_HTTP,  /* mg_http_request: the client's on_done resumes */
+    MG_WAIT_REDIS, /* a Redis command's reply or failure (redis.c) */
 };
 
 enum mg_req_state {
@@ -174,6 +175,7 @@ typedef struct mg_req_s {
     int done;
     uv_timer_t sleep_timer;
     int sleep_timer_init;
+    struct mg_redis_cmd_s *redis_cmd; /* the command it waits on (MG_WAIT_REDIS) */
     uint64_t start_ns;
     uint64_t up_start_ns;
     uint64_t up_ns;
@@ -408,6 +410,9 @@ void mg__targets_close(mg_worker_t *w);
 
 /* mg.http.request (req_http.c) */
 void mg__req_http_release(mg_req_t *r); /* cancels a pending call, frees the result */
+
+/* Redis (redis.c) */
+void mg__redis_detach(mg_req_t *r); /* the request ends: a later reply must not reach it */
 
 /* Lua (lua.c) */
 int mg__lua_init(mg_worker_t *w);

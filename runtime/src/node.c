@@ -8,6 +8,7 @@
  */
 #include "node.h"
 
+#include <arpa/inet.h>
 #include <assert.h>
 #include <errno.h>
 #include <lauxlib.h>
@@ -15,6 +16,7 @@
 #include <limits.h>
 #include <lua.h>
 #include <lualib.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +60,10 @@ void mg_node_defaults(mg_node_conf_t *conf)
     conf->limits.max_keepalive_requests = 10000; /* as config.lua */
     conf->log_level = MG_LOG_INFO;
     conf->shutdown_timeout_ms = 10000;
+    snprintf(conf->redis.host, sizeof(conf->redis.host), "127.0.0.1");
+    snprintf(conf->redis.ip, sizeof(conf->redis.ip), "127.0.0.1");
+    conf->redis.port = 6379;
+    conf->redis.timeout_ms = 1000;
 }
 
 /* --- finding lua/ ------------------------------------------------------- */
@@ -371,6 +377,59 @@ static int node_shm(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
     return 0;
 }
 
+/* redis.host as a numeric address for hiredis, resolved here once (in the
+ * master, at start and reload): hiredis' connect would otherwise call
+ * getaddrinfo, which blocks, on a worker's loop. */
+static int node_redis_resolve(mg_redis_conf_t *rc, node_ctx_t *c)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    struct addrinfo hints, *res = NULL;
+    int rv;
+
+    if (inet_pton(AF_INET, rc->host, buf) == 1 || inet_pton(AF_INET6, rc->host, buf) == 1) {
+        if (strlen(rc->host) >= sizeof(rc->ip)) return node_bad(c, "redis.host", "too long");
+        memcpy(rc->ip, rc->host, strlen(rc->host) + 1);
+        return 0;
+    }
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    rv = getaddrinfo(rc->host, NULL, &hints, &res);
+    if (rv != 0 || res == NULL) {
+        char why[320];
+        snprintf(why, sizeof(why), "cannot resolve %s: %s", rc->host,
+                 rv != 0 ? gai_strerror(rv) : "no address");
+        return node_bad(c, "redis.host", why);
+    }
+    if (res->ai_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)res->ai_addr)->sin_addr, rc->ip, sizeof(rc->ip));
+    else
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)res->ai_addr)->sin6_addr, rc->ip,
+                  sizeof(rc->ip));
+    freeaddrinfo(res);
+    return 0;
+}
+
+static int node_redis(lua_State *L, mg_redis_conf_t *rc, node_ctx_t *c)
+{
+    int t = lua_gettop(L), r;
+    double port = rc->port;
+
+    if ((r = node_str(L, t, "host", "redis.host", rc->host, sizeof(rc->host), c)) < 0) return r;
+    if ((r = node_num(L, t, "port", "redis.port", 1, 65535, &port, c)) < 0) return r;
+    rc->port = (int)port;
+    if ((r = node_u32(L, t, "timeout_ms", "redis.timeout_ms", &rc->timeout_ms, c)) < 0) return r;
+    if (rc->timeout_ms == 0) return node_bad(c, "redis.timeout_ms", "must be at least 1");
+    if ((r = node_u32(L, t, "db", "redis.db", &rc->db, c)) < 0) return r;
+    lua_getfield(L, t, "password");
+    rc->has_password = lua_type(L, -1) == LUA_TSTRING;
+    lua_pop(L, 1);
+    if ((r = node_str(L, t, "password", "redis.password", rc->password, sizeof(rc->password), c)) <
+        0)
+        return r;
+    return node_redis_resolve(rc, c);
+}
+
 static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
 {
     double workers = 0, v;
@@ -479,6 +538,11 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
 
     TRY(node_sub(L, t, "shm", c));
     if (r == 1) TRY(node_shm(L, lua_gettop(L), out, c));
+    TRY(node_sub(L, t, "redis", c));
+    if (r == 1) {
+        TRY(node_redis(L, &out->redis, c));
+        lua_pop(L, 1);
+    }
 
     TRY(node_sub(L, t, "log", c));
     if (r == 1) {

@@ -41,6 +41,18 @@ typedef struct mg_shm_conf_s {
     uint64_t size; /* bytes */
 } mg_shm_conf_t;
 
+/* The node's Redis (node config `redis`): one connection per worker,
+ * opened at the first use (runtime/src/redis.c). */
+typedef struct mg_redis_conf_s {
+    char host[256];      /* as configured */
+    char ip[64];         /* host resolved once at load (numeric): no DNS in a worker */
+    int port;            /* 6379 */
+    uint32_t timeout_ms; /* per command, and for connect + handshake: 1000 */
+    char password[512];  /* AUTH when has_password */
+    int has_password;
+    uint32_t db; /* SELECT when not 0 */
+} mg_redis_conf_t;
+
 typedef struct mg_node_conf_s {
     char conf_path[MG_PATH_MAX]; /* absolute */
     char prefix[MG_PATH_MAX];    /* directory of conf_path */
@@ -57,6 +69,7 @@ typedef struct mg_node_conf_s {
     int nshm;
     mg_shm_conf_t shm[MG_SHM_MAX_ZONES]; /* sorted by name */
     char routes_path[MG_PATH_MAX];       /* config_source.path of a file source, else "" */
+    mg_redis_conf_t redis;
     /* mock mode: no master, one worker running lua/moongate/mock.lua */
     int mock;
 } mg_node_conf_t;

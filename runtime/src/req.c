@@ -251,6 +251,7 @@ mg_req_t *mg__req_new(mg_conn_t *c)
     r->head_cap = head_cap;
     r->head_len = 0;
     r->co_slot = NULL;
+    r->redis_cmd = NULL;
     r->lua_status = 0;
     r->hf_ran = r->fail_status = 0;
     r->fail_msg = NULL;
@@ -282,6 +283,7 @@ void mg__req_free(mg_req_t *r)
      * back) when nothing reported it yet: a client gone, a failed body. */
     if (r->brk) mg__breaker_detach(r);
     uv_timer_stop(&r->sleep_timer);
+    mg__redis_detach(r);
     if (r->upstream) {
         mg_upstream_release(r->upstream);
         r->upstream = NULL;
@@ -310,6 +312,12 @@ void mg__req_abort(mg_req_t *r)
     if (r->up) mg__proxy_abort(r);
     mg__req_http_release(r); /* a pending mg.http.request is cancelled */
     mg__lua_release(r);      /* a suspended phase never resumes */
+    /* ...so what it waited on is dropped, and the log phase below starts
+     * with no wait pending (its own mg.sleep or Redis command would be
+     * refused otherwise) */
+    uv_timer_stop(&r->sleep_timer);
+    mg__redis_detach(r);
+    r->wait = MG_WAIT_NONE;
     /* The log phase still runs (it sees the cut request, and releases what
      * the Lua side keeps for the request); one that yields is abandoned. */
     if ((r->phases & MG_PHASE_LOG) && !r->log_ran && r->conn->w->ref_log >= 0) {
@@ -520,6 +528,7 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
     if (!r->v.request_id_len) make_request_id(c->w, r);
     if (!r->v.version_major) r->v.version_minor = 1; /* refused before the version was read */
     uv_timer_stop(&r->sleep_timer);
+    mg__redis_detach(r);
     r->wait = MG_WAIT_NONE;
     if (!msg) msg = mg__status_reason(status);
     if (status == 400 || status == 408 || status == 413 || status == 414 || status == 431 ||

@@ -67,6 +67,19 @@ void mg_sha256_free(mg_sha256_t *s)
     free(s);
 }
 
+int mg_sha1_hex(const char *data, size_t len, char *out40)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    if (EVP_Digest(data, len, md, &n, EVP_sha1(), NULL) != 1 || n != 20) return MG_ERROR;
+    for (unsigned int i = 0; i < 20; i++) {
+        out40[2 * i] = hex[md[i] >> 4];
+        out40[2 * i + 1] = hex[md[i] & 15];
+    }
+    return MG_OK;
+}
+
 /* ---- access log -------------------------------------------------------------- */
 
 static int access_fd = -2; /* -2: not opened yet; -1: off */
