@@ -15,6 +15,7 @@ local proc = require("helpers.proc")
 
 local concat = table.concat
 local error = error
+local ipairs = ipairs
 local remove = table.remove
 local setmetatable = setmetatable
 local tonumber = tonumber
@@ -81,8 +82,9 @@ local function read_reply(sock)
 end
 
 -- One command on a new connection (AUTH first when the server has a
--- password). Returns the reply (false for a nil reply), or nil, err.
-local function command(port, password, timeout, ...)
+-- password, SELECT db when db is given). Returns the reply (false for a
+-- nil reply), or nil, err.
+local function command_db(port, password, db, timeout, ...)
     local sock = socket.tcp()
     sock:settimeout(timeout or 2)
     local ok, err = sock:connect("127.0.0.1", port)
@@ -90,12 +92,19 @@ local function command(port, password, timeout, ...)
         sock:close()
         return nil, "connect: " .. tostring(err)
     end
+    local pre = {}
     if password then
-        sock:send(encode({ "AUTH", password }))
-        local _, aerr = read_reply(sock)
-        if aerr then
+        pre[#pre + 1] = { "AUTH", password }
+    end
+    if db then
+        pre[#pre + 1] = { "SELECT", db }
+    end
+    for _, cmd in ipairs(pre) do
+        sock:send(encode(cmd))
+        local _, perr = read_reply(sock)
+        if perr then
             sock:close()
-            return nil, "AUTH: " .. aerr
+            return nil, cmd[1] .. ": " .. perr
         end
     end
     sock:send(encode({ ... }))
@@ -103,7 +112,10 @@ local function command(port, password, timeout, ...)
     sock:close()
     return v, rerr
 end
-_M.raw_command = command
+
+local function command(port, password, timeout, ...)
+    return command_db(port, password, nil, timeout, ...)
+end
 
 ---------------------------------------------------------------------------
 -- The server.
@@ -114,6 +126,21 @@ srv_mt.__index = srv_mt
 
 function srv_mt:command(...)
     return command(self.port, self.password, 2, ...)
+end
+
+-- The same in database db.
+function srv_mt:command_db(db, ...)
+    return command_db(self.port, self.password, db, 2, ...)
+end
+
+-- INFO commandstats as {command = calls}, e.g. stats.evalsha.
+function srv_mt:command_calls()
+    local info = assert(self:command("INFO", "commandstats"))
+    local out = {}
+    for name, calls in info:gmatch("cmdstat_([%w|_]+):calls=(%d+)") do
+        out[name] = tonumber(calls)
+    end
+    return out
 end
 
 function srv_mt:log()
