@@ -167,6 +167,11 @@ bench-router: build
 bench-prims: build
 	luajit bench/prims.lua $(BENCH_PRIMS_ARGS)
 
+### bench-redis: mg.redis round trip: µs per INCR through the gateway vs without Redis vs direct, and wrk on both routes
+.PHONY: bench-redis
+bench-redis: build
+	luajit bench/redis.lua $(BENCH_REDIS_ARGS)
+
 ### rock: luarocks lint, then build and install into a local tree (build/rock)
 rock:
 	luarocks lint moongate-scm-1.rockspec

@@ -391,10 +391,16 @@ static int node_redis_resolve(mg_redis_conf_t *rc, node_ctx_t *c)
         memcpy(rc->ip, rc->host, strlen(rc->host) + 1);
         return 0;
     }
+    /* IPv4 first, as hiredis does: "localhost" is then 127.0.0.1, where a
+     * default Redis listens, even when ::1 sorts first */
     memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
+    hints.ai_family = AF_INET;
     hints.ai_socktype = SOCK_STREAM;
     rv = getaddrinfo(rc->host, NULL, &hints, &res);
+    if (rv != 0 || res == NULL) {
+        hints.ai_family = AF_INET6;
+        rv = getaddrinfo(rc->host, NULL, &hints, &res);
+    }
     if (rv != 0 || res == NULL) {
         char why[320];
         snprintf(why, sizeof(why), "cannot resolve %s: %s", rc->host,

@@ -296,6 +296,27 @@ static int send_step(int kind, int argc, const char **argv, const size_t *argvle
     return send_cmd(c, argc, argv, argvlen);
 }
 
+/* The libuv adapter's hooks, minus the calls that would not change its
+ * event mask: hiredis re-adds read interest after every read and write,
+ * and each uv_poll_start costs an epoll_ctl DEL + ADD even when nothing
+ * changes (7 epoll_ctl per command before, 4 now). */
+static void ev_add_read(void *pd)
+{
+    if (!(((redisLibuvEvents *)pd)->events & UV_READABLE)) redisLibuvAddRead(pd);
+}
+static void ev_del_read(void *pd)
+{
+    if (((redisLibuvEvents *)pd)->events & UV_READABLE) redisLibuvDelRead(pd);
+}
+static void ev_add_write(void *pd)
+{
+    if (!(((redisLibuvEvents *)pd)->events & UV_WRITABLE)) redisLibuvAddWrite(pd);
+}
+static void ev_del_write(void *pd)
+{
+    if (((redisLibuvEvents *)pd)->events & UV_WRITABLE) redisLibuvDelWrite(pd);
+}
+
 /* A new connection and its handshake (hiredis buffers the commands until
  * the connect completes). */
 static void open_conn(void)
@@ -318,6 +339,10 @@ static void open_conn(void)
         went_down("connect: cannot watch the socket");
         return;
     }
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
     ac->data = NULL;
     redisAsyncSetConnectCallback(ac, on_connect);
     redisAsyncSetDisconnectCallback(ac, on_disconnect);

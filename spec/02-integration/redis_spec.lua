@@ -278,6 +278,13 @@ describe("mg.redis", function()
     assert.equal(false, srv:command_db(0, "GET", "where"))
   end)
 
+  it("takes a host name, resolved once at start", function()
+    local srv = redis.start()
+    local gw = start_gw(srv, { redis = { host = "localhost" } })
+    assert.equal(200, (call(gw, "/incr")))
+    assert.truthy(gw:log():find("redis 127.0.0.1:" .. srv.port .. " up", 1, true), gw:log_tail())
+  end)
+
   it("treats a wrong password as down, logged once", function()
     local srv = redis.start({ password = "s3cret" })
     local gw = start_gw(srv, { redis = { password = "wrong" } })
