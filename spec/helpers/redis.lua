@@ -194,7 +194,17 @@ function srv_mt:pause(ms)
     end
 end
 
--- SIGKILL, as a crash: clients see their connections reset.
+-- SIGSTOP: the server neither reads nor answers (until kill or cont).
+function srv_mt:freeze()
+    proc.kill(self.pid, "STOP")
+end
+
+function srv_mt:cont()
+    proc.kill(self.pid, "CONT")
+end
+
+-- SIGKILL, as a crash: clients see their connections closed (reset, when
+-- the server had unread bytes from them: see freeze).
 function srv_mt:kill()
     if self.pid and proc.alive(self.pid) then
         proc.kill(self.pid, "KILL")
