@@ -610,7 +610,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)fuzz_dir;
     conf.mock = 1;
 #endif
-    if (mg__worker_init(&conf, 0) != 0) {
+    if (mg__worker_init(&conf, conf.mock ? MG_ROLE_MOCK : MG_ROLE_WORKER_FILES, 0) != 0) {
         fprintf(stderr, "fuzz: worker init failed (FUZZ_LOG=error says why)\n");
         exit(1);
     }

@@ -513,6 +513,10 @@ local source_defs = {
       type = { type = "string" },
       path = { type = "string", minLength = 1, default = "routes.json" },
       watch = { type = "boolean", default = false },
+      -- the last-known-good copy the control process writes after each
+      -- version it hands out (default: moongate.lkg.json beside the node
+      -- config)
+      cache = { type = "string", minLength = 1 },
     },
   },
   etcd = {
@@ -531,6 +535,7 @@ local source_defs = {
       user = { type = "string", minLength = 1 },
       password = { type = "string" },
       timeout_ms = int(5000, 1),
+      cache = { type = "string", minLength = 1 },
     },
     check = function(src)
       if (src.user == nil) ~= (src.password == nil) then
@@ -565,9 +570,10 @@ end
 
 
 local function normalize_source(src, prefix)
+  local cache = resolve(prefix, src.cache or "moongate.lkg.json")
   if src.type == "file" then
     return { type = "file", path = resolve(prefix, src.path),
-             watch = src.watch }
+             watch = src.watch, cache = cache }
   end
   local endpoints = {}
   for i, e in ipairs(src.endpoints) do
@@ -575,7 +581,7 @@ local function normalize_source(src, prefix)
   end
   return { type = "etcd", endpoints = endpoints, prefix = src.prefix,
            user = src.user, password = src.password,
-           timeout_ms = src.timeout_ms }
+           timeout_ms = src.timeout_ms, cache = cache }
 end
 
 
@@ -748,8 +754,8 @@ end
 --   conf_path, prefix (its directory), workers (0 = one per core),
 --   listen = { {address, host, port, tls = nil | {cert?, key?}}, ... },
 --   admin = {listen, host, port, api_key}, status = {listen, host, port},
---   config_source = {type="file", path, watch}
---                 | {type="etcd", endpoints, prefix, user, password, timeout_ms},
+--   config_source = {type="file", path, watch, cache}
+--                 | {type="etcd", endpoints, prefix, user, password, timeout_ms, cache},
 --   redis = {host, port, timeout_ms, password, db},
 --   limits = {... in bytes and ms}, shm = {zone = bytes},
 --   log = {level, access = "off" | "stdout" | absolute path},
@@ -1463,8 +1469,6 @@ function _M.unsupported(node, routes)
                                    .. "build yet (the etcd client speaks http:// only)", i - 1)
         end
       end
-    elseif node.config_source.watch then
-      errs[#errs + 1] = "config_source.watch: not supported by this build yet (use reload)"
     end
   end
   if routes then

@@ -5,6 +5,10 @@
 --
 --   local builder = config_version.new{ upstream = function(u) ... end }
 --   local v, err = builder:build(conf_path, node_text, routes_text)
+--   local v, err = builder:build(conf_path, node_text, nil, doc)
+--   -- doc: the routes already split, {skeleton =, elements = {routes =
+--   -- {texts}, upstreams =, consumers =}} (a worker's, from the control
+--   -- process: config_doc.lua); no file is read then
 --   -- v = {router =, upstreams = {id = handle}, consumers =, routes =,
 --   --      stats = {routes =, validated =, compiled =, reused =,
 --   --               modules_loaded =, router_ms =, whole =,
@@ -317,8 +321,9 @@ end
 
 -- The split path: nil when anything is off (the caller then takes the
 -- whole-text path, which names the errors).
-local function load_split(self, prev, text, gen, stamp)
-  local doc = json_split.split(text, SPLIT, prev.doc)
+local function load_split(self, prev, text, given, gen, stamp)
+  local old = prev.doc
+  local doc = given or json_split.split(text, SPLIT, old and old.spans and old)
   if not doc then
     return nil
   end
@@ -389,7 +394,10 @@ local function load_split(self, prev, text, gen, stamp)
   return {
     doc = doc, ups = ups, routes = routes, cons = cons,
     upstream = function(id) return live(idx.upstreams, id, stamp) end,
-    globals_text = doc.members.global_policies or "",
+    -- what global_policies' reuse is keyed on: the skeleton holds it and
+    -- every other member that is not split (a change to one of those
+    -- recompiles the globals: rare, and cheap)
+    globals_text = doc.skeleton,
     globals = valid.global_policies or {},
     validated = #fresh_routes,
   }
@@ -429,7 +437,7 @@ end
 -- (routes_text likewise). Returns the version, or nil and the errors
 -- ("; "-joined). Raises only on a policy's init() error or a bug; the
 -- caller pcalls. The version in force is left as it is.
-function _M:build(conf_path, node_text, routes_text)
+function _M:build(conf_path, node_text, routes_text, given_doc)
   if node_text == nil then
     -- read here (not by load_node) to compare it with the last one
     node_text = read_file(conf_path)
@@ -446,11 +454,16 @@ function _M:build(conf_path, node_text, routes_text)
     self.index = { routes = new_index(), upstreams = new_index(), consumers = new_index() }
   end
   local src = node.config_source
-  if src.type ~= "file" then
+  local text
+  if given_doc then
+    -- joined only when the split path fails, for the whole-text errors
+    text = nil
+  elseif src.type ~= "file" then
     return nil, "config_source " .. tostring(src.type) .. " is not supported yet"
+  else
+    -- unreadable: load_whole has config.load_routes say why
+    text = routes_text or read_file(src.path)
   end
-  -- unreadable: load_whole has config.load_routes say why
-  local text = routes_text or read_file(src.path)
   sandbox.configure(node.sandbox)
   local gen = self.modules:generation(node.lua_path, {
     dir = node.sandbox.policies_dir, sources = self.sandboxed_sources,
@@ -458,11 +471,17 @@ function _M:build(conf_path, node_text, routes_text)
   local loads = self.modules:load_count()
   self.stamp = self.stamp + 1
 
-  local loaded = text and load_split(self, prev, text, gen, self.stamp)
+  local loaded = (text or given_doc) and load_split(self, prev, text, given_doc, gen, self.stamp)
   local keyed = loaded ~= nil
   if not loaded then
     local err
-    loaded, err = load_whole(src.path, text, gen)
+    if given_doc then
+      text, err = json_split.join(given_doc.skeleton, given_doc.elements)
+      if not text then
+        return nil, "the routes do not join: " .. tostring(err)
+      end
+    end
+    loaded, err = load_whole(src.path or "routes", text, gen)
     if not loaded then
       return nil, err
     end

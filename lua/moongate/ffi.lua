@@ -77,6 +77,7 @@ int mg_req_sleep(mg_req_t *r, uint32_t ms);
 int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
 int mg_req_set_body(mg_req_t *r, const char *data, size_t len);
 int mg_req_set_body_limit(mg_req_t *r, uint64_t bytes);
+int mg_req_listener(mg_req_t *r);
 int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
                    size_t *value_len);
 int mg_resp_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
@@ -198,6 +199,11 @@ mg_upstream_breaker_t *mg_upstream_breaker_new(mg_shm_zone_t *z, const mg_breake
 void mg_upstream_breaker_release(mg_upstream_breaker_t *b);
 int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
 int mg_sha1_hex(const char *data, size_t len, char *out40);
+int mg_cfg_next(const char **data, size_t *len);
+int mg_cfg_send(const char *data, size_t len);
+int mg_ctl_send(uint32_t peer, const char *data, size_t len);
+double mg_ctl_version_get(void);
+void mg_ctl_version_set(double version);
 ]]
 
 ffi.cdef(_M.cdef)

@@ -34,6 +34,7 @@ local ffi = require("ffi")
 
 local sub = string.sub
 local pairs = pairs
+local ipairs = ipairs
 local floor = math.floor
 local concat = table.concat
 local ffi_cast = ffi.cast
@@ -221,14 +222,22 @@ local function split_whole(text, arrays)
         if spans[name] then
           return nil, "member " .. name .. " is given twice"
         end
-        if p[i] ~= LBRACK then
-          return nil, "member " .. name .. " is not an array"
-        end
         local span = new_span()
         span.open = i
-        local j, err = scan_elements(text, p, i + 1, n, false, false, span, true)
-        if not j then
-          return nil, "member " .. name .. ": " .. err
+        local j, err
+        if p[i] == LBRACE and p[skip_space(p, i + 1, n)] == RBRACE then
+          -- {}: what JSON encoders that cannot tell an empty table from an
+          -- empty array (lua-cjson) write; the decoder reads it as an empty
+          -- list too. An edit inside it is split again from scratch.
+          j = skip_space(p, i + 1, n)
+          span.empty_object = true
+        elseif p[i] ~= LBRACK then
+          return nil, "member " .. name .. " is not an array"
+        else
+          j, err = scan_elements(text, p, i + 1, n, false, false, span, true)
+          if not j then
+            return nil, "member " .. name .. ": " .. err
+          end
         end
         ve = j
         span.close = j
@@ -329,7 +338,7 @@ local function split_changed(text, old)
       name, span = k, s
     end
   end
-  if not span then
+  if not span or span.empty_object then
     return nil
   end
   local delta = nlen - olen
@@ -371,6 +380,53 @@ local function split_changed(text, old)
   end
   return { text = text, members = old.members, elements = elements, spans = spans,
            skeleton = old.skeleton }
+end
+
+-- The inverse of split: the text of a document from its skeleton and the
+-- texts of its split arrays' elements (elements = {name = {texts}}); an
+-- array the skeleton lacks is added as a member. Not byte for byte the
+-- text that was split (the white space inside split arrays is gone), but
+-- the same JSON. Returns the text, or nil and a reason. O(bytes).
+function _M.join(skeleton, elements)
+  local arrays = {}
+  for name in pairs(elements) do
+    arrays[name] = true
+  end
+  local doc, err = split_whole(skeleton, arrays)
+  if not doc then
+    return nil, err
+  end
+  local cuts = {} -- {open, close, name}: the skeleton's arrays, in order
+  local extra = {}
+  for name, texts in pairs(elements) do
+    local span = doc.spans[name]
+    if span then
+      cuts[#cuts + 1] = { span.open, span.close, name }
+    elseif #texts > 0 then
+      extra[#extra + 1] = name
+    end
+  end
+  table.sort(cuts, function(a, b) return a[1] < b[1] end)
+  table.sort(extra)
+  local pieces, from = {}, 1
+  for _, c in ipairs(cuts) do
+    pieces[#pieces + 1] = sub(skeleton, from, c[1] + 1) -- up to and with "["
+    pieces[#pieces + 1] = concat(elements[c[3]], ",")
+    from = c[2] + 1 -- from "]" on
+  end
+  local rest = sub(skeleton, from)
+  if #extra > 0 then
+    -- before the closing brace, after a comma unless the object is empty
+    local body, close = rest:match("^(.-)%s*(}%s*)$")
+    local empty = #cuts == 0 and skeleton:match("^%s*{%s*}%s*$")
+    local members = {}
+    for i, name in ipairs(extra) do
+      members[i] = '"' .. name .. '":[' .. concat(elements[name], ",") .. "]"
+    end
+    rest = body .. (empty and "" or ",") .. concat(members, ",") .. close
+  end
+  pieces[#pieces + 1] = rest
+  return concat(pieces)
 end
 
 -- text: a JSON document; arrays: set of member names whose elements are

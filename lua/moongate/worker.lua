@@ -1,6 +1,12 @@
 -- The gateway's entry points, called by the C runtime (lua.c) in a pooled
 -- coroutine per request phase: init, access, header_filter, log, reload.
 --
+-- A worker's config comes from the control process (control.lua): numbered
+-- versions, as frames on the channel (runtime/src/channel.c, frames in
+-- config_doc.lua). reload("frame") pulls the frames queued, applies them
+-- to the document it keeps (the control's latest), builds that version
+-- and answers {applied = N} or {refused = N, error = ...}.
+--
 -- A config version is compiled once into: the router, one C upstream
 -- handle per upstream, and per route the flat lists of policies for each
 -- phase, so a phase no policy of the route uses costs nothing
@@ -9,7 +15,10 @@
 
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
+local config = require("moongate.config")
+local config_doc = require("moongate.config_doc")
 local config_version = require("moongate.config_version")
+local json_split = require("moongate.json_split")
 local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
@@ -31,6 +40,8 @@ local json_encode = mg.json.encode
 
 local view_ptr = ffi.typeof("mg_req_view_t *")
 local req_ptr = ffi.typeof("mg_req_t *")
+local frame_data = ffi.new("const char *[1]")
+local frame_len = ffi.new("size_t[1]")
 
 local SET = C.MG_HDR_SET
 local char_ptr = ffi.typeof("const char *")
@@ -39,6 +50,7 @@ local _M = {}
 
 local conf_path, worker_id
 local current -- the config version in force: {router, upstreams, version}
+local received -- the control's document as of its last frame (config_doc.lua)
 local ctxs = {} -- request handle -> ctx, for requests with later phases
 
 -- ---- answering at the gateway ------------------------------------------
@@ -176,12 +188,11 @@ local builder = config_version.new({ upstream = new_upstream })
 local timing = os.getenv("MOONGATE_RELOAD_TIMING")
 timing = timing ~= nil and timing ~= "" and timing ~= "0"
 
--- node_text, routes_text: the files' contents as the master last validated
--- them (a worker's start); nil reads the files (a reload). The version in
--- force changes only when the new one is complete.
-local function load(node_text, routes_text)
+-- Builds and swaps in the version doc (config_doc.lua) holds. The version
+-- in force changes only when the new one is complete.
+local function load(doc)
   local t0 = mg.now()
-  local ok, v, err = pcall(builder.build, builder, conf_path, node_text, routes_text)
+  local ok, v, err = pcall(builder.build, builder, conf_path, doc.node, nil, doc)
   if not ok then
     return nil, tostring(v)
   end
@@ -189,7 +200,7 @@ local function load(node_text, routes_text)
     return nil, err
   end
   builder:commit(v)
-  v.version = (current and current.version or 0) + 1
+  v.version = doc.version
   current = v
   if timing then
     local s = v.stats
@@ -203,7 +214,36 @@ end
 
 -- ---- entry points ----------------------------------------------------------
 
-function _M.init(path, wid, node_text, routes_text)
+-- The files' contents as a document, for a worker without a control
+-- process (from_files: the fuzzer). nil and why when unreadable.
+local function doc_from_files()
+  local f = io.open(conf_path, "rb")
+  local node_text = f and f:read("*a")
+  if f then
+    f:close()
+  end
+  local node, errs = config.load_node(conf_path, node_text)
+  if not node then
+    return nil, table.concat(errs, "; ")
+  end
+  f = io.open(node.config_source.path, "rb")
+  local routes_text = f and f:read("*a")
+  if f then
+    f:close()
+  end
+  local split, err = json_split.split(routes_text or "", config_doc.SPLIT)
+  if not split then
+    return nil, node.config_source.path .. ": " .. tostring(err)
+  end
+  local doc = config_doc.from_split(node_text, split)
+  doc.version = 1
+  return doc
+end
+
+-- nworkers: unused here. from_files: no control process (the fuzzer):
+-- the config is read from the files now; else it comes as frames, and
+-- the worker accepts connections once the first is in force (lua.c).
+function _M.init(path, wid, _, from_files)
   conf_path, worker_id = path, wid
   -- MOONGATE_JITV=<file>: LuaJIT's trace log (what compiles, what aborts),
   -- to check the request path stays compiled (bench/, STYLE.md)
@@ -211,26 +251,81 @@ function _M.init(path, wid, node_text, routes_text)
   if jitv and jitv ~= "" then
     require("jit.v").start(jitv .. "." .. tostring(wid))
   end
-  local v, err = load(node_text, routes_text)
-  if not v then
-    return nil, err
+  if from_files then
+    local doc, err = doc_from_files()
+    local v
+    if doc then
+      v, err = load(doc)
+    end
+    if not v then
+      return nil, err
+    end
   end
   return true
 end
 
--- Between requests (lua.c): builds the next version from the files,
--- reusing what did not change; the old one stays when it fails.
+-- an answer to the control process (channel.c keeps the last one, and
+-- sends it again after a reconnect)
+local function tell_control(msg)
+  local text = json_encode(msg)
+  C.mg_cfg_send(text, #text)
+end
+
+-- The frames queued by the channel, applied in order to the document
+-- received so far; nil when one cannot be applied (the control is then
+-- asked for a snapshot, which follows the frames already queued).
+local function take_frames()
+  local doc = received
+  local n = 0
+  while C.mg_cfg_next(frame_data, frame_len) == 0 do
+    n = n + 1
+    local frame, err = config_doc.decode(ffi_string(frame_data[0], frame_len[0]))
+    local next_doc
+    if frame then
+      next_doc, err = config_doc.apply(doc, frame)
+    end
+    if not next_doc then
+      mg.log.warn("config frame not applied (", err, "); asking the control process for a "
+                  .. "snapshot")
+      tell_control({ resync = true })
+      while C.mg_cfg_next(frame_data, frame_len) == 0 do -- stale: a snapshot follows them
+      end
+      return nil
+    end
+    doc = next_doc
+  end
+  if n == 0 then
+    return nil
+  end
+  received = doc
+  return doc
+end
+
+-- Between requests (lua.c), when frames came: builds the latest version
+-- they make, reusing what did not change; the old one stays when it
+-- fails. Several frames queued meanwhile make one build (the latest wins).
 -- Runs in a coroutine that C resumes once per loop turn (lua.c): the
 -- rebuild yields every millisecond or so (moongate.slice), requests are
 -- served in between on the version in force, and the new version replaces
 -- it only when complete.
 function _M.reload()
+  local doc = take_frames()
+  if not doc then
+    return true, "nothing to apply"
+  end
+  if current and current.version == doc.version then
+    -- a snapshot of the version in force (a new connection to the control)
+    tell_control({ applied = doc.version })
+    return true, "unchanged"
+  end
   slice.begin(1)
-  local v, err = load()
+  local v, err = load(doc)
   slice.finish()
   if not v then
+    tell_control({ refused = doc.version, error = err })
     return nil, err
   end
+  tell_control({ applied = doc.version })
   return true
 end
 

@@ -96,6 +96,9 @@ int mg_req_read_body(mg_req_t *r, const char **data, size_t *len);
  * upstream gets, copied, sent with Content-Length. */
 int mg_req_set_body(mg_req_t *r, const char *data, size_t len);
 int mg_req_set_body_limit(mg_req_t *r, uint64_t bytes);
+/* The index of the listener that accepted the request's connection (the
+ * control process: 0 status, 1 admin). */
+int mg_req_listener(mg_req_t *r);
 
 /* Response */
 int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, const char **value,
@@ -304,6 +307,21 @@ int mg_req_set_breaker(mg_req_t *r, mg_upstream_breaker_t *b);
 
 /* SHA-1 as 40 lowercase hex digits (Redis script ids). */
 int mg_sha1_hex(const char *data, size_t len, char *out40);
+
+/* The config channel between the control process and the workers
+ * (channel.c): length-prefixed frames over a unix socket. A worker pulls
+ * the frames the control process sent, in order (MG_OK; MG_DECLINED when
+ * none is queued; *data stays valid until the next call), and answers
+ * (copied; MG_DECLINED while not connected: the answer is sent again on
+ * reconnecting). The control process sends to a peer by the id its
+ * handler's peer() was given (copied; MG_DECLINED: no such peer). */
+int mg_cfg_next(const char **data, size_t *len);
+int mg_cfg_send(const char *data, size_t len);
+int mg_ctl_send(uint32_t peer, const char *data, size_t len);
+/* The last config version number the node handed out, kept by the master
+ * across control process respawns (0 at start). */
+double mg_ctl_version_get(void);
+void mg_ctl_version_set(double version);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

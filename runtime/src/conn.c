@@ -539,6 +539,10 @@ void mg__conn_accept(uv_stream_t *server, int status)
         mg__conn_close(c);
         return;
     }
+    /* Which listener: O(listeners), at most MG_MAX_LISTEN. */
+    for (int i = 0; i < w->nlisten; i++) {
+        if ((uv_stream_t *)&w->listeners[i] == server) c->listener = w->listener_tag[i];
+    }
     conn_start(c);
 }
 

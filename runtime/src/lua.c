@@ -34,13 +34,17 @@ static int get_ref(lua_State *L, int mod, const char *name)
     return luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
+/* 0, -1 (the module failed to load or raised), or -2: its init returned
+ * false (the control process: no configuration to hand out). */
 int mg__lua_init(mg_worker_t *w)
 {
     lua_State *L = luaL_newstate();
     if (!L) return -1;
     luaL_openlibs(L);
     mg_node_set_lua_path(L, w->conf->lua_root);
-    const char *mod = w->mock ? "moongate.mock" : "moongate.worker";
+    const char *mod = w->role == MG_ROLE_MOCK      ? "moongate.mock"
+                      : w->role == MG_ROLE_CONTROL ? "moongate.control"
+                                                   : "moongate.worker";
     lua_getglobal(L, "require");
     lua_pushstring(L, mod);
     if (lua_pcall(L, 1, 1, 0) != 0) {
@@ -52,21 +56,14 @@ int mg__lua_init(mg_worker_t *w)
     lua_getfield(L, m, "init");
     lua_pushstring(L, w->conf->conf_path);
     lua_pushinteger(L, w->id);
-    if (mg__node_snapshot.node != NULL) {
-        lua_pushlstring(L, mg__node_snapshot.node, mg__node_snapshot.node_len);
-    } else {
-        lua_pushnil(L);
-    }
-    if (mg__node_snapshot.routes != NULL) {
-        lua_pushlstring(L, mg__node_snapshot.routes, mg__node_snapshot.routes_len);
-    } else {
-        lua_pushnil(L);
-    }
+    lua_pushinteger(L, w->conf->workers);
+    lua_pushboolean(L, w->role == MG_ROLE_WORKER_FILES);
     if (lua_pcall(L, 4, 2, 0) != 0 || !lua_toboolean(L, -2)) {
+        int raised = lua_gettop(L) == m + 1;
         mg_log(MG_LOG_ERROR, "starting %s: %s", mod,
                lua_isstring(L, -1) ? lua_tostring(L, -1) : "init failed");
         lua_close(L);
-        return -1;
+        return raised ? -1 : -2;
     }
     lua_pop(L, 2);
     w->ref_access = get_ref(L, m, "access");
@@ -74,6 +71,7 @@ int mg__lua_init(mg_worker_t *w)
     w->ref_log = get_ref(L, m, "log");
     w->ref_body_filter = get_ref(L, m, "body_filter");
     w->ref_reload = get_ref(L, m, "reload");
+    w->ref_peer = get_ref(L, m, "peer");
     lua_settop(L, 0);
     if (w->ref_access < 0) {
         mg_log(MG_LOG_ERROR, "%s has no access function", mod);
@@ -200,60 +198,86 @@ void mg__lua_release(mg_req_t *r)
     co_put(r->conn->w, s, 0);
 }
 
-/* Between requests: no coroutine is running, so the handler may swap its
- * router and pipelines; suspended requests keep what they hold. */
 /* A reload runs in its own coroutine, resumed once per loop turn (an idle
  * handle keeps the loop polling without blocking), so requests are served
  * between its slices on the version in force; the Lua side yields when a
- * slice has used its budget (lua/moongate/slice.lua). A SIGHUP during a
- * reload is remembered and starts another one when it ends. */
+ * slice has used its budget (lua/moongate/slice.lua). A reload asked for
+ * during one is remembered and runs when it ends ("signal" wins over the
+ * other reasons: it means re-read everything).
+ *
+ * The handler's reload(reason) returns true (a new version is in force),
+ * true and a word (nothing to apply: no log), or nil and why it refused. A
+ * worker's reasons are "frame" (the control process sent a version: it
+ * starts accepting once the first is in force); the control process's are
+ * "signal" and "watch", and it logs what it did itself. */
 static struct {
     lua_State *co;
     int ref;
-    int pending;
+    const char *pending; /* a reason, or NULL */
     int idle_init;
     uv_idle_t idle;
 } reload;
 
-static void reload_resume(mg_worker_t *w);
+static void reload_resume(mg_worker_t *w, int nargs);
 
 static void on_reload_idle(uv_idle_t *h)
 {
-    reload_resume(h->data);
+    reload_resume(h->data, 0);
 }
 
-static void reload_resume(mg_worker_t *w)
+static void reload_done(mg_worker_t *w, lua_State *co, int rc)
+{
+    int first = w->role == MG_ROLE_WORKER && !w->listening;
+
+    if (rc != 0) {
+        mg_log(MG_LOG_ERROR, "reload failed, keeping the current config: %s",
+               lua_isstring(co, -1) ? lua_tostring(co, -1) : "?");
+    } else if (!lua_toboolean(co, 1)) {
+        mg_log(MG_LOG_ERROR, "%s: %s",
+               first ? "cannot apply the first configuration"
+                     : "reload refused, keeping the current config",
+               lua_isstring(co, 2) ? lua_tostring(co, 2) : "?");
+    } else if (lua_isnoneornil(co, 2) && w->role == MG_ROLE_WORKER) {
+        if (first) {
+            mg_log(MG_LOG_INFO, "configuration loaded, accepting connections");
+            if (mg__worker_listen(w) != 0) mg__worker_fatal(w, 1);
+            return;
+        }
+        mg_log(MG_LOG_INFO, "reloaded configuration");
+        return;
+    } else {
+        return;
+    }
+    /* A worker without any version cannot serve: it exits, and the master
+     * respawns it (throttled) to try again with the control's latest. */
+    if (first) mg__worker_fatal(w, 1);
+}
+
+static void reload_resume(mg_worker_t *w, int nargs)
 {
     lua_State *co = reload.co;
-    int rc = lua_resume(co, 0);
+    int rc = lua_resume(co, nargs);
     if (rc == LUA_YIELD) {
         lua_settop(co, 0);
         uv_idle_start(&reload.idle, on_reload_idle);
         return;
     }
     uv_idle_stop(&reload.idle);
-    if (rc != 0) {
-        mg_log(MG_LOG_ERROR, "reload failed, keeping the current config: %s",
-               lua_isstring(co, -1) ? lua_tostring(co, -1) : "?");
-    } else if (!lua_toboolean(co, 1)) {
-        mg_log(MG_LOG_ERROR, "reload refused, keeping the current config: %s",
-               lua_isstring(co, 2) ? lua_tostring(co, 2) : "?");
-    } else {
-        mg_log(MG_LOG_INFO, "reloaded configuration");
-    }
+    reload_done(w, co, rc);
     luaL_unref(w->L, LUA_REGISTRYINDEX, reload.ref);
     reload.co = NULL;
-    if (reload.pending) {
-        reload.pending = 0;
-        mg__lua_reload(w);
+    if (reload.pending && !w->stopping) {
+        const char *reason = reload.pending;
+        reload.pending = NULL;
+        mg__lua_reload(w, reason);
     }
 }
 
-void mg__lua_reload(mg_worker_t *w)
+void mg__lua_reload(mg_worker_t *w, const char *reason)
 {
-    if (w->ref_reload < 0) return;
+    if (w->ref_reload < 0 || w->L == NULL) return;
     if (reload.co) { /* one at a time; the latest files win */
-        reload.pending = 1;
+        if (reload.pending == NULL || strcmp(reason, "signal") == 0) reload.pending = reason;
         return;
     }
     if (!reload.idle_init) {
@@ -264,7 +288,29 @@ void mg__lua_reload(mg_worker_t *w)
     reload.co = lua_newthread(w->L);
     reload.ref = luaL_ref(w->L, LUA_REGISTRYINDEX); /* anchors the thread */
     lua_rawgeti(reload.co, LUA_REGISTRYINDEX, w->ref_reload);
-    reload_resume(w);
+    lua_pushstring(reload.co, reason);
+    reload_resume(w, 1);
+}
+
+/* On the main state, between requests: a message of the channel (or NULL:
+ * the peer is gone). It may not yield; what it sends is queued. */
+void mg__lua_peer(mg_worker_t *w, uint32_t id, const char *data, size_t len)
+{
+    lua_State *L = w->L;
+    int top;
+
+    if (w->ref_peer < 0 || L == NULL) return;
+    top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->ref_peer);
+    lua_pushnumber(L, (lua_Number)id);
+    if (data != NULL)
+        lua_pushlstring(L, data, len);
+    else
+        lua_pushnil(L);
+    if (lua_pcall(L, 2, 0, 0) != 0)
+        mg_log(MG_LOG_ERROR, "control: peer message: %s",
+               lua_isstring(L, -1) ? lua_tostring(L, -1) : "?");
+    lua_settop(L, top);
 }
 
 /* body_filter: runs on the worker's main state (it may not yield, as in

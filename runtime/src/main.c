@@ -266,7 +266,7 @@ static int mock_supervise(mg_node_conf_t *conf, int *fds)
                 if (j != i) close(fds[j]);
             }
             sigprocmask(SIG_SETMASK, &old, NULL);
-            rc = mg_worker_main(conf, i, &fds[i], 1);
+            rc = mg_worker_main(conf, MG_ROLE_MOCK, i, &fds[i], 1);
             fflush(NULL);
             _exit(rc);
         }
@@ -324,8 +324,9 @@ static int cmd_mock(const cli_opts_t *o)
     if (mg_listen_parse(o->listen, &conf.listen[0], err, sizeof(err)) < 0)
         return cli_fail("mock: %s", err);
     conf.nlisten = 1;
-    /* The mock serves no status endpoint: a disabled status listener. */
+    /* The mock serves no status endpoint nor admin API. */
     memset(&conf.status, 0, sizeof(conf.status));
+    memset(&conf.admin, 0, sizeof(conf.admin));
 
     signal(SIGPIPE, SIG_IGN);
     /* built-in zones, shared by the mock's workers */
@@ -338,7 +339,7 @@ static int cmd_mock(const cli_opts_t *o)
     mg_log(MG_LOG_INFO, "mock listening on %s (%d worker(s))", err, conf.workers);
 
     if (conf.workers == 1) {
-        int rc = mg_worker_main(&conf, 0, fds, 1);
+        int rc = mg_worker_main(&conf, MG_ROLE_MOCK, 0, fds, 1);
         fflush(NULL);
         return rc;
     }
@@ -350,6 +351,7 @@ int main(int argc, char **argv)
     const char *cmd = argc > 1 ? argv[1] : NULL;
     cli_opts_t o;
 
+    mg_proc_title_init(argc, argv);
     if (cmd == NULL) {
         cli_usage(stderr);
         return 1;

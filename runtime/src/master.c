@@ -2,11 +2,15 @@
  *
  * Phases of mg_master_run:
  *   1. refuse to start when the pid file names a live moongate;
- *   2. open every listener: conf->workers SO_REUSEPORT sockets per address;
+ *   2. open every listener: conf->workers SO_REUSEPORT sockets per address,
+ *      and the status and admin listeners (one socket each, for the control
+ *      process);
  *   3. daemonize (-d), so port errors above still reached the terminal;
  *   4. write the pid file;
- *   5. fork the workers and supervise them in a libuv loop until a stop
- *      signal, then wait for them (bounded) and remove the pid file.
+ *   5. fork the control process, then the workers (which get their config
+ *      from it), and supervise them in a libuv loop until a stop signal;
+ *      then stop the workers, then the control process (bounded), and
+ *      remove the pid file.
  *
  * Each worker has its own socket per address, hence its own accept queue.
  * The master keeps every socket open, so a worker that dies leaves its
@@ -43,7 +47,7 @@
 enum { STOP_NONE = 0, STOP_GRACEFUL, STOP_FAST };
 
 typedef struct {
-    int id;
+    int id;                                    /* a worker's index, or -1: the control process */
     pid_t pid;                                 /* 0 while not running */
     uint64_t respawned[MASTER_STORM_RESPAWNS]; /* ring of respawn times, ms */
     int nrespawned;                            /* total, for the ring index */
@@ -58,21 +62,23 @@ static struct {
     uv_loop_t loop;
     uv_signal_t signals[MASTER_NSIG];
     uv_timer_t stop_timer;
-    uv_timer_t reload_timer; /* a SIGHUP too soon after the last check waits for it */
-    uint64_t reload_done_ms;
-    int reload_armed;
     master_worker_t *workers;
-    int *fds;      /* workers x nlisten; worker i owns fds[i * nlisten ...] */
-    int nfds;      /* how many of fds are open */
-    int stopping;  /* STOP_* */
-    int notify_fd; /* -d: the pipe to the waiting start command, else -1 */
-    pid_t pid;     /* the master's own pid, after daemonizing */
+    master_worker_t ctl; /* the control process */
+    int ctl_fds[2];      /* its status and admin listeners, -1 when off */
+    int ctl_signalled;   /* stopping: the control process was told to stop */
+    int rc;              /* the exit code once stopped */
+    int *fds;            /* workers x nlisten; worker i owns fds[i * nlisten ...] */
+    int nfds;            /* how many of fds are open */
+    int stopping;        /* STOP_* */
+    int notify_fd;       /* -d: the pipe to the waiting start command, else -1 */
+    pid_t pid;           /* the master's own pid, after daemonizing */
     int pid_written;
     int finished; /* master_finish ran: the handles are closing */
 } M;
 
 static int master_spawn(master_worker_t *w);
 static void master_close_listeners(void);
+static void master_stop(int how);
 
 /* --- pid file ------------------------------------------------------------- */
 
@@ -197,72 +203,6 @@ static void master_pid_remove(void)
     M.pid_written = 0;
 }
 
-/* --- the config snapshot ------------------------------------------------------ */
-
-mg_node_snapshot_t mg__node_snapshot;
-
-/* The whole file in a new NUL-terminated buffer; 0 or a negative errno. */
-static int master_read_file(const char *path, char **out, size_t *outlen)
-{
-    char *buf = NULL, *grown;
-    size_t len = 0, cap = 0;
-    ssize_t n;
-    int fd, e;
-
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    for (;;) {
-        if (len + 1 >= cap) {
-            cap = cap ? cap * 2 : 16384;
-            grown = realloc(buf, cap);
-            if (grown == NULL) {
-                e = -ENOMEM;
-                goto fail;
-            }
-            buf = grown;
-        }
-        n = read(fd, buf + len, cap - len - 1);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-            e = -errno;
-            goto fail;
-        }
-        if (n == 0) break;
-        len += (size_t)n;
-    }
-    close(fd);
-    buf[len] = '\0';
-    *out = buf;
-    *outlen = len;
-    return 0;
-fail:
-    close(fd);
-    free(buf);
-    return e;
-}
-
-/* Takes the text of conf's files as the snapshot workers start from (see
- * node.h). Called right after they passed validation; on a read error the
- * previous snapshot stays. */
-static void master_snapshot(const mg_node_conf_t *conf)
-{
-    mg_node_snapshot_t s = {0};
-    int r;
-
-    r = master_read_file(conf->conf_path, &s.node, &s.node_len);
-    if (r == 0 && conf->routes_path[0] != '\0')
-        r = master_read_file(conf->routes_path, &s.routes, &s.routes_len);
-    if (r < 0) {
-        mg_log(MG_LOG_WARN, "config snapshot: %s; new workers keep the previous one", strerror(-r));
-        free(s.node);
-        free(s.routes);
-        return;
-    }
-    free(mg__node_snapshot.node);
-    free(mg__node_snapshot.routes);
-    mg__node_snapshot = s;
-}
-
 /* --- start-up errors -------------------------------------------------------- */
 
 /* Logs a start-up failure; with -d also sends it to the waiting command,
@@ -377,6 +317,14 @@ static int master_daemonize(void)
 
 /* --- workers -------------------------------------------------------------- */
 
+/* "worker 3" or "control process", for logs. */
+static const char *master_name(const master_worker_t *w, char *buf, size_t len)
+{
+    if (w->id < 0) return "control process";
+    snprintf(buf, len, "worker %d", w->id);
+    return buf;
+}
+
 static int master_running(void)
 {
     int i, n = 0;
@@ -409,7 +357,7 @@ static void master_child(master_worker_t *w, const sigset_t *oldmask)
     int i, rc, per = conf->nlisten;
     char role[16];
 
-    assert(w->id >= 0 && w->id < conf->workers); /* else it would take another's sockets */
+    assert(w->id >= -1 && w->id < conf->workers); /* else it would take another's sockets */
 
     /* The master's uv_signal handles live in libuv's process-wide list and
      * would write this process's signals into the master's signal pipe
@@ -424,7 +372,12 @@ static void master_child(master_worker_t *w, const sigset_t *oldmask)
     signal(SIGHUP, SIG_IGN);
     signal(SIGQUIT, master_child_quit);
 
-    snprintf(role, sizeof(role), "w%d", w->id);
+    if (w->id < 0) {
+        snprintf(role, sizeof(role), "ctl");
+        mg_proc_title_set("moongate: control process", "moongate-ctl");
+    } else {
+        snprintf(role, sizeof(role), "w%d", w->id);
+    }
     mg_log_set_role(role);
     /* A worker whose master dies stops gracefully instead of serving on,
      * unsupervised. The master may already be gone: check after arming. */
@@ -434,7 +387,14 @@ static void master_child(master_worker_t *w, const sigset_t *oldmask)
         if (i / per != w->id) close(M.fds[i]);
     }
     sigprocmask(SIG_SETMASK, oldmask, NULL);
-    rc = mg_worker_main(conf, w->id, M.fds + w->id * per, per);
+    if (w->id < 0) {
+        rc = mg_worker_main(conf, MG_ROLE_CONTROL, -1, M.ctl_fds, 2);
+    } else {
+        for (i = 0; i < 2; i++) {
+            if (M.ctl_fds[i] >= 0) close(M.ctl_fds[i]);
+        }
+        rc = mg_worker_main(conf, MG_ROLE_WORKER, w->id, M.fds + w->id * per, per);
+    }
     fflush(NULL);
     _exit(rc);
 }
@@ -454,11 +414,13 @@ static int master_spawn(master_worker_t *w)
     sigprocmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) {
         int e = errno;
-        mg_log(MG_LOG_ERROR, "worker %d: fork: %s; retrying in 1 s", w->id, strerror(e));
+        char name[32];
+        mg_log(MG_LOG_ERROR, "%s: fork: %s; retrying in 1 s", master_name(w, name, sizeof(name)),
+               strerror(e));
         return -e;
     }
     w->pid = pid;
-    mg_log_debug("worker %d started (pid %ld)", w->id, (long)pid);
+    mg_log_debug("%s started (pid %ld)", w->id < 0 ? "control process" : "worker", (long)pid);
     return 0;
 }
 
@@ -482,8 +444,10 @@ static void master_respawn(master_worker_t *w)
     w->respawned[w->nrespawned % MASTER_STORM_RESPAWNS] = now;
     w->nrespawned++;
     if (storm) {
-        mg_log(MG_LOG_WARN, "worker %d: %d respawns within %d s; next one in %d ms", w->id,
-               MASTER_STORM_RESPAWNS, MASTER_STORM_WINDOW_MS / 1000, MASTER_STORM_DELAY_MS);
+        char name[32];
+        mg_log(MG_LOG_WARN, "%s: %d respawns within %d s; next one in %d ms",
+               master_name(w, name, sizeof(name)), MASTER_STORM_RESPAWNS,
+               MASTER_STORM_WINDOW_MS / 1000, MASTER_STORM_DELAY_MS);
         uv_timer_start(&w->respawn_timer, master_respawn_cb, MASTER_STORM_DELAY_MS, 0);
         return;
     }
@@ -505,9 +469,57 @@ static void master_finish(void)
     for (i = 0; i < MASTER_NSIG; i++)
         uv_close((uv_handle_t *)&M.signals[i], master_close_cb);
     uv_close((uv_handle_t *)&M.stop_timer, master_close_cb);
-    uv_close((uv_handle_t *)&M.reload_timer, master_close_cb);
+    uv_close((uv_handle_t *)&M.ctl.respawn_timer, master_close_cb);
     for (i = 0; i < M.conf->workers; i++)
         uv_close((uv_handle_t *)&M.workers[i].respawn_timer, master_close_cb);
+}
+
+/* The control process goes last: workers draining still hold their
+ * config, and it answers /status while they drain. */
+static void master_stop_progress(void)
+{
+    if (!M.stopping || master_running() > 0) return;
+    if (M.ctl.pid > 0) {
+        if (!M.ctl_signalled) {
+            M.ctl_signalled = 1;
+            kill(M.ctl.pid, M.stopping == STOP_GRACEFUL ? SIGQUIT : SIGTERM);
+        }
+        return;
+    }
+    master_finish();
+}
+
+/* The child pid exited with status: the control process or a worker. */
+static void master_exited(master_worker_t *w, pid_t pid, int status)
+{
+    char name[32];
+
+    master_name(w, name, sizeof(name));
+    w->pid = 0;
+    if (M.stopping) {
+        if (WIFSIGNALED(status)) {
+            mg_log(MG_LOG_INFO, "%s (pid %ld) exited on signal %d", name, (long)pid,
+                   WTERMSIG(status));
+        } else {
+            mg_log_debug("%s (pid %ld) exited with code %d", name, (long)pid, WEXITSTATUS(status));
+        }
+        return;
+    }
+    if (w->id < 0 && WIFEXITED(status) && WEXITSTATUS(status) == MG_EXIT_NO_CONFIG) {
+        mg_log(MG_LOG_ERROR, "the control process has no configuration to serve (see its "
+                             "message above); stopping");
+        M.rc = 1;
+        master_stop(STOP_FAST);
+        return;
+    }
+    if (WIFSIGNALED(status)) {
+        mg_log(MG_LOG_ERROR, "%s (pid %ld) exited on signal %d%s; respawning", name, (long)pid,
+               WTERMSIG(status), WCOREDUMP(status) ? " (core dumped)" : "");
+    } else {
+        mg_log(MG_LOG_ERROR, "%s (pid %ld) exited with code %d; respawning", name, (long)pid,
+               WEXITSTATUS(status));
+    }
+    master_respawn(w);
 }
 
 static void master_reap(void)
@@ -519,32 +531,18 @@ static void master_reap(void)
         pid = waitpid(-1, &status, WNOHANG);
         if (pid < 0 && errno == EINTR) continue;
         if (pid <= 0) break;
+        if (M.ctl.pid == pid) {
+            master_exited(&M.ctl, pid, status);
+            continue;
+        }
         for (i = 0; i < M.conf->workers; i++) {
-            master_worker_t *w = &M.workers[i];
-            if (w->pid != pid) continue;
-            w->pid = 0;
-            if (M.stopping) {
-                if (WIFSIGNALED(status)) {
-                    mg_log(MG_LOG_INFO, "worker %d (pid %ld) exited on signal %d", w->id, (long)pid,
-                           WTERMSIG(status));
-                } else {
-                    mg_log_debug("worker %d (pid %ld) exited with code %d", w->id, (long)pid,
-                                 WEXITSTATUS(status));
-                }
+            if (M.workers[i].pid == pid) {
+                master_exited(&M.workers[i], pid, status);
                 break;
             }
-            if (WIFSIGNALED(status)) {
-                mg_log(MG_LOG_ERROR, "worker %d (pid %ld) exited on signal %d%s; respawning", w->id,
-                       (long)pid, WTERMSIG(status), WCOREDUMP(status) ? " (core dumped)" : "");
-            } else {
-                mg_log(MG_LOG_ERROR, "worker %d (pid %ld) exited with code %d; respawning", w->id,
-                       (long)pid, WEXITSTATUS(status));
-            }
-            master_respawn(w);
-            break;
         }
     }
-    if (M.stopping && master_running() == 0) master_finish();
+    master_stop_progress();
 }
 
 /* --- stopping ------------------------------------------------------------- */
@@ -552,9 +550,10 @@ static void master_reap(void)
 static void master_stop_timeout_cb(uv_timer_t *t)
 {
     (void)t;
-    mg_log(MG_LOG_WARN, "%d worker(s) still running after the stop timeout; killing them",
-           master_running());
+    mg_log(MG_LOG_WARN, "%d worker(s)%s still running after the stop timeout; killing them",
+           master_running(), M.ctl.pid > 0 ? " and the control process" : "");
     master_signal_workers(SIGKILL);
+    if (M.ctl.pid > 0) kill(M.ctl.pid, SIGKILL);
 }
 
 static void master_stop(int how)
@@ -566,6 +565,10 @@ static void master_stop(int how)
     M.stopping = how;
     for (i = 0; i < M.conf->workers; i++)
         uv_timer_stop(&M.workers[i].respawn_timer);
+    uv_timer_stop(&M.ctl.respawn_timer);
+    /* A fast stop cuts a graceful one short: the control process, asked
+     * to drain, is told to hurry too. */
+    if (M.ctl_signalled && M.ctl.pid > 0) kill(M.ctl.pid, SIGTERM);
     if (how == STOP_GRACEFUL) {
         bound = (uint64_t)M.conf->shutdown_timeout_ms + MASTER_GRACE_EXTRA_MS;
         mg_log(MG_LOG_INFO, "graceful stop: draining %d worker(s), at most %llu ms",
@@ -581,111 +584,21 @@ static void master_stop(int how)
      * drain ends. Closed, they are refused at once (nginx does the same). */
     master_close_listeners();
     uv_timer_start(&M.stop_timer, master_stop_timeout_cb, bound, 0);
-    if (master_running() == 0) master_finish();
+    master_stop_progress();
 }
 
 /* --- reload --------------------------------------------------------------- */
 
-static void master_log_error(void *ud, const char *msg)
-{
-    (void)ud;
-    mg_log(MG_LOG_ERROR, "reload: %s", msg);
-}
-
-static int master_same_listener(const mg_listen_conf_t *a, const mg_listen_conf_t *b)
-{
-    return strcmp(a->host, b->host) == 0 && a->port == b->port && a->tls == b->tls;
-}
-
-/* Names the node settings that differ: they belong to the master and the
- * running workers, and change only on restart. */
-static void master_changed(const mg_node_conf_t *a, const mg_node_conf_t *b, char *out, size_t len)
-{
-    int i, same = a->nlisten == b->nlisten;
-    size_t n = 0;
-
-    for (i = 0; same && i < a->nlisten; i++)
-        same = master_same_listener(&a->listen[i], &b->listen[i]);
-    out[0] = '\0';
-#define CHANGED(cond, name)                                                                        \
-    do {                                                                                           \
-        if ((cond) && n < len)                                                                     \
-            n += (size_t)snprintf(out + n, len - n, "%s%s", n ? ", " : "", name);                  \
-    } while (0)
-    CHANGED(!same, "listen");
-    CHANGED(a->workers != b->workers, "workers");
-    CHANGED(!master_same_listener(&a->status, &b->status), "status.listen");
-    CHANGED(memcmp(&a->limits, &b->limits, sizeof(a->limits)) != 0, "limits");
-    CHANGED(a->log_level != b->log_level || strcmp(a->access_log, b->access_log) != 0, "log");
-    CHANGED(strcmp(a->pid_file, b->pid_file) != 0, "pid_file");
-    CHANGED(a->shutdown_timeout_ms != b->shutdown_timeout_ms, "shutdown_timeout_ms");
-    /* zones are mapped once, before the workers fork */
-    CHANGED(a->nshm != b->nshm || memcmp(a->shm, b->shm, sizeof(a->shm[0]) * (size_t)a->nshm) != 0,
-            "shm");
-    CHANGED(memcmp(&a->redis, &b->redis, sizeof(a->redis)) != 0, "redis");
-#undef CHANGED
-}
-
-static void master_reload(void)
-{
-    mg_node_conf_t *next;
-    char changed[256];
-    int nerr;
-
-    mg_log(MG_LOG_INFO, "reload: checking %s", M.conf->conf_path);
-    next = malloc(sizeof(*next)); /* ~60 KiB: not for the stack */
-    if (next == NULL) {
-        mg_log(MG_LOG_ERROR, "reload: out of memory");
-        return;
-    }
-    nerr = mg_node_reload_check(M.conf->conf_path, next, master_log_error, NULL);
-    if (nerr > 0) {
-        mg_log(MG_LOG_ERROR, "reload: %d error(s); the running configuration stays", nerr);
-        free(next);
-        return;
-    }
-    master_changed(M.conf, next, changed, sizeof(changed));
-    if (changed[0] != '\0')
-        mg_log(MG_LOG_WARN, "reload: changes to %s need a restart (moongate stop, then start)",
-               changed);
-    master_snapshot(next);
-    free(next);
-    master_signal_workers(SIGHUP);
-    mg_log(MG_LOG_INFO, "reload: signalled %d worker(s)", master_running());
-}
-
-/* A check costs tens of ms of CPU at thousands of routes, and a config
- * pushed many times a second needs only its latest version applied: after
- * a check, further SIGHUPs within RELOAD_GAP_MS are folded into one, run
- * when the gap has passed. A lone SIGHUP is handled at once. */
-#define RELOAD_GAP_MS 100
-
-static void master_reload_now(void)
-{
-    master_reload();
-    uv_update_time(&M.loop);
-    M.reload_done_ms = uv_now(&M.loop);
-}
-
-static void master_reload_timer_cb(uv_timer_t *t)
-{
-    (void)t;
-    M.reload_armed = 0;
-    if (!M.stopping) master_reload_now();
-}
-
+/* The control process reads and checks the config source, and hands the
+ * new version to the workers: the master only passes the word on. */
 static void master_sighup(void)
 {
-    uv_update_time(&M.loop);
-    uint64_t now = uv_now(&M.loop);
-    if (M.reload_done_ms == 0 || now - M.reload_done_ms >= RELOAD_GAP_MS) {
-        master_reload_now();
-        return;
-    }
-    if (!M.reload_armed) {
-        M.reload_armed = 1;
-        uv_timer_start(&M.reload_timer, master_reload_timer_cb,
-                       M.reload_done_ms + RELOAD_GAP_MS - now, 0);
+    if (M.ctl.pid > 0) {
+        kill(M.ctl.pid, SIGHUP);
+        mg_log(MG_LOG_INFO, "reload: signalled the control process");
+    } else {
+        mg_log(MG_LOG_WARN, "reload: the control process is not running; its replacement "
+                            "reads the config source when it starts");
     }
 }
 
@@ -733,6 +646,22 @@ static int master_open_listeners(void)
         mg_log(MG_LOG_INFO, "listening on %s (%d socket(s))", err, conf->workers);
     }
     free(set);
+    /* The control process's listeners: one socket each, kept here so
+     * that they outlive a control process respawn. */
+    for (j = 0; j < 2; j++) {
+        mg_listen_conf_t *l = j == 0 ? &conf->status : &conf->admin;
+        if (l->host[0] == '\0') continue;
+        M.ctl_fds[j] = mg_listen_open(l, 0, err, sizeof(err));
+        if (M.ctl_fds[j] < 0) {
+            int r = M.ctl_fds[j];
+            M.ctl_fds[j] = -1;
+            mg_log(MG_LOG_ERROR, "%s", err);
+            return r;
+        }
+        if (l->port == 0) l->port = mg_listen_port(M.ctl_fds[j]);
+        mg_listen_format(l, err, sizeof(err));
+        mg_log(MG_LOG_INFO, "%s listener on %s", j == 0 ? "status" : "admin", err);
+    }
     return 0;
 }
 
@@ -748,6 +677,10 @@ static void master_close_listeners(void)
     free(M.fds);
     M.fds = NULL;
     M.nfds = 0;
+    for (j = 0; j < 2; j++) {
+        if (M.ctl_fds[j] >= 0) close(M.ctl_fds[j]);
+        M.ctl_fds[j] = -1;
+    }
 }
 
 int mg_master_run(mg_node_conf_t *conf, int daemonize)
@@ -764,6 +697,8 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     memset(&M, 0, sizeof(M));
     M.conf = conf;
     M.notify_fd = -1;
+    M.ctl_fds[0] = M.ctl_fds[1] = -1;
+    M.ctl.id = -1;
     mg_log_set_role("master");
     /* Writes to a closed pipe (the waiting start command, a log reader)
      * must fail with EPIPE, not kill the master. Workers inherit this. */
@@ -800,14 +735,14 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     }
     M.pid_written = 1;
 
-    master_snapshot(conf);
     M.workers = calloc((size_t)conf->workers, sizeof(*M.workers));
-    if (M.workers == NULL || uv_loop_init(&M.loop) != 0) {
+    if (M.workers == NULL || uv_loop_init(&M.loop) != 0 || mg_control_shared_init() != 0) {
         master_fail("cannot set up the master loop");
         goto out;
     }
     uv_timer_init(&M.loop, &M.stop_timer);
-    uv_timer_init(&M.loop, &M.reload_timer);
+    uv_timer_init(&M.loop, &M.ctl.respawn_timer);
+    M.ctl.respawn_timer.data = &M.ctl;
     for (i = 0; i < conf->workers; i++) {
         M.workers[i].id = i;
         uv_timer_init(&M.loop, &M.workers[i].respawn_timer);
@@ -821,6 +756,9 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     mg_log(MG_LOG_INFO, "moongate started: %d worker(s), pid file %s", conf->workers,
            conf->pid_file);
 
+    /* The control process first: the workers connect to it for their
+     * config (retrying until it listens). */
+    if (master_spawn(&M.ctl) < 0) uv_timer_start(&M.ctl.respawn_timer, master_respawn_cb, 1000, 0);
     for (i = 0; i < conf->workers; i++) {
         if (master_spawn(&M.workers[i]) < 0)
             uv_timer_start(&M.workers[i].respawn_timer, master_respawn_cb, 1000, 0);
@@ -829,13 +767,12 @@ int mg_master_run(mg_node_conf_t *conf, int daemonize)
     uv_run(&M.loop, UV_RUN_DEFAULT);
     uv_loop_close(&M.loop);
     mg_log(MG_LOG_INFO, "moongate stopped");
-    rc = 0;
+    rc = M.rc;
 
 out:
     master_pid_remove();
     if (M.fds != NULL) master_close_listeners();
     free(M.workers);
     M.workers = NULL;
-    mg_node_reload_close();
     return rc;
 }

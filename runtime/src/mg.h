@@ -15,6 +15,7 @@
 #include "log.h"
 #include "moongate.h"
 #include "node.h"
+#include "worker.h"
 
 struct lua_State;
 
@@ -224,6 +225,7 @@ typedef struct mg_conn_s {
     uv_shutdown_t shut;
     int handles_open;
     uint16_t remote_port;
+    int listener; /* index of the listener that accepted it (mg_req_listener) */
     char remote_addr[48];
 } mg_conn_t;
 
@@ -302,6 +304,8 @@ struct mg_worker_s {
     int id;
     int nlisten;
     uv_tcp_t listeners[MG_MAX_LISTEN];
+    int listener_tag[MG_MAX_LISTEN]; /* listeners[i]'s index in the fds the process got */
+    int listening;                   /* uv_listen done: accepting connections */
     uv_signal_t sig_hup, sig_quit, sig_term, sig_int;
     uv_timer_t drain_timer;
     uv_timer_t ppid_timer;
@@ -317,12 +321,13 @@ struct mg_worker_s {
     uint32_t buf_size;
     uint64_t rid_seed, rid_counter;
     struct lua_State *L;
-    int ref_access, ref_header_filter, ref_body_filter, ref_log, ref_reload;
+    int ref_access, ref_header_filter, ref_body_filter, ref_log, ref_reload, ref_peer;
     mg_link_t free_cos;
     llhttp_settings_t req_settings, resp_settings;
     int reload_pending;
     int mock;
     struct mg_http_client_s *http; /* mg.http.request's client, made on first use */
+    int role;                      /* MG_ROLE_* (worker.h) */
 };
 
 extern mg_worker_t *mg__worker; /* one worker per process */
@@ -342,8 +347,20 @@ void mg__out_add_last_chunk(mg_out_t *o);
 int mg__out_flush(mg_out_t *o, uv_stream_t *s, uv_write_cb cb);
 
 /* worker (worker.c) */
-int mg__worker_init(const mg_node_conf_t *conf, int worker_id);
+int mg__worker_init(const mg_node_conf_t *conf, int role, int worker_id);
 void mg__worker_drained(mg_worker_t *w); /* the last connection closed */
+int mg__worker_listen(mg_worker_t *w);   /* start accepting (a worker: once it has a config) */
+void mg__worker_fatal(mg_worker_t *w, int code); /* stop at once with this exit code */
+
+/* the config channel (channel.c) */
+int mg__chan_listen(mg_worker_t *w);  /* control process: accept workers */
+int mg__chan_connect(mg_worker_t *w); /* worker: connect (retrying) to the control process */
+void mg__chan_close(mg_worker_t *w);  /* stop: close the channel's handles */
+
+/* the control process (control.c) */
+int mg__control_start(mg_worker_t *w);                       /* channel, file watch */
+void mg__control_reload(mg_worker_t *w, const char *reason); /* SIGHUP, a file change */
+void mg__control_stop(mg_worker_t *w);
 
 /* downstream connections (conn.c) */
 void mg__conn_accept(uv_stream_t *server, int status);
@@ -420,7 +437,11 @@ void mg__lua_close(mg_worker_t *w);
 void mg__lua_start(mg_req_t *r, int phase);
 void mg__lua_resume(mg_req_t *r);
 void mg__lua_release(mg_req_t *r);
-void mg__lua_reload(mg_worker_t *w);
+/* runs the handler's reload(reason) in a sliced coroutine (one at a time:
+ * one asked for meanwhile runs after it) */
+void mg__lua_reload(mg_worker_t *w, const char *reason);
+/* control process: the handler's peer(id, message); message NULL: gone */
+void mg__lua_peer(mg_worker_t *w, uint32_t id, const char *data, size_t len);
 int mg__lua_body_filter(mg_req_t *r, const char *p, size_t len, int eof, const char **out,
                         size_t *out_len);
 void mg__lua_body_filter_done(mg_req_t *r);

@@ -50,6 +50,9 @@ void mg_node_defaults(mg_node_conf_t *conf)
     snprintf(conf->status.address, sizeof(conf->status.address), "127.0.0.1:9091");
     snprintf(conf->status.host, sizeof(conf->status.host), "127.0.0.1");
     conf->status.port = 9091;
+    snprintf(conf->admin.address, sizeof(conf->admin.address), "127.0.0.1:9180");
+    snprintf(conf->admin.host, sizeof(conf->admin.host), "127.0.0.1");
+    conf->admin.port = 9180;
     conf->limits.max_header_bytes = 16384;
     conf->limits.max_uri_bytes = 8192;
     conf->limits.max_body_bytes = 10u * 1024 * 1024;
@@ -436,6 +439,37 @@ static int node_redis(lua_State *L, mg_redis_conf_t *rc, node_ctx_t *c)
     return node_redis_resolve(rc, c);
 }
 
+/* The status or admin listener: t[key] = {listen = "host:port"} (or
+ * host/port, as config.lua normalizes it). A table without an address
+ * keeps the default listener. */
+static int node_side_listener(lua_State *L, int t, const char *key, mg_listen_conf_t *out,
+                              node_ctx_t *c)
+{
+    mg_listen_conf_t l;
+    int r = node_sub(L, t, key, c);
+
+    if (r <= 0) return r;
+    lua_getfield(L, -1, "listen");
+    lua_getfield(L, -2, "host");
+    r = !lua_isnil(L, -1) || !lua_isnil(L, -2);
+    lua_pop(L, 2);
+    if (r) {
+        lua_getfield(L, -1, "listen");
+        if (lua_isstring(L, -1))
+            lua_setfield(L, -2, "address");
+        else
+            lua_pop(L, 1);
+        r = node_listener(L, key, &l, c);
+        if (r < 0) {
+            lua_pop(L, 1);
+            return r;
+        }
+        *out = l;
+    }
+    lua_pop(L, 1);
+    return 0;
+}
+
 static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
 {
     double workers = 0, v;
@@ -454,6 +488,9 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
     if (lua_istable(L, -1)) {
         TRY(node_str(L, lua_gettop(L), "path", "config_source.path", out->routes_path,
                      sizeof(out->routes_path), c));
+        lua_getfield(L, -1, "watch");
+        out->watch = lua_toboolean(L, -1);
+        lua_pop(L, 1);
     }
     lua_pop(L, 1);
 
@@ -498,25 +535,8 @@ static int node_copy(lua_State *L, int t, mg_node_conf_t *out, node_ctx_t *c)
         goto done;
     }
 
-    TRY(node_sub(L, t, "status", c));
-    if (r == 1) {
-        mg_listen_conf_t st;
-        /* A status table without an address keeps the default listener. */
-        lua_getfield(L, -1, "listen");
-        lua_getfield(L, -2, "host");
-        r = !lua_isnil(L, -1) || !lua_isnil(L, -2);
-        lua_pop(L, 2);
-        if (r) {
-            lua_getfield(L, -1, "listen");
-            if (lua_isstring(L, -1))
-                lua_setfield(L, -2, "address");
-            else
-                lua_pop(L, 1);
-            TRY(node_listener(L, "status", &st, c));
-            out->status = st;
-        }
-        lua_pop(L, 1);
-    }
+    TRY(node_side_listener(L, t, "status", &out->status, c));
+    TRY(node_side_listener(L, t, "admin", &out->admin, c));
 
     TRY(node_sub(L, t, "limits", c));
     if (r == 1) {
@@ -725,53 +745,6 @@ int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const c
     n = node_check_in(L, conf_path, on_error, ud);
     lua_close(L);
     return n;
-}
-
-/* The reload checker: one Lua state for the process's life (the master's),
- * made on the first reload, holding lua/moongate/config_check.lua at stack
- * index 1 and what it kept from the last check. Memory: the decoded config
- * (~20 MB at 5,000 routes); workers forked later share it copy-on-write and
- * never touch it. */
-static lua_State *node_checker;
-static char node_checker_root[MG_PATH_MAX];
-
-int mg_node_reload_check(const char *conf_path, mg_node_conf_t *out,
-                         void (*on_error)(void *ud, const char *msg), void *ud)
-{
-    char msg[2048];
-    lua_State *L = node_checker;
-    int n;
-
-    if (L == NULL) {
-        L = node_module_state("moongate.config_check", node_checker_root, sizeof(node_checker_root),
-                              msg, sizeof(msg));
-        if (L == NULL) {
-            on_error(ud, msg);
-            return 1;
-        }
-        node_checker = L;
-    }
-    assert(lua_gettop(L) == 1); /* the module, and nothing left from a past call */
-    n = node_check_in(L, conf_path, on_error, ud);
-    if (n > 0) return n;
-
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "moongate.config");
-    if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
-        on_error(ud, "cannot load moongate.config");
-        lua_settop(L, 1);
-        return 1;
-    }
-    n = node_load_in(L, node_checker_root, conf_path, out, msg, sizeof(msg)) < 0;
-    if (n) on_error(ud, msg);
-    lua_settop(L, 1);
-    return n;
-}
-
-void mg_node_reload_close(void)
-{
-    if (node_checker != NULL) lua_close(node_checker);
-    node_checker = NULL;
 }
 
 static void node_print_error(void *ud, const char *msg)

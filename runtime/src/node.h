@@ -2,8 +2,9 @@
  *
  * The master loads conf/moongate.json through lua/moongate/config.lua
  * (config.load_node) in a throwaway Lua state and copies the fields the C
- * side needs into this struct (node.c). Workers get it by fork. Everything
- * Lua-only (routes, policies) is loaded again by each worker's own state.
+ * side needs into this struct (node.c). The control process and the workers
+ * get it by fork. Everything Lua-only (routes, policies) reaches the workers
+ * from the control process (channel.c), which reads the config source.
  */
 #ifndef MG_NODE_H
 #define MG_NODE_H
@@ -61,7 +62,8 @@ typedef struct mg_node_conf_s {
     int workers;                /* resolved: >= 1 */
     int nlisten;
     mg_listen_conf_t listen[MG_MAX_LISTEN];
-    mg_listen_conf_t status; /* status listener (metrics, live/ready) */
+    mg_listen_conf_t status; /* status listener (metrics, live/ready); host "" = none */
+    mg_listen_conf_t admin;  /* admin API listener; host "" = none */
     mg_limits_t limits;
     int log_level;                /* MG_LOG_* */
     char access_log[MG_PATH_MAX]; /* "" = off, "stdout", or a path */
@@ -70,23 +72,10 @@ typedef struct mg_node_conf_s {
     mg_shm_conf_t shm[MG_SHM_MAX_ZONES]; /* sorted by name */
     char routes_path[MG_PATH_MAX];       /* config_source.path of a file source, else "" */
     mg_redis_conf_t redis;
+    int watch; /* config_source.watch: reload when the files change */
     /* mock mode: no master, one worker running lua/moongate/mock.lua */
     int mock;
 } mg_node_conf_t;
-
-/* The text of the node config and routes files as the master last
- * validated them (master.c: at start and after each reload that passed).
- * A worker's Lua state starts from these, not from the files, which may
- * have been broken since by an edit whose reload was refused. NULL: read
- * the files (no master, or it could not read them). */
-typedef struct mg_node_snapshot_s {
-    char *node;
-    size_t node_len;
-    char *routes;
-    size_t routes_len;
-} mg_node_snapshot_t;
-
-extern mg_node_snapshot_t mg__node_snapshot;
 
 /* --- loading (node.c) --------------------------------------------------- */
 
@@ -114,19 +103,6 @@ int mg_node_load(const char *conf_path, mg_node_conf_t *out, char *err, size_t e
  * one error. */
 int mg_node_check_each(const char *conf_path, void (*on_error)(void *ud, const char *msg),
                        void *ud);
-
-/* The master's reload: mg_node_check_each's checks, then mg_node_load into
- * out, in one Lua state kept across calls (lua/moongate/config_check.lua):
- * entities whose text is unchanged since the last valid check are not
- * validated again, so a one-route change costs O(changed) validation plus
- * O(routes) table lookups instead of a whole check in a fresh state. The
- * errors of an invalid config are exactly mg_node_check_each's. Returns the
- * number of errors reported (on_error), 0 with out filled when valid. */
-int mg_node_reload_check(const char *conf_path, mg_node_conf_t *out,
-                         void (*on_error)(void *ud, const char *msg), void *ud);
-
-/* Closes the reload checker's state (at the master's exit). */
-void mg_node_reload_close(void);
 
 /* mg_node_check_each printing each error on stderr, one a line; returns 0
  * when valid, 1 otherwise (an exit code). */

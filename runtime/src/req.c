@@ -870,6 +870,11 @@ int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, siz
     return add_edit(r, &r->resp_edits, &r->resp_edits_tail, n, nl, v, vl, mode);
 }
 
+int mg_req_listener(mg_req_t *r)
+{
+    return r->conn->listener;
+}
+
 int mg_resp_set_status(mg_req_t *r, int status)
 {
     if (status < 200 || status > 999) return MG_EINVAL;

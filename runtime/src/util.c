@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -122,4 +123,35 @@ void mg__access_log(mg_req_t *r)
         ssize_t wr = write(access_fd, line, (size_t)n);
         (void)wr;
     }
+}
+
+/* ---- process title ------------------------------------------------------------ */
+
+/* argv's strings lie end to end in the process's memory: the title is
+ * written over them (what /proc/<pid>/cmdline shows), as nginx does,
+ * without moving the environment that follows: a title longer than the
+ * original command line is cut. */
+static char *title_at;
+static size_t title_room;
+
+void mg_proc_title_init(int argc, char **argv)
+{
+    char *end;
+
+    if (argc < 1 || argv[0] == NULL) return;
+    end = argv[0] + strlen(argv[0]) + 1;
+    for (int i = 1; i < argc && argv[i] == end; i++)
+        end = argv[i] + strlen(argv[i]) + 1;
+    title_at = argv[0];
+    title_room = (size_t)(end - argv[0]);
+}
+
+void mg_proc_title_set(const char *title, const char *name)
+{
+    prctl(PR_SET_NAME, name, 0, 0, 0);
+    if (title_at == NULL || title_room < 2) return;
+    size_t n = strlen(title);
+    if (n > title_room - 1) n = title_room - 1;
+    memcpy(title_at, title, n);
+    memset(title_at + n, 0, title_room - n);
 }

@@ -77,12 +77,22 @@ static void on_drain_timeout(uv_timer_t *t)
     stop_now(w);
 }
 
+static int exit_code;
+
+void mg__worker_fatal(mg_worker_t *w, int code)
+{
+    exit_code = code;
+    stop_now(w);
+}
+
 static void start_drain(mg_worker_t *w)
 {
     if (w->draining) return;
     w->draining = 1;
     for (int i = 0; i < w->nlisten; i++)
         uv_close((uv_handle_t *)&w->listeners[i], NULL);
+    if (w->role == MG_ROLE_CONTROL) mg__control_stop(w);
+    if (w->role != MG_ROLE_MOCK) mg__chan_close(w);
     mg__targets_close(w);
     if (w->http) mg__http_client_close_idle(w->http);
     mg__conn_drain_idle(w);
@@ -94,7 +104,10 @@ static void on_signal(uv_signal_t *s, int signum)
 {
     mg_worker_t *w = s->data;
     switch (signum) {
-    case SIGHUP: mg__lua_reload(w); break;
+    case SIGHUP:
+        /* A worker's config comes from the control process only. */
+        if (w->role == MG_ROLE_CONTROL) mg__control_reload(w, "signal");
+        break;
     case SIGQUIT: start_drain(w); break;
     default: stop_now(w); break;
     }
@@ -110,14 +123,15 @@ static void on_ppid_check(uv_timer_t *t)
 
 /* Sets up the worker (pools, parser settings, the Lua state) without any
  * listener: mg_worker_main adds those; the fuzzer feeds connections itself. */
-int mg__worker_init(const mg_node_conf_t *conf, int worker_id)
+int mg__worker_init(const mg_node_conf_t *conf, int role, int worker_id)
 {
     mg_worker_t *w = &worker;
     memset(w, 0, sizeof(*w));
     mg__worker = w;
     w->conf = conf;
     w->id = worker_id;
-    w->mock = conf->mock;
+    w->role = role;
+    w->mock = role == MG_ROLE_MOCK;
     w->loop = uv_default_loop();
     mg_log_level = conf->log_level;
     mg_list_init(&w->conns);
@@ -136,20 +150,43 @@ int mg__worker_init(const mg_node_conf_t *conf, int worker_id)
     return mg__lua_init(w);
 }
 
-int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, int nfds)
+int mg__worker_listen(mg_worker_t *w)
 {
-    if (mg__worker_init(conf, worker_id) != 0) return 1;
+    if (w->listening || w->draining) return 0;
+    for (int i = 0; i < w->nlisten; i++) {
+        int rc = uv_listen((uv_stream_t *)&w->listeners[i], 511, mg__conn_accept);
+        if (rc != 0) {
+            mg_log(MG_LOG_ERROR, "listen: %s", uv_strerror(rc));
+            return -1;
+        }
+    }
+    w->listening = 1;
+    return 0;
+}
+
+int mg_worker_main(const mg_node_conf_t *conf, int role, int worker_id, const int *fds, int nfds)
+{
+    int rc = mg__worker_init(conf, role, worker_id);
+    if (rc != 0) return rc == -2 && role == MG_ROLE_CONTROL ? MG_EXIT_NO_CONFIG : 1;
     mg_worker_t *w = mg__worker;
 
-    for (int i = 0; i < nfds && i < MG_MAX_LISTEN; i++) {
-        uv_tcp_init(w->loop, &w->listeners[i]);
-        int rc = uv_tcp_open(&w->listeners[i], fds[i]);
-        if (rc == 0) rc = uv_listen((uv_stream_t *)&w->listeners[i], 511, mg__conn_accept);
+    for (int i = 0; i < nfds && w->nlisten < MG_MAX_LISTEN; i++) {
+        if (fds[i] < 0) continue; /* a listener that is off */
+        uv_tcp_init(w->loop, &w->listeners[w->nlisten]);
+        rc = uv_tcp_open(&w->listeners[w->nlisten], fds[i]);
         if (rc != 0) {
             mg_log(MG_LOG_ERROR, "listen: %s", uv_strerror(rc));
             return 1;
         }
-        w->nlisten++;
+        w->listener_tag[w->nlisten++] = i;
+    }
+    /* A worker starts accepting once it applied its first config version
+     * (lua.c); meanwhile the kernel queues connections on its sockets. */
+    if (role == MG_ROLE_WORKER) {
+        if (mg__chan_connect(w) != 0) return 1;
+    } else {
+        if (mg__worker_listen(w) != 0) return 1;
+        if (role == MG_ROLE_CONTROL && mg__control_start(w) != 0) return 1;
     }
     uv_signal_t *sigs[] = {&w->sig_hup, &w->sig_quit, &w->sig_term, &w->sig_int};
     int nums[] = {SIGHUP, SIGQUIT, SIGTERM, SIGINT};
@@ -167,9 +204,12 @@ int mg_worker_main(const mg_node_conf_t *conf, int worker_id, const int *fds, in
     uv_unref((uv_handle_t *)&w->ppid_timer);
     uv_unref((uv_handle_t *)&w->drain_timer);
 
-    mg_log(MG_LOG_INFO, "worker %d started", worker_id);
+    if (role == MG_ROLE_CONTROL)
+        mg_log(MG_LOG_INFO, "control process started");
+    else
+        mg_log(MG_LOG_INFO, "worker %d started", worker_id);
     while (!w->stopping && uv_run(w->loop, UV_RUN_DEFAULT)) {
     }
     mg__lua_close(w);
-    return 0;
+    return exit_code;
 }

@@ -64,7 +64,7 @@ describe("config", function()
         admin = { listen = "127.0.0.1:9180", host = "127.0.0.1", port = 9180 },
         status = { listen = "127.0.0.1:9091", host = "127.0.0.1", port = 9091 },
         config_source = { type = "file", path = FIXTURES .. "/routes.json",
-                          watch = false },
+                          watch = false, cache = FIXTURES .. "/moongate.lkg.json" },
         redis = { host = "127.0.0.1", port = 6379, timeout_ms = 1000, db = 0 },
         limits = {
           max_header_bytes = 16384,
@@ -96,7 +96,8 @@ describe("config", function()
         { address = "127.0.0.1:9443", host = "127.0.0.1", port = 9443, tls = {} },
       }, node.listen)
       assert.equal("secret", node.admin.api_key)
-      assert.same({ type = "file", path = FIXTURES .. "/routes.json", watch = true },
+      assert.same({ type = "file", path = FIXTURES .. "/routes.json", watch = true,
+                    cache = FIXTURES .. "/moongate.lkg.json" },
                   node.config_source)
       assert.same({ host = "127.0.0.1", port = 6380, timeout_ms = 500, db = 2 },
                   node.redis)
@@ -266,18 +267,21 @@ describe("config", function()
     describe("config_source", function()
       it("resolves a file source against the conf directory", function()
         assert.same({ type = "file", path = "/etc/moongate/conf.d/r.json",
-                      watch = false },
+                      watch = false, cache = "/etc/moongate/moongate.lkg.json" },
                     node_of({ config_source = { path = "conf.d/r.json" } })
                       .config_source)
-        assert.same({ type = "file", path = "/srv/r.json", watch = false },
+        assert.same({ type = "file", path = "/srv/r.json", watch = false,
+                      cache = "/var/cache/mg.json" },
                     node_of({ config_source = { type = "file",
-                                                path = "/srv/./r.json" } })
+                                                path = "/srv/./r.json",
+                                                cache = "/var/cache/mg.json" } })
                       .config_source)
       end)
 
       it("fills etcd defaults", function()
         assert.same({ type = "etcd", endpoints = { "http://127.0.0.1:2379" },
-                      prefix = "/moongate", timeout_ms = 5000 },
+                      prefix = "/moongate", timeout_ms = 5000,
+                      cache = "/etc/moongate/moongate.lkg.json" },
                     node_of({ config_source = { type = "etcd" } }).config_source)
       end)
 
@@ -286,7 +290,8 @@ describe("config", function()
         assert.same({ type = "etcd",
                       endpoints = { "http://127.0.0.1:2379", "http://127.0.0.1:22379" },
                       prefix = "/gw", user = "root", password = "pw",
-                      timeout_ms = 5000 }, node.config_source)
+                      timeout_ms = 5000, cache = FIXTURES .. "/moongate.lkg.json" },
+                    node.config_source)
       end)
 
       it("validates the fields of each source type", function()
@@ -766,7 +771,6 @@ describe("config", function()
       assert.same({
         file .. ": listen[1].tls: TLS is not supported by this build yet",
         file .. ": listen[2].tls: TLS is not supported by this build yet",
-        file .. ": config_source.watch: not supported by this build yet (use reload)",
       }, config.check(file))
     end)
 

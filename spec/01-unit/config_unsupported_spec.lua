@@ -14,14 +14,14 @@ describe("config.unsupported", function()
                                        { upstreams = { { id = "a", balancer = "round_robin" } } }))
   end)
 
-  it("refuses TLS listeners, etcd, watch and other balancers, naming each path", function()
+  it("refuses TLS listeners, etcd and other balancers, naming each path (watch is supported)",
+     function()
     local errs = config.unsupported(
       node({ listen = { { address = "127.0.0.1:8080" }, { address = "127.0.0.1:8443", tls = true } },
              config_source = { type = "file", path = "r.json", watch = true } }),
       { upstreams = { { id = "a", balancer = "round_robin" }, { id = "b", balancer = "least_conn" } } })
     assert.same({
       "listen[1].tls: TLS is not supported by this build yet",
-      "config_source.watch: not supported by this build yet (use reload)",
       "upstreams[1].balancer: only round_robin is supported by this build yet",
     }, errs)
     local e2 = config.unsupported(node({ config_source = { type = "etcd" } }), nil)

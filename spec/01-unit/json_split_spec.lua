@@ -52,7 +52,7 @@ describe("json_split", function()
 
     it("refuses shapes it does not split, so the caller decodes the whole text", function()
         for _, text in ipairs({
-            "[]", '"x"', "", "{", '{"routes": {}}', '{"routes": [1]}', '{"routes": [{}, null]}',
+            "[]", '"x"', "", "{", '{"routes": {"a": 1}}', '{"routes": [1]}', '{"routes": [{}, null]}',
             '{"routes": [{}] "x": 1}', '{"routes": [{},]}', '{"routes": [,{}]}',
             '{"routes": [{} {}]}', '{"routes": [{}], "routes": []}', '{"rout\\u0065s": []}',
             '{"routes": [{"a": "}]}', '{"routes": [{}]} x', '{"a" 1}', '{"a": }',
@@ -60,6 +60,21 @@ describe("json_split", function()
             assert.is_nil(json_split.split(text, ARRAYS), text)
         end
     end)
+
+    it("takes {} for an empty list (lua-cjson writes empty arrays so), split anew when edited",
+        function()
+            local doc = assert(json_split.split('{"routes": { }, "consumers": [{"id": "c"}]}',
+                                                ARRAYS))
+            assert.same({}, doc.elements.routes)
+            assert.same({ '{"id": "c"}' }, doc.elements.consumers)
+            assert.same({ routes = {}, consumers = {} }, cjson.decode(doc.skeleton))
+            -- an edit inside it is no list: the whole text is split (and refused)
+            assert.is_nil(json_split.split('{"routes": {{"id": "r"}}, "consumers": [{"id": "c"}]}',
+                                           ARRAYS, doc))
+            local next_doc = assert(json_split.split('{"routes": [{"id": "r"}], "consumers": '
+                                                     .. '[{"id": "c"}]}', ARRAYS, doc))
+            assert.same({ '{"id": "r"}' }, next_doc.elements.routes)
+        end)
 
     it("takes an empty object and empty arrays", function()
         assert.same({}, assert(json_split.split(" {} ", ARRAYS)).elements)

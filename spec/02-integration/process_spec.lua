@@ -363,8 +363,9 @@ describe("moongate processes", function()
             local res = assert(client.get(port, "/demo/hello"))
             assert.equal(200, res.status)
             assert.equal("/hello", cjson.decode(res.body).path)
+            -- two workers and the control process
             assert.is_truthy(eventually(function()
-                return #proc.children(pid) == 2
+                return #proc.children(pid) == 3
             end, 5))
             -- the error log goes to <conf dir>/moongate.log
             assert.matches("moongate started", proc.read_file(dir .. "/moongate.log") or "")

@@ -10,6 +10,7 @@
 -- The binary is <repo>/bin/moongate, or $MOONGATE_BIN when set (make asan).
 -- Set MOONGATE_KEEP_TMP=1 to keep the directories after stop_all().
 local cjson = require("cjson")
+local socket = require("socket")
 local ports = require("helpers.ports")
 local proc = require("helpers.proc")
 
@@ -23,6 +24,8 @@ local next = next
 local pairs = pairs
 local remove = table.remove
 local setmetatable = setmetatable
+local tonumber = tonumber
+local tostring = tostring
 local type = type
 
 local START_TIMEOUT = 10
@@ -195,6 +198,34 @@ local function wait_listening(pid, port, timeout)
     end
 end
 
+-- Waits until GET /status/ready on 127.0.0.1:port answers 200 (every
+-- worker has the config version in force) while pid lives.
+local function wait_ready(pid, port, timeout)
+    local deadline = proc.now() + timeout
+    local last = "no answer"
+    while true do
+        if not proc.alive(pid) then
+            return nil, "the process (pid " .. pid .. ") exited"
+        end
+        local sock = socket.tcp()
+        sock:settimeout(1)
+        if sock:connect("127.0.0.1", port) then
+            sock:send("GET /status/ready HTTP/1.0\r\nHost: x\r\n\r\n")
+            local line = sock:receive("*l")
+            if line and line:match("^HTTP/1%.%d 200") then
+                sock:close()
+                return true
+            end
+            last = line or last
+        end
+        sock:close()
+        if proc.now() >= deadline then
+            return nil, "not ready within " .. timeout .. " s (/status/ready: " .. last .. ")"
+        end
+        proc.sleep(0.02)
+    end
+end
+
 ---------------------------------------------------------------------------
 -- A gateway.
 ---------------------------------------------------------------------------
@@ -222,17 +253,45 @@ function gw_mt:children()
     return proc.children(self.pid)
 end
 
--- Live worker pids: the master's children, less any whose command line
--- says "control" (the control process, once it is a process of its own).
+-- The control process names itself "moongate-ctl" (/proc/PID/comm) and
+-- "moongate: control process" (its command line); a stand-in for specs of
+-- the helpers has a word "control" in its command line.
+local function is_control(pid)
+    local comm = proc.read_file("/proc/" .. pid .. "/comm") or ""
+    if comm:find("moongate-ctl", 1, true) then
+        return true
+    end
+    local words = proc.cmdline(pid)
+    if (words[1] or ""):find("^moongate: control") then
+        return true
+    end
+    for _, w in ipairs(words) do
+        if w == "control" then
+            return true
+        end
+    end
+    return false
+end
+
+-- Live worker pids: the master's children less the control process.
 function gw_mt:workers()
     local out = {}
     for _, p in ipairs(proc.children(self.pid)) do
-        local title = concat(proc.cmdline(p), " ")
-        if not title:find("control", 1, true) then
+        if not is_control(p) then
             out[#out + 1] = p
         end
     end
     return out
+end
+
+-- The control process's pid, or nil while there is none.
+function gw_mt:control()
+    for _, p in ipairs(proc.children(self.pid)) do
+        if is_control(p) then
+            return p
+        end
+    end
+    return nil
 end
 
 -- Replaces routes.json (atomically); tbl is a table (encoded with
@@ -322,6 +381,13 @@ function _M.start(opts)
     dirs[#dirs + 1] = dir
     local timeout = opts.timeout or START_TIMEOUT
     local ok, why = wait_listening(gw.pid, port, timeout)
+    -- the proxy port accepts as soon as the master listens; the workers
+    -- serve once they have their config from the control process
+    local status_port = type(node.status) == "table"
+        and tonumber(tostring(node.status.listen or ""):match(":(%d+)$"))
+    if ok and status_port and not bin_override and opts.wait_ready ~= false then
+        ok, why = wait_ready(gw.pid, status_port, timeout)
+    end
     if not ok then
         gw:stop(1)
         error("gateway.start: " .. _M.bin() .. " start -c " .. gw.conf_path

@@ -1,0 +1,263 @@
+-- The config as the control process hands it to the workers (issue 5):
+-- numbered versions of one document,
+--
+--   doc = { version = N,
+--           node = <the node config's text>,
+--           skeleton = <routes.json less its split arrays, as json_split
+--                       cuts it: global_policies and any other member>,
+--           elements = { upstreams = {texts}, routes = {texts},
+--                        consumers = {texts} } }
+--
+-- each entity as the exact text it had in its source, in the source's
+-- order (file order in file mode), so that a worker's builder reuses what
+-- it compiled for every text it has seen (config_version.lua).
+--
+-- Frames (JSON, on the channel: runtime/src/channel.c):
+--   control -> worker
+--     snapshot: {version, reset = true, node, skeleton, elements}
+--     delta:    {version, base, node?, skeleton?,
+--                splice = {kind = {at, del, ins = {texts}}}}
+--               applies to the doc of version `base` only: elements
+--               at .. at+del-1 of that kind are replaced by ins (one
+--               contiguous change per kind: what a file edit makes; an
+--               etcd source would send one delta per batch of events)
+--   worker -> control
+--     {hello = worker id} (sent by C on each connection), then
+--     {applied = N} | {refused = N, error = "..."} | {resync = true}
+--
+-- Positional splices rather than set/del by id: the order of routes is
+-- part of their meaning (the first listed wins a tie), a worker then
+-- needs no ids to place an entity, and a one-route change is one small
+-- frame whatever the number of routes.
+
+local cjson = require("cjson.safe")
+local json_split = require("moongate.json_split")
+
+local type = type
+local ipairs = ipairs
+local tonumber = tonumber
+local io_open = io.open
+local os_rename = os.rename
+local os_remove = os.remove
+local new_tab = require("table.new")
+
+local _M = {}
+
+local KINDS = { "upstreams", "routes", "consumers" }
+local SPLIT = { upstreams = true, routes = true, consumers = true }
+_M.KINDS = KINDS
+_M.SPLIT = SPLIT
+
+local json = cjson.new()
+json.decode_invalid_numbers(false)
+json.encode_invalid_numbers(false)
+
+function _M.encode(frame)
+  return json.encode(frame)
+end
+
+function _M.decode(text)
+  local v = json.decode(text)
+  if type(v) ~= "table" then
+    return nil, "not a JSON object"
+  end
+  return v
+end
+
+-- A doc from a json_split doc (its element lists are shared, not copied:
+-- neither side ever changes a list in place).
+function _M.from_split(node_text, split)
+  local elements = {}
+  for _, kind in ipairs(KINDS) do
+    elements[kind] = split.elements[kind] or {}
+  end
+  return { node = node_text, skeleton = split.skeleton, elements = elements }
+end
+
+-- routes.json's text for doc (json_split.join): the same JSON as the
+-- source, the white space inside the arrays aside.
+function _M.routes_text(doc)
+  return json_split.join(doc.skeleton, doc.elements)
+end
+
+function _M.snapshot(doc)
+  return { version = doc.version, reset = true, node = doc.node, skeleton = doc.skeleton,
+           elements = doc.elements }
+end
+
+-- The delta from old to new (new.version is the frame's); changed = false
+-- when no text differs. O(elements): texts are interned strings, so each
+-- comparison is a pointer comparison.
+function _M.diff(old, new)
+  local frame = { version = new.version, base = old.version }
+  local changed = false
+  if new.node ~= old.node then
+    frame.node = new.node
+    changed = true
+  end
+  if new.skeleton ~= old.skeleton then
+    frame.skeleton = new.skeleton
+    changed = true
+  end
+  for _, kind in ipairs(KINDS) do
+    local a, b = old.elements[kind] or {}, new.elements[kind] or {}
+    if a ~= b then
+      local na, nb = #a, #b
+      local m = na < nb and na or nb
+      local p = 0
+      while p < m and a[p + 1] == b[p + 1] do
+        p = p + 1
+      end
+      local s = 0
+      while s < m - p and a[na - s] == b[nb - s] do
+        s = s + 1
+      end
+      if not (p == na and p == nb) then
+        local ins = new_tab(nb - p - s, 0)
+        for i = p + 1, nb - s do
+          ins[#ins + 1] = b[i]
+        end
+        frame.splice = frame.splice or {}
+        frame.splice[kind] = { at = p + 1, del = na - p - s, ins = ins }
+        changed = true
+      end
+    end
+  end
+  return frame, changed
+end
+
+-- The doc after frame, from doc (nil before the first snapshot). Returns
+-- the new doc (doc itself is not changed), or nil and why: a delta whose
+-- base is not doc's version (the caller asks for a snapshot).
+function _M.apply(doc, frame)
+  local version = tonumber(frame.version)
+  if not version then
+    return nil, "a frame without a version"
+  end
+  if frame.reset then
+    local elements = {}
+    local given = type(frame.elements) == "table" and frame.elements or {}
+    for _, kind in ipairs(KINDS) do
+      elements[kind] = type(given[kind]) == "table" and given[kind] or {}
+    end
+    if type(frame.node) ~= "string" or type(frame.skeleton) ~= "string" then
+      return nil, "a snapshot without node or skeleton"
+    end
+    return { version = version, node = frame.node, skeleton = frame.skeleton,
+             elements = elements }
+  end
+  if not doc or tonumber(frame.base) ~= doc.version then
+    return nil, "a delta for version " .. tostring(frame.base) .. ", not "
+                .. tostring(doc and doc.version)
+  end
+  local out = { version = version, node = frame.node or doc.node,
+                skeleton = frame.skeleton or doc.skeleton, elements = {} }
+  local splice = type(frame.splice) == "table" and frame.splice or {}
+  for _, kind in ipairs(KINDS) do
+    local a = doc.elements[kind]
+    local sp = splice[kind]
+    if type(sp) == "table" then
+      local at, del, ins = tonumber(sp.at), tonumber(sp.del), sp.ins
+      if not (at and del and at >= 1 and del >= 0 and at + del - 1 <= #a) then
+        return nil, "a splice out of range for " .. kind
+      end
+      ins = type(ins) == "table" and ins or {}
+      local b = new_tab(#a - del + #ins, 0)
+      local n = 0
+      for i = 1, at - 1 do
+        n = n + 1
+        b[n] = a[i]
+      end
+      for i = 1, #ins do
+        n = n + 1
+        b[n] = ins[i]
+      end
+      for i = at + del, #a do
+        n = n + 1
+        b[n] = a[i]
+      end
+      a = b
+    end
+    out.elements[kind] = a
+  end
+  return out
+end
+
+-- "routes +1 ~1 -0, node" for the log: counts of the entities a frame
+-- adds, replaces and removes (a splice's first min(del, #ins) are counted
+-- as replaced).
+function _M.summary(frame)
+  local parts = {}
+  if frame.node then
+    parts[#parts + 1] = "node config"
+  end
+  if frame.skeleton then
+    parts[#parts + 1] = "global_policies"
+  end
+  for _, kind in ipairs(KINDS) do
+    local sp = frame.splice and frame.splice[kind]
+    if sp then
+      local ins = #sp.ins
+      local replaced = ins < sp.del and ins or sp.del
+      parts[#parts + 1] = ("%s +%d ~%d -%d"):format(kind, ins - replaced, replaced,
+                                                     sp.del - replaced)
+    end
+  end
+  return #parts > 0 and table.concat(parts, ", ") or "no entity changed"
+end
+
+-- ---- last-known-good copy ----------------------------------------------------
+
+-- Writes doc to path atomically (a temporary file renamed over it):
+-- {"version": N, "node": "<text>", "routes": "<text>"}. Returns true, or
+-- nil and why.
+function _M.lkg_write(path, doc)
+  local routes, err = _M.routes_text(doc)
+  if not routes then
+    return nil, err
+  end
+  local text = json.encode({ version = doc.version, node = doc.node, routes = routes })
+  local tmp = path .. ".tmp"
+  local f
+  f, err = io_open(tmp, "wb")
+  if not f then
+    return nil, err
+  end
+  local ok
+  ok, err = f:write(text, "\n")
+  f:close()
+  if ok then
+    ok, err = os_rename(tmp, path)
+  end
+  if not ok then
+    os_remove(tmp)
+    return nil, err
+  end
+  return true
+end
+
+-- The doc a last-known-good copy holds, or nil and why (nil, nil: there
+-- is no such file). The etcd source starts from it when etcd cannot be
+-- reached.
+function _M.lkg_read(path)
+  local f = io_open(path, "rb")
+  if not f then
+    return nil, nil
+  end
+  local text = f:read("*a")
+  f:close()
+  local v = json.decode(text)
+  if type(v) ~= "table" or type(v.version) ~= "number" or type(v.node) ~= "string"
+     or type(v.routes) ~= "string" then
+    return nil, path .. ": not a last-known-good copy"
+  end
+  local split, err = json_split.split(v.routes, SPLIT)
+  if not split then
+    return nil, path .. ": routes: " .. tostring(err)
+  end
+  local doc = _M.from_split(v.node, split)
+  doc.version = v.version
+  return doc
+end
+
+return _M

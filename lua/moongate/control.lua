@@ -1,0 +1,403 @@
+-- The control process (one per node, issue 5), called by the C runtime
+-- (lua.c, control.c): it owns the config source, checks each change,
+-- numbers the versions and hands them to the workers over the channel
+-- (runtime/src/channel.c; frames: config_doc.lua); it keeps the version
+-- each worker applied, writes the last-known-good copy, and answers the
+-- status listener. Entry points:
+--
+--   init(conf_path, id, nworkers)  at start: the first version, from the
+--       source, else from the last-known-good copy; nil, why when there is
+--       neither (the process then exits 78 and the master stops the node)
+--   reload(reason)  "signal" (SIGHUP, `moongate reload`) or "watch" (a
+--       watched file changed): re-read, check, hand out. A signal always
+--       makes a new version (the workers then re-read changed policy
+--       modules too); a file change only when a text changed.
+--   peer(id, message)  a worker's frame (nil: its connection closed)
+--   access(rp)  a request on the status listener (GET /status/live,
+--       /status/ready, /metrics) or the admin listener (404 until the
+--       admin API lands)
+--
+-- File mode: the node config and the routes file are read whole and split
+-- into entity texts (json_split, through the checker's builder); the diff
+-- against the version in force is one splice per kind, so a one-route
+-- change is one small frame.
+
+local ffi = require("ffi")
+local binding = require("moongate.ffi")
+local config = require("moongate.config")
+local config_check = require("moongate.config_check")
+local config_doc = require("moongate.config_doc")
+local slice = require("moongate.slice")
+local mg = require("moongate")
+
+local C = binding.C
+local ffi_cast = ffi.cast
+local ffi_string = ffi.string
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local concat = table.concat
+local format = string.format
+local io_open = io.open
+local math_max = math.max
+local json_encode = mg.json.encode
+
+local SET = C.MG_HDR_SET
+local LISTENER_ADMIN = 1 -- the master hands over status (0), then admin (1)
+
+local view_ptr = ffi.typeof("mg_req_view_t *")
+local req_ptr = ffi.typeof("mg_req_t *")
+
+local _M = {}
+
+local conf_path, nworkers
+local lkg_path
+local current       -- the doc in force (config_doc.lua), with .node_conf
+local snapshot_text -- its snapshot frame, encoded once per version
+local peers = {}    -- channel peer id -> worker id
+local workers = {}  -- worker id -> {peer =, applied =, refused =, error =}
+
+local function read_file(path)
+  local f = io_open(path, "rb")
+  if not f then
+    return nil
+  end
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+-- ---- the source ------------------------------------------------------------------
+
+-- Reads and checks the node config and its routes file. Returns the doc
+-- (version not set) and the normalized node, or nil and a list of errors.
+local function load_source()
+  local node_text = read_file(conf_path)
+  local node, errs = config.load_node(conf_path, node_text)
+  if not node then
+    for i, e in ipairs(errs) do
+      errs[i] = conf_path .. ": " .. e
+    end
+    return nil, errs
+  end
+  if node.config_source.type ~= "file" then
+    return nil, { conf_path .. ': config_source.type: only "file" is supported by this build yet' }
+  end
+  local routes_path = node.config_source.path
+  local routes_text = read_file(routes_path)
+  local parts
+  errs, parts = config_check.check(conf_path, node_text, routes_text)
+  if #errs > 0 then
+    return nil, errs
+  end
+  if not (parts and parts.doc) then
+    -- valid, yet json_split did not take it (a member name written with
+    -- an escape, a list given twice): the workers need entity texts
+    return nil, { routes_path .. ": cannot be split into entities (write each of upstreams, "
+                  .. "routes, consumers once, without escapes in member names)" }
+  end
+  local doc = config_doc.from_split(node_text, parts.doc)
+  return doc, node
+end
+
+-- The settings a running node keeps until restarted (they belong to the
+-- master and to the workers' C side): the names of those that differ.
+local function same(x, y)
+  if type(x) ~= "table" or type(y) ~= "table" then
+    return x == y
+  end
+  for k, v in pairs(x) do
+    if not same(v, y[k]) then
+      return false
+    end
+  end
+  for k in pairs(y) do
+    if x[k] == nil then
+      return false
+    end
+  end
+  return true
+end
+
+local function restart_needed(a, b)
+  local out = {}
+  local function check(name, x, y)
+    if not same(x, y) then
+      out[#out + 1] = name
+    end
+  end
+  local function listeners(n)
+    local l = {}
+    for i, x in ipairs(n.listen) do
+      l[i] = x.address .. (x.tls and "+tls" or "")
+    end
+    return l
+  end
+  check("listen", listeners(a), listeners(b))
+  check("workers", a.workers, b.workers)
+  check("status.listen", a.status.listen, b.status.listen)
+  check("admin.listen", a.admin.listen, b.admin.listen)
+  check("limits", a.limits, b.limits)
+  check("log", a.log, b.log)
+  check("pid_file", a.pid_file, b.pid_file)
+  check("shutdown_timeout_ms", a.shutdown_timeout_ms, b.shutdown_timeout_ms)
+  -- zones are mapped once, before the workers fork
+  check("shm", a.shm, b.shm)
+  check("redis", a.redis, b.redis)
+  check("config_source", { a.config_source.type, a.config_source.path, a.config_source.watch },
+        { b.config_source.type, b.config_source.path, b.config_source.watch })
+  return out
+end
+
+-- ---- handing versions out ------------------------------------------------------
+
+local function send(peer, text)
+  C.mg_ctl_send(peer, text, #text)
+end
+
+local function snapshot()
+  if not snapshot_text then
+    snapshot_text = config_doc.encode(config_doc.snapshot(current))
+  end
+  return snapshot_text
+end
+
+local function save(doc)
+  if not lkg_path then
+    return
+  end
+  local ok, err = config_doc.lkg_write(lkg_path, doc)
+  if not ok then
+    mg.log.warn("cannot write the last-known-good copy ", lkg_path, ": ", tostring(err))
+  end
+end
+
+-- Makes doc (numbered) the version in force and sends frame (its delta
+-- from the previous one) to every worker connected. Nothing here yields:
+-- a worker that says hello afterwards gets this version's snapshot.
+local function publish(doc, node, frame)
+  current = doc
+  current.node_conf = node
+  snapshot_text = nil
+  C.mg_ctl_version_set(doc.version)
+  if frame then
+    local text = config_doc.encode(frame)
+    for peer in pairs(peers) do
+      send(peer, text)
+    end
+  end
+  save(doc)
+end
+
+local function next_version()
+  return math_max(C.mg_ctl_version_get(), current and current.version or 0) + 1
+end
+
+-- ---- entry points ----------------------------------------------------------------
+
+function _M.init(path, _, n)
+  conf_path = config.resolve_path(path)
+  nworkers = tonumber(n) or 1
+  local doc, node_or_errs = load_source()
+  local node = doc and node_or_errs
+  -- the cache path is the node config's; with an unreadable node config,
+  -- the default one beside it
+  if node then
+    lkg_path = node.config_source.cache
+  else
+    local dir = conf_path:match("^(.*)/[^/]*$") or "."
+    lkg_path = dir .. "/moongate.lkg.json"
+  end
+  local lkg, lkg_err = config_doc.lkg_read(lkg_path)
+  if lkg_err then
+    mg.log.warn(lkg_err)
+  end
+
+  if doc then
+    -- the same config as the copy: the same version (a respawned control
+    -- process does not make the workers rebuild)
+    if lkg and lkg.node == doc.node and lkg.version >= C.mg_ctl_version_get()
+       and config_doc.routes_text(lkg) == config_doc.routes_text(doc) then
+      doc.version = lkg.version
+    else
+      doc.version = math_max(C.mg_ctl_version_get(), lkg and lkg.version or 0) + 1
+    end
+    publish(doc, node)
+    mg.log.info("config version ", doc.version, " from ", conf_path, " (",
+                #doc.elements.routes, " routes)")
+    return true
+  end
+
+  local errs = node_or_errs
+  for _, e in ipairs(errs) do
+    mg.log.err(e)
+  end
+  if lkg then
+    local lnode = config.load_node(conf_path, lkg.node)
+    mg.log.warn("the config source is invalid; starting from the last-known-good copy ",
+                lkg_path, " (version ", lkg.version, ")")
+    publish(lkg, lnode)
+    return true
+  end
+  return nil, "no valid configuration (" .. tostring(errs[1]) .. (#errs > 1 and ", ..." or "")
+              .. ") and no last-known-good copy in " .. lkg_path
+end
+
+function _M.reload(reason)
+  slice.begin(1)
+  local doc, node_or_errs = load_source()
+  slice.finish()
+  if not doc then
+    for _, e in ipairs(node_or_errs) do
+      mg.log.err("reload: ", e)
+    end
+    mg.log.err("reload: ", #node_or_errs, " error(s); the running configuration stays (version ",
+               current.version, ")")
+    return true, "refused"
+  end
+  local node = node_or_errs
+  doc.version = next_version()
+  local frame, changed = config_doc.diff(current, doc)
+  if not changed and reason ~= "signal" then
+    return true, "unchanged"
+  end
+  if frame.node and current.node_conf then
+    local names = restart_needed(current.node_conf, node)
+    if #names > 0 then
+      mg.log.warn("reload: changes to ", concat(names, ", "),
+                  " need a restart (moongate stop, then start)")
+    end
+  end
+  publish(doc, node, frame)
+  mg.log.info("config version ", doc.version, " (", reason, "): ", config_doc.summary(frame))
+  return true, "published"
+end
+
+local function worker_state(w)
+  local st = workers[w]
+  if not st then
+    st = {}
+    workers[w] = st
+  end
+  return st
+end
+
+function _M.peer(id, text)
+  if text == nil then
+    local w = peers[id]
+    peers[id] = nil
+    if w and workers[w] and workers[w].peer == id then
+      workers[w].peer = nil
+    end
+    return
+  end
+  local m = config_doc.decode(text)
+  if not m then
+    mg.log.warn("channel: an undecodable message from peer ", id)
+    return
+  end
+  if m.hello ~= nil then
+    local w = tonumber(m.hello)
+    if not w then
+      return
+    end
+    peers[id] = w
+    worker_state(w).peer = id
+    send(id, snapshot())
+    return
+  end
+  local w = peers[id]
+  if w == nil then
+    return
+  end
+  local st = worker_state(w)
+  if m.applied then
+    st.applied = tonumber(m.applied)
+    st.refused, st.error = nil, nil
+  elseif m.refused then
+    st.refused, st.error = tonumber(m.refused), tostring(m.error)
+    mg.log.warn("worker ", w, " refused config version ", tostring(m.refused), ": ",
+                tostring(m.error))
+  elseif m.resync then
+    send(id, snapshot())
+  end
+end
+
+-- ---- the status listener -----------------------------------------------------------
+
+local function answer(r, status, body, ctype)
+  if type(body) == "table" then
+    body = json_encode(body)
+    ctype = "application/json"
+  end
+  C.mg_resp_set_header(r, "Content-Type", 12, ctype, #ctype, SET)
+  C.mg_resp_send(r, status, body, #body)
+end
+
+-- the workers not on the version in force: {{worker =, applied =, error =}}
+local function laggards()
+  local out = {}
+  for w = 0, nworkers - 1 do
+    local st = workers[w] or {}
+    if st.applied ~= current.version then
+      out[#out + 1] = { worker = w, applied = st.applied or 0, connected = st.peer ~= nil,
+                        error = st.refused == current.version and st.error or nil }
+    end
+  end
+  return out
+end
+
+local function metrics()
+  local lines = {
+    "# HELP gateway_config_version The config version each worker has in force (0: none yet).",
+    "# TYPE gateway_config_version gauge",
+  }
+  for w = 0, nworkers - 1 do
+    local st = workers[w]
+    lines[#lines + 1] = format('gateway_config_version{worker="%d"} %d', w,
+                               st and st.applied or 0)
+  end
+  lines[#lines + 1] = ""
+  return concat(lines, "\n")
+end
+
+function _M.access(rp)
+  local r = ffi_cast(req_ptr, rp)
+  local v = ffi_cast(view_ptr, rp)
+  if C.mg_req_listener(r) == LISTENER_ADMIN then
+    answer(r, 404, { error = "the admin API is not available in this build yet" })
+    return
+  end
+  local method = ffi_string(v.method, v.method_len)
+  local path = ffi_string(v.path, v.path_len)
+  if path ~= "/status/live" and path ~= "/status/ready" and path ~= "/metrics" then
+    answer(r, 404, { error = "not found" })
+    return
+  end
+  if method ~= "GET" and method ~= "HEAD" then
+    C.mg_resp_set_header(r, "Allow", 5, "GET, HEAD", 9, SET)
+    answer(r, 405, { error = "method not allowed" })
+    return
+  end
+  if path == "/status/live" then
+    answer(r, 200, { status = "ok" })
+  elseif path == "/status/ready" then
+    local late = laggards()
+    if #late == 0 then
+      answer(r, 200, { status = "ready", version = current.version })
+    else
+      answer(r, 503, { status = "not ready", version = current.version, workers = late })
+    end
+  else
+    answer(r, 200, metrics(), "text/plain; version=0.0.4; charset=utf-8")
+  end
+end
+
+-- for specs and tools: what the control process keeps
+function _M.state()
+  return { version = current and current.version, workers = workers, lkg_path = lkg_path }
+end
+
+return _M
