@@ -385,8 +385,8 @@ function _M.start(opts)
     -- serve once they have their config from the control process
     local status_port = type(node.status) == "table"
         and tonumber(tostring(node.status.listen or ""):match(":(%d+)$"))
-    if ok and status_port and not bin_override and opts.wait_ready ~= false then
-        ok, why = wait_ready(gw.pid, status_port, timeout)
+    if ok and ready_port and not bin_override and opts.wait_ready ~= false then
+        ok, why = wait_ready(gw.pid, ready_port, timeout)
     end
     if not ok then
         gw:stop(1)
