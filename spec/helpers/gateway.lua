@@ -383,7 +383,7 @@ function _M.start(opts)
     local ok, why = wait_listening(gw.pid, port, timeout)
     -- the proxy port accepts as soon as the master listens; the workers
     -- serve once they have their config from the control process
-    local status_port = type(node.status) == "table"
+    local ready_port = type(node.status) == "table"
         and tonumber(tostring(node.status.listen or ""):match(":(%d+)$"))
     if ok and ready_port and not bin_override and opts.wait_ready ~= false then
         ok, why = wait_ready(gw.pid, ready_port, timeout)
