@@ -134,6 +134,7 @@ static void control_watch(mg_worker_t *w, const char *path)
         size_t n = sizeof(path_i);
         if (uv_fs_event_getpath(&ctl.watch[i], path_i, &n) == 0 && strcmp(path_i, d) == 0) {
             snprintf(ctl.watch_name2[i], sizeof(ctl.watch_name2[i]), "%s", b);
+            mg_log(MG_LOG_INFO, "watching %s for changes", path);
             return;
         }
     }

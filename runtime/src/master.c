@@ -320,8 +320,10 @@ static int master_daemonize(void)
 /* "worker 3" or "control process", for logs. */
 static const char *master_name(const master_worker_t *w, char *buf, size_t len)
 {
-    if (w->id < 0) return "control process";
-    snprintf(buf, len, "worker %d", w->id);
+    if (w->id < 0)
+        snprintf(buf, len, "control process");
+    else
+        snprintf(buf, len, "worker %d", w->id);
     return buf;
 }
 
