@@ -337,7 +337,10 @@ describe("moongate processes", function()
             local node = cjson.decode(proc.read_file(conf))
             local port = tonumber(node.listen[1].address:match(":(%d+)$"))
             assert.is_truthy(proc.wait_port("127.0.0.1", port, 10), proc.read_file(dir .. "/gw.log"))
-            assert.equal(pid, tonumber(proc.read_file(dir .. "/moongate.pid")))
+            -- the master listens first, then writes its pid file
+            assert.is_truthy(eventually(function()
+                return tonumber(proc.read_file(dir .. "/moongate.pid")) == pid
+            end, 5), proc.read_file(dir .. "/gw.log"))
             assert.equal(0, (moongate("stop", "-c", conf)))
             assert.is_true(proc.wait_exit(pid, 5))
         end)
