@@ -36,7 +36,7 @@ local type = type
 local ipairs = ipairs
 
 local mg_limit = mg.limit
-local limit_level = mg_limit.level
+local results = mg_limit.results -- take_all's per-level cells
 local take_all = mg_limit.take_all
 local redis = mg.redis
 local log = mg.log
@@ -240,19 +240,9 @@ local function header_part_fn(name)
   end
 end
 
--- Integer strings for header values, made once each (the usual values are
--- small); larger ones are made per use.
-local NUMSTR_MAX = 65536
-local numstr = {}
+-- Header values: tostring compiles (IR_TOSTR); %.14g prints every
+-- integer up to the schema's maxima (1e12) in full.
 local function num_string(v)
-  if v >= 0 and v < NUMSTR_MAX then
-    local s = numstr[v]
-    if not s then
-      s = tostring(v)
-      numstr[v] = s
-    end
-    return s
-  end
   return tostring(v)
 end
 
@@ -472,7 +462,7 @@ end
 
 -- retry_after < 0 (the request can never pass this level): the time until
 -- the level is whole again, at least a second
-local function refuse(c, ctx, retry_after, reset)
+local function refuse(ctx, retry_after, reset)
   local id = ctx.route.id
   rejected[id] = (rejected[id] or 0) + 1
   local secs = retry_after >= 0 and ceil(retry_after) or ceil(reset)
@@ -481,45 +471,45 @@ local function refuse(c, ctx, retry_after, reset)
 end
 
 local function decide_local(c, ctx)
-  local keys = c.keys
-  if c.count == 1 then
-    local ok, remaining, reset, retry_after = c.limiters[1]:take(keys[1])
-    if ok == nil then
-      -- the zone cannot hold the key (every entry of its set is a held
-      -- concurrency slot): admit rather than refuse for the gateway's lack
-      log.err("rate-limit: ", remaining)
-      return
-    end
-    if c.headers then
-      set_headers(ctx, c.limiters[1].limit, remaining, reset)
-    end
-    if not ok then
-      return refuse(c, ctx, retry_after, reset)
-    end
-    return
-  end
-  local ok, refused_at = take_all(c.limiters, keys)
-  if ok == nil then
-    log.err("rate-limit: ", refused_at)
-    return
-  end
-  -- the level to report: the refusing one, else the one with least left
-  local pick, least = refused_at, nil
-  if not pick then
-    pick = 1
-    for i = 1, c.count do
-      local _, _, remaining = limit_level(i)
-      if least == nil or remaining < least then
-        pick, least = i, remaining
+  local keys, count = c.keys, c.count
+  local ok, limit, remaining, reset, retry_after
+  if count == 1 then
+    local lim = c.limiters[1]
+    ok, remaining, reset, retry_after = lim:take(keys[1])
+    limit = lim.limit
+  else
+    local refused_at
+    ok, refused_at = take_all(c.limiters, keys)
+    if ok ~= nil then
+      -- the level to report: the refusing one, else the one with least
+      -- left (read from the result cells: no multiple returns per level)
+      local pick = refused_at and refused_at - 1 or 0
+      if ok then
+        local least = results[0].remaining
+        for i = 1, count - 1 do
+          local rem = results[i].remaining
+          if rem < least then
+            pick, least = i, rem
+          end
+        end
       end
+      local r = results[pick]
+      limit, remaining, reset, retry_after = r.limit, r.remaining, r.reset, r.retry_after
+    else
+      remaining = refused_at
     end
   end
-  local _, limit, remaining, reset, retry_after = limit_level(pick)
+  if ok == nil then
+    -- the zone cannot hold the key (every entry of its set is a held
+    -- concurrency slot): admit rather than refuse for the gateway's lack
+    log.err("rate-limit: ", remaining)
+    return
+  end
   if c.headers then
     set_headers(ctx, limit, remaining, reset)
   end
   if not ok then
-    return refuse(c, ctx, retry_after, reset)
+    return refuse(ctx, retry_after, reset)
   end
 end
 
@@ -579,7 +569,7 @@ local function decide_redis(c, ctx)
   end
   if refused_at ~= 0 then
     local retry = res[j + 2]
-    return refuse(c, ctx, retry < 0 and -1 or retry / 1000, reset)
+    return refuse(ctx, retry < 0 and -1 or retry / 1000, reset)
   end
 end
 
