@@ -195,19 +195,7 @@ local function timing_lines(log, from)
   return out
 end
 
-local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  while true do
-    local v = fn()
-    if v then
-      return v
-    end
-    if gettime() >= deadline then
-      return nil
-    end
-    socket.sleep(0.005)
-  end
-end
+local eventually = proc.eventually
 
 -- ---- the run ------------------------------------------------------------------
 

@@ -9,19 +9,7 @@ local proc = require("helpers.proc")
 
 local gettime = socket.gettime
 
-local function eventually(fn, timeout)
-    local deadline = gettime() + timeout
-    while true do
-        local v = fn()
-        if v then
-            return v
-        end
-        if gettime() >= deadline then
-            return nil
-        end
-        socket.sleep(0.02)
-    end
-end
+local eventually = proc.eventually
 
 local function routes_with(mock, extra)
     local routes = { { id = "demo", paths = { "/demo/*" }, upstream = "m" } }

@@ -13,19 +13,7 @@ local gettime = socket.gettime
 
 local POLICY_DIR = gateway.root .. "/spec/fixtures/policies-it"
 
-local function eventually(fn, timeout)
-    local deadline = gettime() + timeout
-    while true do
-        local v = fn()
-        if v then
-            return v
-        end
-        if gettime() >= deadline then
-            return nil
-        end
-        socket.sleep(0.02)
-    end
-end
+local eventually = proc.eventually
 
 -- an upstream that must not be reached: trap.connected() tells
 local trap = require("helpers.policy").trap

@@ -34,20 +34,7 @@ local function nproc()
     return tonumber(out:match("%d+"))
 end
 
--- Polls fn() every 20 ms until it returns a truthy value or timeout s pass.
-local function eventually(fn, timeout)
-    local deadline = gettime() + timeout
-    while true do
-        local v = fn()
-        if v then
-            return v
-        end
-        if gettime() >= deadline then
-            return nil
-        end
-        socket.sleep(0.02)
-    end
-end
+local eventually = proc.eventually
 
 -- moongate <args...>, its stdout+stderr merged, killed after 15 s should it
 -- not return (a start that unexpectedly succeeds would run forever).

@@ -7,6 +7,7 @@ local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local redis = require("helpers.redis")
+local proc = require("helpers.proc")
 
 local gettime = socket.gettime
 
@@ -77,16 +78,7 @@ local function count(text, needle)
   end
 end
 
-local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  while true do
-    local v = fn()
-    if v or gettime() >= deadline then
-      return v
-    end
-    socket.sleep(0.05)
-  end
-end
+local eventually = proc.eventually
 
 -- A client that sends a request and resets the connection (SO_LINGER 0)
 -- while the gateway waits on Redis for it. (A plain close is a half-close

@@ -1,23 +1,11 @@
 -- Reload sees a policy's helper modules: editing only a module that a
 -- policy require()s (from its lua_path directory) changes what the policy
 -- does after `moongate reload`, in every worker, without a restart.
-local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local proc = require("helpers.proc")
 
--- Polls fn() every 50 ms until it returns a truthy value or timeout s pass.
-local function eventually(fn, timeout)
-    local deadline = socket.gettime() + timeout
-    repeat
-        local v = fn()
-        if v then
-            return v
-        end
-        socket.sleep(0.05)
-    until socket.gettime() >= deadline
-    return nil
-end
+local eventually = proc.eventually
 
 describe("reload with a changed policy helper", function()
     local gw, dir

@@ -23,20 +23,7 @@ local SLOW_AT = { [3] = true, [8] = true, [13] = true, [18] = true }
 -- 150 pieces 100 ms apart: outlasts the reloads (they take ~7 s)
 local STREAM_PATH = "/load/stream?bytes=153600&chunk=1024&drip_ms=100"
 
--- Polls fn() every 20 ms until it returns a truthy value or timeout s pass.
-local function eventually(fn, timeout)
-    local deadline = gettime() + timeout
-    while true do
-        local v = fn()
-        if v then
-            return v
-        end
-        if gettime() >= deadline then
-            return nil
-        end
-        socket.sleep(0.02)
-    end
-end
+local eventually = proc.eventually
 
 local function count(s, plain)
     local n, at = 0, 1

@@ -13,19 +13,7 @@ local gettime = socket.gettime
 local FIXTURES = gateway.root .. "/spec/fixtures/policies-sandbox"
 local BUDGET_MSG = "instruction budget exceeded (sandbox.max_instructions = 10000000)"
 
-local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  while true do
-    local v = fn()
-    if v then
-      return v
-    end
-    if gettime() >= deadline then
-      return nil
-    end
-    socket.sleep(0.02)
-  end
-end
+local eventually = proc.eventually
 
 local function route(id, upstream, policies)
   return { id = id, paths = { "/" .. id .. "/*" }, upstream = upstream, strip_prefix = true,

@@ -7,6 +7,7 @@ local cjson = require("cjson")
 local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
+local proc = require("helpers.proc")
 
 local POLICY_DIR = gateway.root .. "/spec/fixtures/policies-it"
 
@@ -15,16 +16,7 @@ local function route(id, conf)
            policies = { { name = "it-limit", conf = conf } } }
 end
 
-local function eventually(fn, timeout)
-  local deadline = socket.gettime() + timeout
-  repeat
-    local v = fn()
-    if v then
-      return v
-    end
-    socket.sleep(0.02)
-  until socket.gettime() >= deadline
-end
+local eventually = proc.eventually
 
 describe("shm across workers", function()
   local gw, mock

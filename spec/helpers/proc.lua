@@ -221,6 +221,23 @@ end
 _M.sleep = sleep
 _M.now = gettime
 
+-- Polls fn() every interval_s (default 20 ms) until it returns a truthy
+-- value, which it returns, or until timeout_s pass: then nil. fn runs at
+-- least once, and once more at the deadline.
+function _M.eventually(fn, timeout_s, interval_s)
+    local deadline = gettime() + timeout_s
+    while true do
+        local v = fn()
+        if v then
+            return v
+        end
+        if gettime() >= deadline then
+            return nil
+        end
+        sleep(interval_s or 0.02)
+    end
+end
+
 local tmpdirs = {}
 
 -- A new empty directory (absolute path), removed by proc.cleanup().

@@ -16,16 +16,7 @@ local function validate(conf)
   return policy_helper.validate("circuit-breaker", conf)
 end
 
-local function eventually(fn, timeout)
-  local deadline = socket.gettime() + timeout
-  repeat
-    local v = fn()
-    if v then
-      return v
-    end
-    socket.sleep(0.02)
-  until socket.gettime() >= deadline
-end
+local eventually = proc.eventually
 
 local function hits(mock)
   local res = assert(client.get(mock.port, "/__mock/hits"))

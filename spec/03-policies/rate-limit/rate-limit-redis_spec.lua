@@ -6,6 +6,7 @@ local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
 local redis = require("helpers.redis")
+local proc = require("helpers.proc")
 
 local gettime = socket.gettime
 
@@ -70,17 +71,7 @@ local function count(text, needle)
   end
 end
 
-local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  repeat
-    local v = fn()
-    if v then
-      return v
-    end
-    socket.sleep(0.05)
-  until gettime() > deadline
-  return nil
-end
+local eventually = proc.eventually
 
 local FAILED = "rate-limit: redis failed"
 local BACK = "rate-limit: redis answers again"
