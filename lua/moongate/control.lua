@@ -218,7 +218,7 @@ function _M.init(path, _, n)
   if doc then
     -- the same config as the copy: the same version (a respawned control
     -- process does not make the workers rebuild)
-    if lkg and lkg.node == doc.node and lkg.version >= C.mg_ctl_version_get()
+    if lkg and config_doc.same_text(lkg.node, doc.node) and lkg.version >= C.mg_ctl_version_get()
        and config_doc.routes_text(lkg) == config_doc.routes_text(doc) then
       doc.version = lkg.version
     else
