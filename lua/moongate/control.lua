@@ -14,8 +14,8 @@
 --       modules too); a file change only when a text changed.
 --   peer(id, message)  a worker's frame (nil: its connection closed)
 --   access(rp)  a request on the status listener (GET /status/live,
---       /status/ready, /metrics) or the admin listener (404 until the
---       admin API lands)
+--       /status/ready, /metrics) or the admin listener (moongate.admin,
+--       over the version in force)
 --
 -- File mode: the node config and the routes file are read whole and split
 -- into entity texts (json_split, through the checker's builder); the diff
@@ -27,6 +27,7 @@ local binding = require("moongate.ffi")
 local config = require("moongate.config")
 local config_check = require("moongate.config_check")
 local config_doc = require("moongate.config_doc")
+local admin = require("moongate.admin")
 local slice = require("moongate.slice")
 local mg = require("moongate")
 
@@ -56,6 +57,7 @@ local conf_path, nworkers
 local lkg_path
 local current       -- the doc in force (config_doc.lua), with .node_conf
 local snapshot_text -- its snapshot frame, encoded once per version
+local admin_api     -- the Admin API over `current` (made again when the node config changes)
 local peers = {}    -- channel peer id -> worker id
 local workers = {}  -- worker id -> {peer =, applied =, refused =, error =}
 
@@ -178,6 +180,9 @@ end
 -- from the previous one) to every worker connected. Nothing here yields:
 -- a worker that says hello afterwards gets this version's snapshot.
 local function publish(doc, node, frame)
+  if node and not (current and current.node == doc.node and admin_api) then
+    admin_api = admin.from_node(node, function() return current end)
+  end
   current = doc
   current.node_conf = node
   snapshot_text = nil
@@ -367,7 +372,10 @@ function _M.access(rp)
   local r = ffi_cast(req_ptr, rp)
   local v = ffi_cast(view_ptr, rp)
   if C.mg_req_listener(r) == LISTENER_ADMIN then
-    answer(r, 404, { error = "the admin API is not available in this build yet" })
+    if admin_api then
+      return admin_api:serve(rp)
+    end
+    answer(r, 503, { error = "no node config in force" })
     return
   end
   local method = ffi_string(v.method, v.method_len)
