@@ -1459,10 +1459,9 @@ function _M.unsupported(node, routes)
         errs[#errs + 1] = format("listen[%d].tls: TLS is not supported by this build yet", i - 1)
       end
     end
-    if node.config_source.type ~= "file" then
-      errs[#errs + 1] = "config_source.type: only \"file\" is supported by this build yet"
-      -- the runtime's HTTP client (etcd's connection) speaks http:// only;
-      -- stays when etcd lands, until that client has TLS
+    if node.config_source.type == "etcd" then
+      -- the runtime's HTTP client (etcd's connection) speaks http:// only,
+      -- until that client has TLS
       for i, e in ipairs(node.config_source.endpoints or {}) do
         if e:sub(1, 8) == "https://" then
           errs[#errs + 1] = format("config_source.endpoints[%d]: https is not supported by this "

@@ -6,7 +6,13 @@
 --           skeleton = <routes.json less its split arrays, as json_split
 --                       cuts it: global_policies and any other member>,
 --           elements = { upstreams = {texts}, routes = {texts},
---                        consumers = {texts} } }
+--                        consumers = {texts} },
+--           policies = nil | { name = <Lua source> } }
+--
+-- policies: the sandboxed policies of an etcd source
+-- (<prefix>/policies/<name>, each accepted by sandbox.load in the control
+-- process); a worker's builder loads them by name (set_policy_sources).
+-- nil in file mode.
 --
 -- each entity as the exact text it had in its source, in the source's
 -- order (file order in file mode), so that a worker's builder reuses what
@@ -14,8 +20,8 @@
 --
 -- Frames (JSON, on the channel: runtime/src/channel.c):
 --   control -> worker
---     snapshot: {version, reset = true, node, skeleton, elements}
---     delta:    {version, base, node?, skeleton?,
+--     snapshot: {version, reset = true, node, skeleton, elements, policies?}
+--     delta:    {version, base, node?, skeleton?, policies? (the whole set),
 --                splice = {kind = {at, del, ins = {texts}}}}
 --               applies to the doc of version `base` only: elements
 --               at .. at+del-1 of that kind are replaced by ins (one
@@ -34,6 +40,8 @@ local cjson = require("cjson.safe")
 local json_split = require("moongate.json_split")
 
 local type = type
+local pairs = pairs
+local next = next
 local ipairs = ipairs
 local tostring = tostring
 local tonumber = tonumber
@@ -83,8 +91,28 @@ end
 
 function _M.snapshot(doc)
   return { version = doc.version, reset = true, node = doc.node, skeleton = doc.skeleton,
-           elements = doc.elements }
+           elements = doc.elements, policies = doc.policies }
 end
+
+-- The same sets of sandboxed policies (nil is the empty set). O(policies).
+local function same_policies(a, b)
+  if a == b then
+    return true
+  end
+  a, b = a or {}, b or {}
+  for name, text in pairs(a) do
+    if b[name] ~= text then
+      return false
+    end
+  end
+  for name in pairs(b) do
+    if a[name] == nil then
+      return false
+    end
+  end
+  return true
+end
+_M.same_policies = same_policies
 
 -- The delta from old to new (new.version is the frame's); changed = false
 -- when no text differs. O(elements): texts are interned strings, so each
@@ -98,6 +126,11 @@ function _M.diff(old, new)
   end
   if new.skeleton ~= old.skeleton then
     frame.skeleton = new.skeleton
+    changed = true
+  end
+  if not same_policies(old.policies, new.policies) then
+    -- the whole set: a few sources, changed rarely
+    frame.policies = new.policies or {}
     changed = true
   end
   for _, kind in ipairs(KINDS) do
@@ -127,6 +160,21 @@ function _M.diff(old, new)
   return frame, changed
 end
 
+-- a frame's policies: name -> text, strings only (nil: none)
+local function policies_of(p)
+  if type(p) ~= "table" then
+    return nil
+  end
+  local out
+  for name, text in pairs(p) do
+    if type(name) == "string" and type(text) == "string" then
+      out = out or {}
+      out[name] = text
+    end
+  end
+  return out
+end
+
 -- The doc after frame, from doc (nil before the first snapshot). Returns
 -- the new doc (doc itself is not changed), or nil and why: a delta whose
 -- base is not doc's version (the caller asks for a snapshot).
@@ -145,14 +193,15 @@ function _M.apply(doc, frame)
       return nil, "a snapshot without node or skeleton"
     end
     return { version = version, node = frame.node, skeleton = frame.skeleton,
-             elements = elements }
+             elements = elements, policies = policies_of(frame.policies) }
   end
   if not doc or tonumber(frame.base) ~= doc.version then
     return nil, "a delta for version " .. tostring(frame.base) .. ", not "
                 .. tostring(doc and doc.version)
   end
   local out = { version = version, node = frame.node or doc.node,
-                skeleton = frame.skeleton or doc.skeleton, elements = {} }
+                skeleton = frame.skeleton or doc.skeleton, elements = {},
+                policies = frame.policies ~= nil and policies_of(frame.policies) or doc.policies }
   local splice = type(frame.splice) == "table" and frame.splice or {}
   for _, kind in ipairs(KINDS) do
     local a = doc.elements[kind]
@@ -195,6 +244,9 @@ function _M.summary(frame)
   if frame.skeleton then
     parts[#parts + 1] = "global_policies"
   end
+  if frame.policies then
+    parts[#parts + 1] = "policies"
+  end
   for _, kind in ipairs(KINDS) do
     local sp = frame.splice and frame.splice[kind]
     if sp then
@@ -213,7 +265,8 @@ end
 -- {"version": N, "node": <moongate.json>, "routes": <routes.json>}, the
 -- two documents inline as they were written (no re-encoding: escaping a
 -- string of 786 KiB cost 4 ms a version at 5,000 routes; this costs the
--- join and the write, ~1 ms). Returns true, or nil and why.
+-- join and the write, ~1 ms); plus "policies": {name: "<Lua source>"} when
+-- the doc has sandboxed policies (etcd). Returns true, or nil and why.
 function _M.lkg_write(path, doc)
   local routes, err = _M.routes_text(doc)
   if not routes then
@@ -226,8 +279,10 @@ function _M.lkg_write(path, doc)
     return nil, err
   end
   local ok
+  local policies = doc.policies and next(doc.policies)
+                   and ',\n"policies":' .. json.encode(doc.policies) or ""
   ok, err = f:write('{"version":', tostring(doc.version), ',\n"node":', doc.node, ',\n"routes":',
-                    routes, "}\n")
+                    routes, policies, "}\n")
   f:close()
   if ok then
     ok, err = os_rename(tmp, path)
@@ -264,6 +319,7 @@ function _M.lkg_read(path)
   end
   local doc = _M.from_split(m.node, split)
   doc.version = v.version
+  doc.policies = policies_of(v.policies)
   return doc
 end
 

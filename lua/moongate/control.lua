@@ -7,11 +7,16 @@
 --
 --   init(conf_path, id, nworkers)  at start: the first version, from the
 --       source, else from the last-known-good copy; nil, why when there is
---       neither (the process then exits 78 and the master stops the node)
+--       neither (the process then exits 78 and the master stops the node).
+--       etcd mode: starts the etcd driver and returns with no version yet
+--       (the first comes with the first read: source_event)
 --   reload(reason)  "signal" (SIGHUP, `moongate reload`) or "watch" (a
 --       watched file changed): re-read, check, hand out. A signal always
 --       makes a new version (the workers then re-read changed policy
---       modules too); a file change only when a text changed.
+--       modules too); a file change only when a text changed. etcd mode:
+--       re-reads the node config and the whole prefix
+--   source_event(ev, data)  etcd mode: what the driver (runtime/src/etcd.c,
+--       through control_etcd.c) saw; answers as etcd.h's sink
 --   peer(id, message)  a worker's frame (nil: its connection closed)
 --   access(rp)  a request on the status listener (GET /status/live,
 --       /status/ready, /metrics) or the admin listener (moongate.admin,
@@ -21,6 +26,14 @@
 -- into entity texts (json_split, through the checker's builder); the diff
 -- against the version in force is one splice per kind, so a one-route
 -- change is one small frame.
+--
+-- etcd mode: one driver (one TCP connection) per node reads the prefix at
+-- one revision, then watches from the next; etcd_source.lua checks each
+-- key's value (a refused one is logged with its key, the previous value
+-- stays). A version is made only when an accepted entity (or the node
+-- config) changed, and is numbered by the etcd revision of that change
+-- (DESIGN: the revision a worker applied is its config version): a watch
+-- event's mod_revision, a read's header revision.
 
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
@@ -28,6 +41,7 @@ local config = require("moongate.config")
 local config_check = require("moongate.config_check")
 local config_doc = require("moongate.config_doc")
 local admin = require("moongate.admin")
+local etcd_source = require("moongate.etcd_source")
 local slice = require("moongate.slice")
 local mg = require("moongate")
 
@@ -43,7 +57,9 @@ local concat = table.concat
 local format = string.format
 local io_open = io.open
 local math_max = math.max
+local next = next
 local json_encode = mg.json.encode
+local json_decode = mg.json.decode
 
 local SET = C.MG_HDR_SET
 local LISTENER_ADMIN = 1 -- the master hands over status (0), then admin (1)
@@ -60,6 +76,11 @@ local snapshot_text -- its snapshot frame, encoded once per version
 local admin_api     -- the Admin API over `current` (made again when the node config changes)
 local peers = {}    -- channel peer id -> worker id
 local workers = {}  -- worker id -> {peer =, applied =, refused =, error =}
+
+-- etcd mode (nil in file mode)
+local etcd        -- {src = etcd_source, node_text =, node =, lkg = the copy read at
+                  --  start (until the first read), from_lkg = current came from it,
+                  --  resync = a signal asked for a re-read}
 
 local function read_file(path)
   local f = io_open(path, "rb")
@@ -85,7 +106,8 @@ local function load_source()
     return nil, errs
   end
   if node.config_source.type ~= "file" then
-    return nil, { conf_path .. ': config_source.type: only "file" is supported by this build yet' }
+    return nil, { conf_path .. ": config_source.type: the node was started with a file source; "
+                  .. "changing it to " .. tostring(node.config_source.type) .. " needs a restart" }
   end
   local routes_path = node.config_source.path
   local routes_text = read_file(routes_path)
@@ -196,8 +218,256 @@ local function publish(doc, node, frame)
   save(doc)
 end
 
+local init_etcd, reload_etcd -- etcd mode (below)
+
 local function next_version()
   return math_max(C.mg_ctl_version_get(), current and current.version or 0) + 1
+end
+
+-- ---- the etcd source ---------------------------------------------------------------
+
+-- etcd.h's sink events and answers (mirrored: etcd.h is internal to C)
+local EV_AUTH, EV_RANGE, EV_WATCH, EV_LOST, EV_BACK, EV_START_TIMEOUT = 1, 2, 3, 4, 5, 6
+local ETCD_OK, ETCD_FAIL, ETCD_RERANGE = 0, -1, -2
+
+-- The accepted entities as a doc (version not set). O(entities).
+local function etcd_doc()
+  local d = etcd.src:doc()
+  return { node = etcd.node_text, skeleton = d.skeleton, elements = d.elements,
+           policies = next(d.policies) and d.policies or nil, revision = d.revision }
+end
+
+-- The same config, whatever the skeleton's white space: for a doc from the
+-- last-known-good copy (its skeleton went through a join and a split).
+-- O(bytes): at start, and on the first read after starting from the copy.
+local function same_config(a, b)
+  return config_doc.same_text(a.node, b.node) and config_doc.same_policies(a.policies, b.policies)
+         and config_doc.routes_text(a) == config_doc.routes_text(b)
+end
+
+-- The number of a version made at revision rev: rev, unless etcd's
+-- history went back (a restored or new cluster): a worker must never see
+-- one number for two configs.
+local function etcd_version(rev)
+  local v = current and current.version or 0
+  if rev > v then
+    return rev
+  end
+  mg.log.warn("etcd: revision ", rev, " is not above config version ", v, " (etcd's history went "
+              .. "back: a restored or new cluster?); numbering the new version ", v + 1)
+  return v + 1
+end
+
+local function etcd_publish(doc, why)
+  local first = current == nil
+  local frame = first and config_doc.snapshot(doc) or config_doc.diff(current, doc)
+  publish(doc, etcd.node, frame)
+  etcd.from_lkg = false
+  mg.log.info("config version ", doc.version, " (etcd ", why, "): ",
+              first and (#doc.elements.routes .. " routes") or config_doc.summary(frame))
+end
+
+-- A whole read of the prefix at revision rev.
+local function etcd_read(rev)
+  local doc = etcd_doc()
+  local forced = etcd.resync
+  etcd.resync = false
+  if current == nil then
+    -- the same config as the copy: its number (a respawned control process
+    -- does not make the workers rebuild)
+    local copy = etcd.lkg
+    etcd.lkg = nil
+    doc.version = (copy and same_config(copy, doc)) and copy.version or rev
+    etcd_publish(doc, "read")
+    return
+  end
+  if etcd.from_lkg and same_config(current, doc) then
+    -- the copy served meanwhile is what etcd holds: the workers have it
+    doc.version = current.version
+    current = doc
+    current.node_conf = etcd.node
+    snapshot_text = nil
+    etcd.from_lkg = false
+    mg.log.info("etcd: read at revision ", rev, ": the last-known-good copy in force (version ",
+                doc.version, ") is up to date")
+    return
+  end
+  doc.version = rev > current.version and rev or current.version + 1
+  local _, changed = config_doc.diff(current, doc)
+  if changed or (forced and rev > current.version) then
+    doc.version = etcd_version(rev)
+    etcd_publish(doc, forced and "re-read on reload" or "read")
+  else
+    current.revision = rev
+    if forced then
+      mg.log.info("reload: etcd holds the config in force (version ", current.version,
+                  ", revision ", rev, ")")
+    end
+  end
+end
+
+-- Events of the watch at revision rev (the highest in the piece).
+local function etcd_change(rev, changed)
+  if current == nil then
+    return -- a watch follows a read: cannot happen
+  end
+  if not changed then
+    current.revision = rev -- seen (refused, or no entity changed): the Admin API's view
+    return
+  end
+  local doc = etcd_doc()
+  doc.version = rev > current.version and rev or current.version + 1
+  local _, differs = config_doc.diff(current, doc)
+  if not differs then
+    current.revision = rev
+    return
+  end
+  doc.version = etcd_version(rev)
+  etcd_publish(doc, "watch")
+end
+
+-- No read succeeded within timeout_ms of the start: the copy, or stop.
+local function etcd_start_timeout(why)
+  if current then
+    return ETCD_OK
+  end
+  local copy = etcd.lkg
+  if copy then
+    etcd.lkg = nil
+    -- this node's settings (the copy may come from another source)
+    copy.node = etcd.node_text
+    publish(copy, etcd.node, config_doc.snapshot(copy))
+    etcd.from_lkg = true
+    mg.log.warn("etcd: unreachable at start (", why, "); serving the last-known-good copy ",
+                lkg_path, " (config version ", copy.version, ", ", #copy.elements.routes,
+                " routes) and retrying")
+    return ETCD_OK
+  end
+  mg.log.err("etcd: unreachable at start (", why, ") and no last-known-good copy in ", lkg_path,
+             ": refusing to start")
+  return ETCD_FAIL
+end
+
+-- What the etcd driver saw (control_etcd.c calls this from the loop, on
+-- the main state: nothing here may yield). Answers as etcd.h's sink.
+function _M.source_event(ev, data)
+  if etcd == nil then
+    return ETCD_FAIL
+  end
+  if ev == EV_WATCH then
+    local rev, changed, err = etcd.src:watch(data)
+    if rev == "rerange" then
+      mg.log.warn("etcd: the watch was cancelled (history compacted past revision ",
+                  tostring(etcd.src.revision), "?); reading everything again")
+      return ETCD_RERANGE
+    elseif err then
+      mg.log.err("etcd: ", err)
+      return ETCD_FAIL
+    end
+    if rev then
+      etcd_change(rev, changed)
+      return rev
+    end
+    return ETCD_OK
+  elseif ev == EV_RANGE then
+    local rev, err = etcd.src:range(data)
+    if not rev then
+      mg.log.err("etcd: ", err)
+      return ETCD_FAIL
+    end
+    etcd_read(rev)
+    return rev
+  elseif ev == EV_AUTH then
+    local r = json_decode(data)
+    local token = type(r) == "table" and r.token
+    if type(token) ~= "string" or token == "" then
+      mg.log.err("etcd: authentication answered no token")
+      return ETCD_FAIL
+    end
+    return ETCD_OK, token
+  elseif ev == EV_LOST then
+    mg.log.warn("etcd: connection lost (", data, "); serving config version ",
+                current and current.version or "none", ", retrying")
+  elseif ev == EV_BACK then
+    mg.log.info("etcd: connected again to ", data)
+  elseif ev == EV_START_TIMEOUT then
+    return etcd_start_timeout(data)
+  end
+  return ETCD_OK
+end
+
+-- etcd mode's init: the driver starts; the first version comes with its
+-- first read (or the copy, when etcd does not answer within timeout_ms).
+init_etcd = function(node_text, node)
+  local cs = node.config_source
+  lkg_path = cs.cache
+  local copy, lkg_err = config_doc.lkg_read(lkg_path)
+  if lkg_err then
+    mg.log.warn(lkg_err)
+  end
+  etcd = {
+    src = etcd_source.new({ prefix = cs.prefix, lua_path = node.lua_path, sandbox = node.sandbox }),
+    node_text = node_text, node = node, lkg = copy, from_lkg = false, resync = false,
+  }
+  local auth = cs.user and json_encode({ name = cs.user, password = cs.password or "" }) or ""
+  local eps = concat(cs.endpoints, "\n")
+  local src = etcd.src
+  local rc = C.mg_ctl_etcd_start(eps, #eps, src.key_b64, #src.key_b64, src.end_b64, #src.end_b64,
+                                 auth, #auth, cs.timeout_ms)
+  if rc ~= 0 then
+    return nil, "cannot start the etcd client for " .. concat(cs.endpoints, ", ") .. " (error "
+                .. tostring(rc) .. ")"
+  end
+  mg.log.info("config source: etcd ", concat(cs.endpoints, ", "), " prefix ", cs.prefix,
+              cs.user and (" as " .. cs.user) or "", "; reading it")
+  return true
+end
+
+-- The settings of an etcd node that only a restart changes (the driver,
+-- the checker's policy paths), beside restart_needed's.
+local function etcd_restart_needed(a, b)
+  local out = {}
+  local x, y = a.config_source, b.config_source
+  if not same({ x.endpoints, x.prefix, x.user, x.password, x.timeout_ms, x.cache },
+              { y.endpoints, y.prefix, y.user, y.password, y.timeout_ms, y.cache }) then
+    out[1] = "config_source"
+  end
+  if not same(a.lua_path, b.lua_path) or not same(a.sandbox, b.sandbox) then
+    out[#out + 1] = "lua_path/sandbox (policy checks of the etcd source)"
+  end
+  return out
+end
+
+-- SIGHUP in etcd mode: the node config again, then the whole prefix (a
+-- version is made when something changed, or when etcd's revision moved:
+-- the workers then re-read changed policy files too).
+reload_etcd = function(reason)
+  local text = read_file(conf_path)
+  local node, errs = config.load_node(conf_path, text)
+  if not node then
+    for _, e in ipairs(errs) do
+      mg.log.err("reload: ", conf_path, ": ", e)
+    end
+    mg.log.err("reload: the node config is invalid; keeping the one in force")
+  elseif node.config_source.type ~= "etcd" then
+    mg.log.warn("reload: config_source.type: changing the source from etcd needs a restart")
+  elseif text ~= etcd.node_text then
+    local names = restart_needed(etcd.node, node)
+    for _, name in ipairs(etcd_restart_needed(etcd.node, node)) do
+      names[#names + 1] = name
+    end
+    if #names > 0 then
+      mg.log.warn("reload: changes to ", concat(names, ", "),
+                  " need a restart (moongate stop, then start)")
+    end
+    etcd.node_text, etcd.node = text, node
+  end
+  if reason == "signal" then
+    etcd.resync = true
+  end
+  C.mg_ctl_etcd_rerange()
+  mg.log.info("reload (", reason, "): reading etcd again")
+  return true, "reading"
 end
 
 -- ---- entry points ----------------------------------------------------------------
@@ -205,6 +475,11 @@ end
 function _M.init(path, _, n)
   conf_path = config.resolve_path(path)
   nworkers = tonumber(n) or 1
+  local node_text = read_file(conf_path)
+  local enode = node_text and config.load_node(conf_path, node_text)
+  if enode and enode.config_source.type == "etcd" then
+    return init_etcd(node_text, enode)
+  end
   local doc, node_or_errs = load_source()
   local node = doc and node_or_errs
   -- the cache path is the node config's; with an unreadable node config,
@@ -251,6 +526,9 @@ function _M.init(path, _, n)
 end
 
 function _M.reload(reason)
+  if etcd then
+    return reload_etcd(reason)
+  end
   slice.begin(1)
   local doc, node_or_errs = load_source()
   slice.finish()
@@ -310,7 +588,9 @@ function _M.peer(id, text)
     end
     peers[id] = w
     worker_state(w).peer = id
-    send(id, snapshot())
+    if current then -- else the first version goes to every peer when it comes
+      send(id, snapshot())
+    end
     return
   end
   local w = peers[id]
@@ -325,7 +605,7 @@ function _M.peer(id, text)
     st.refused, st.error = tonumber(m.refused), tostring(m.error)
     mg.log.warn("worker ", w, " refused config version ", tostring(m.refused), ": ",
                 tostring(m.error))
-  elseif m.resync then
+  elseif m.resync and current then
     send(id, snapshot())
   end
 end
@@ -392,6 +672,11 @@ function _M.access(rp)
   if path == "/status/live" then
     answer(r, 200, { status = "ok" })
   elseif path == "/status/ready" then
+    if current == nil then
+      answer(r, 503, { status = "not ready", version = 0,
+                       error = "no config version yet (waiting for the config source)" })
+      return
+    end
     local late = laggards()
     if #late == 0 then
       answer(r, 200, { status = "ready", version = current.version })

@@ -204,6 +204,10 @@ int mg_cfg_send(const char *data, size_t len);
 int mg_ctl_send(uint32_t peer, const char *data, size_t len);
 double mg_ctl_version_get(void);
 void mg_ctl_version_set(double version);
+int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *key_b64,
+                      size_t key_len, const char *end_b64, size_t end_len, const char *auth_body,
+                      size_t auth_len, uint32_t timeout_ms);
+int mg_ctl_etcd_rerange(void);
 ]]
 
 ffi.cdef(_M.cdef)

@@ -192,6 +192,9 @@ timing = timing ~= nil and timing ~= "" and timing ~= "0"
 -- in force changes only when the new one is complete.
 local function load(doc)
   local t0 = mg.now()
+  -- etcd's sandboxed policies (<prefix>/policies/<name>), by name; a route
+  -- naming one whose source changed is compiled again
+  builder:set_policy_sources(doc.policies)
   local ok, v, err = pcall(builder.build, builder, conf_path, doc.node, nil, doc)
   if not ok then
     return nil, tostring(v)

@@ -322,6 +322,17 @@ int mg_ctl_send(uint32_t peer, const char *data, size_t len);
  * across control process respawns (0 at start). */
 double mg_ctl_version_get(void);
 void mg_ctl_version_set(double version);
+/* The etcd config source of the control process (control_etcd.c): starts
+ * the driver (one per process: MG_EINVAL when started already, outside
+ * the control process, or given no endpoint; endpoints "\n"-separated,
+ * http:// only). key/end: the watched range, base64. auth_body: the
+ * /v3/auth/authenticate JSON body, or length 0 (no auth). Its events go to
+ * control.source_event(ev, data) from the loop. rerange: read the prefix
+ * again (SIGHUP); MG_DECLINED when no driver runs. */
+int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *key_b64,
+                      size_t key_len, const char *end_b64, size_t end_len, const char *auth_body,
+                      size_t auth_len, uint32_t timeout_ms);
+int mg_ctl_etcd_rerange(void);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

@@ -171,6 +171,7 @@ int mg__control_start(mg_worker_t *w)
 void mg__control_stop(mg_worker_t *w)
 {
     (void)w;
+    mg__control_etcd_stop();
     if (ctl.timers_init) {
         uv_close((uv_handle_t *)&ctl.gap_timer, NULL);
         uv_close((uv_handle_t *)&ctl.watch_timer, NULL);

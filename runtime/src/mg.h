@@ -361,6 +361,7 @@ void mg__chan_close(mg_worker_t *w);  /* stop: close the channel's handles */
 int mg__control_start(mg_worker_t *w);                       /* channel, file watch */
 void mg__control_reload(mg_worker_t *w, const char *reason); /* SIGHUP, a file change */
 void mg__control_stop(mg_worker_t *w);
+void mg__control_etcd_stop(void); /* the etcd driver, if one runs (control_etcd.c) */
 
 /* downstream connections (conn.c) */
 void mg__conn_accept(uv_stream_t *server, int status);
