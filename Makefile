@@ -157,6 +157,11 @@ bench-sandbox: build
 bench-admin: build
 	luajit bench/admin.lua $(BENCH_ADMIN_ARGS)
 
+### bench-etcd: 10,000 routes in a real etcd: start to the last route served (< 1 s), one change applied per worker (< 5 ms) (PASS/FAIL)
+.PHONY: bench-etcd
+bench-etcd: build
+	luajit bench/etcd.lua $(BENCH_ETCD_ARGS)
+
 ### bench-router: router lookup, build time and memory at 100/1k/10k/100k routes (PASS/FAIL vs the 10k targets)
 .PHONY: bench-router
 bench-router: build

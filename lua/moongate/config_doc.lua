@@ -200,8 +200,10 @@ function _M.apply(doc, frame)
                 .. tostring(doc and doc.version)
   end
   local out = { version = version, node = frame.node or doc.node,
-                skeleton = frame.skeleton or doc.skeleton, elements = {},
-                policies = frame.policies ~= nil and policies_of(frame.policies) or doc.policies }
+                skeleton = frame.skeleton or doc.skeleton, elements = {}, policies = doc.policies }
+  if frame.policies ~= nil then -- the whole new set ({}: none left)
+    out.policies = policies_of(frame.policies)
+  end
   local splice = type(frame.splice) == "table" and frame.splice or {}
   for _, kind in ipairs(KINDS) do
     local a = doc.elements[kind]

@@ -268,7 +268,7 @@ local function etcd_publish(doc, why)
 end
 
 -- A whole read of the prefix at revision rev.
-local function etcd_read(rev)
+local function etcd_read(rev, took_ms)
   local doc = etcd_doc()
   local forced = etcd.resync
   etcd.resync = false
@@ -278,7 +278,7 @@ local function etcd_read(rev)
     local copy = etcd.lkg
     etcd.lkg = nil
     doc.version = (copy and same_config(copy, doc)) and copy.version or rev
-    etcd_publish(doc, "read")
+    etcd_publish(doc, format("read at revision %d, checked in %.0f ms", rev, took_ms))
     return
   end
   if etcd.from_lkg and same_config(current, doc) then
@@ -370,12 +370,13 @@ function _M.source_event(ev, data)
     end
     return ETCD_OK
   elseif ev == EV_RANGE then
+    local t0 = mg.now()
     local rev, err = etcd.src:range(data)
     if not rev then
       mg.log.err("etcd: ", err)
       return ETCD_FAIL
     end
-    etcd_read(rev)
+    etcd_read(rev, (mg.now() - t0) * 1000)
     return rev
   elseif ev == EV_AUTH then
     local r = json_decode(data)

@@ -1,0 +1,69 @@
+-- config_doc: the sandboxed policies of an etcd source travel with the
+-- document (snapshot, delta, last-known-good copy).
+local config_doc = require("moongate.config_doc")
+
+local function doc(version, policies, routes)
+  return { version = version, node = '{"listen":[{"address":"127.0.0.1:1"}]}',
+           skeleton = '{"global_policies":[]}',
+           elements = { upstreams = {}, routes = routes or {}, consumers = {} },
+           policies = policies }
+end
+
+local function tmpname()
+  local p = os.tmpname()
+  os.remove(p)
+  return p
+end
+
+describe("config_doc policies", function()
+  it("are in a snapshot and come back from it", function()
+    local d = doc(7, { hello = "return {}" })
+    local frame = config_doc.decode(config_doc.encode(config_doc.snapshot(d)))
+    local out = assert(config_doc.apply(nil, frame))
+    assert.same({ hello = "return {}" }, out.policies)
+    assert.equal(7, out.version)
+  end)
+
+  it("make a delta when one changes, appears or goes; the set is carried whole", function()
+    local a = doc(1, { x = "return 1", y = "return 2" })
+    local _, changed = config_doc.diff(a, doc(2, { x = "return 1", y = "return 2" }))
+    assert.is_false(changed)
+    for _, p in ipairs({ { x = "return 1", y = "return 3" }, { x = "return 1" },
+                         { x = "return 1", y = "return 2", z = "return 4" } }) do
+      local b = doc(2, p)
+      local frame, ch = config_doc.diff(a, b)
+      assert.is_true(ch)
+      assert.same(p, frame.policies)
+      local out = assert(config_doc.apply(a, config_doc.decode(config_doc.encode(frame))))
+      assert.same(p, out.policies)
+      assert.matches("policies", config_doc.summary(frame))
+    end
+    -- all gone: an empty set, not "unchanged"
+    local frame, ch = config_doc.diff(a, doc(2, nil))
+    assert.is_true(ch)
+    local out = assert(config_doc.apply(a, config_doc.decode(config_doc.encode(frame))))
+    assert.is_nil(next(out.policies or {}))
+  end)
+
+  it("stay as they were through a delta that does not name them", function()
+    local a = doc(1, { x = "return 1" })
+    local b = doc(2, { x = "return 1" }, { '{"id":"r","paths":["/r"],"upstream":"u"}' })
+    local frame = config_doc.diff(a, b)
+    assert.is_nil(frame.policies)
+    local out = assert(config_doc.apply(a, config_doc.decode(config_doc.encode(frame))))
+    assert.same({ x = "return 1" }, out.policies)
+    assert.equal(1, #out.elements.routes)
+  end)
+
+  it("are kept in the last-known-good copy", function()
+    local path = tmpname()
+    assert(config_doc.lkg_write(path, doc(42, { hello = "return { name = 'hello' }\n" })))
+    local back = assert(config_doc.lkg_read(path))
+    assert.equal(42, back.version)
+    assert.same({ hello = "return { name = 'hello' }\n" }, back.policies)
+    assert(config_doc.lkg_write(path, doc(43, nil)))
+    back = assert(config_doc.lkg_read(path))
+    assert.is_nil(back.policies)
+    os.remove(path)
+  end)
+end)
