@@ -324,6 +324,25 @@ return { name = "hello", access = function() return 200, { hello = "etcd" } end 
     end, 5), gw:log_tail())
   end)
 
+  it("a respawned control process reads etcd again; the workers keep their version", function()
+    local rev = seed(e, mock)
+    local gw = gateway.start({ workers = NWORKERS, node = etcd_node({ e.url }) })
+    assert.is_truthy(served(gw, "base"), gw:log_tail())
+    assert.is_truthy(all_at(gw, rev))
+    local ctl = gw:control()
+    proc.kill(ctl, "KILL")
+    assert.is_truthy(eventually(function()
+      local c = gw:control()
+      return c and c ~= ctl
+    end, 5), gw:log_tail())
+    -- the same config as the copy: the same number, nothing rebuilt
+    assert.is_truthy(all_at(gw, rev), gw:log_tail())
+    assert.is_truthy(served(gw, "base"))
+    rev = e:put(key("routes", "again"), route_json("again"))
+    assert.is_truthy(served(gw, "again"), gw:log_tail())
+    assert.is_truthy(all_at(gw, rev))
+  end)
+
   it("fails over to the next endpoint when the first is dead", function()
     local ports = require("helpers.ports")
     seed(e, mock)
