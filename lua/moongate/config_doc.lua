@@ -176,8 +176,10 @@ local function policies_of(p)
 end
 
 -- The doc after frame, from doc (nil before the first snapshot). Returns
--- the new doc (doc itself is not changed), or nil and why: a delta whose
--- base is not doc's version (the caller asks for a snapshot).
+-- the new doc, or nil and why: a delta whose base is not doc's version
+-- (the caller asks for a snapshot). doc's elements are not changed; a
+-- delta's doc has .delta = {base = doc, splice = {kind = {at, del, ins}}}
+-- (the splices checked, as numbers), and doc loses its own .delta.
 function _M.apply(doc, frame)
   local version = tonumber(frame.version)
   if not version then
@@ -205,6 +207,13 @@ function _M.apply(doc, frame)
     out.policies = policies_of(frame.policies)
   end
   local splice = type(frame.splice) == "table" and frame.splice or {}
+  -- what changed, for the worker's builder (config_version.lua builds
+  -- from the version of doc and these splices alone when doc is the
+  -- version in force); doc's own link is dropped so that a doc keeps at
+  -- most its base alive, not a chain of every version before it
+  local delta = { base = doc, splice = {} }
+  doc.delta = nil
+  out.delta = delta
   for _, kind in ipairs(KINDS) do
     local a = doc.elements[kind]
     local sp = splice[kind]
@@ -214,6 +223,7 @@ function _M.apply(doc, frame)
         return nil, "a splice out of range for " .. kind
       end
       ins = type(ins) == "table" and ins or {}
+      delta.splice[kind] = { at = at, del = del, ins = ins }
       local b = new_tab(#a - del + #ins, 0)
       local n = 0
       for i = 1, at - 1 do

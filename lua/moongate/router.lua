@@ -868,6 +868,8 @@ local function plan_run(rt, plan, run, seen)
   return true
 end
 
+local finish_plan
+
 function _M.plan(rt, old, new)
   local meta, first = rt.meta, rt.route_first
   if not meta then
@@ -919,6 +921,12 @@ function _M.plan(rt, old, new)
     run.hi = meta.W
     runs[#runs + 1] = run
   end
+  return finish_plan(rt, removed, runs, changed)
+end
+
+-- plan()'s second half: the entries of the runs placed, and the room
+-- they take checked. nil when they do not fit.
+finish_plan = function(rt, removed, runs, changed)
   if changed + #removed > MAX_CHANGED then
     return nil
   end
@@ -954,6 +962,35 @@ function _M.plan(rt, old, new)
     return nil
   end
   return plan
+end
+
+-- plan() for new = old with old[at .. at+del-1] replaced by ins (a
+-- config delta's splice: config_version.lua), without walking the routes
+-- kept: O(del + #ins). nil when plan() is needed (a route of ins is in
+-- rt already) or the change does not fit (then router.new).
+function _M.plan_splice(rt, old, at, del, ins)
+  local meta, first = rt.meta, rt.route_first
+  if not meta then
+    return nil
+  end
+  local removed = new_tab(del, 0)
+  for i = at, at + del - 1 do
+    removed[i - at + 1] = old[i]
+  end
+  local runs = {}
+  if #ins > 0 then
+    for _, route in ipairs(ins) do
+      if first[route] then
+        return nil
+      end
+    end
+    -- the new routes sit between the kept route before them and the one
+    -- after, as plan() places a run
+    local prev, nxt = old[at - 1], old[at + del]
+    runs[1] = { lo = prev and pos_of(rt, first[prev] + route_count(prev) - 1) or 0,
+                hi = nxt and pos_of(rt, first[nxt]) or meta.W, routes = ins }
+  end
+  return finish_plan(rt, removed, runs, #ins)
 end
 
 -- a new node of rt (apply: the room was checked by plan)

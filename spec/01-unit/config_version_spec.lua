@@ -3,7 +3,9 @@
 -- not rebuild 5,000 routes' compiled policies").
 local cjson = require("cjson")
 local config = require("moongate.config")
+local config_doc = require("moongate.config_doc")
 local config_version = require("moongate.config_version")
+local json_split = require("moongate.json_split")
 local router = require("moongate.router")
 local ffi = require("ffi")
 local proc = require("helpers.proc")
@@ -71,10 +73,38 @@ local function new_builder()
     })
 end
 
+-- How versions reach the builder: "file" (routes.json read by build, as
+-- `moongate check` does) or "frames" (a worker's: the control's doc, each
+-- version a delta frame from the one before, config_doc.apply, so that a
+-- change takes the builder's delta path). Every test runs in both.
+local mode
+local docs = setmetatable({}, { __mode = "k" }) -- builder -> the doc it was last given
+
+-- routes (a table, or a JSON text) into the builder b: v or nil, err
+local function try_build(b, routes)
+    local text = type(routes) == "string" and routes or cjson.encode(routes)
+    write(dir .. "/routes.json", text)
+    if mode == "file" then
+        return b:build(dir .. "/moongate.json")
+    end
+    local node = assert(io.open(dir .. "/moongate.json")):read("*a")
+    local split = json_split.split(text, config_doc.SPLIT)
+    if not split then -- the control sends what it cannot split as a whole file: not here
+        docs[b] = nil
+        return b:build(dir .. "/moongate.json")
+    end
+    local old = docs[b]
+    local new = config_doc.from_split(node, split)
+    new.version = (old and old.version or 0) + 1
+    local frame = old and config_doc.diff(old, new) or config_doc.snapshot(new)
+    local d = assert(config_doc.apply(old, cjson.decode(cjson.encode(frame))))
+    docs[b] = d -- a worker keeps the control's doc, applied or not
+    return b:build(dir .. "/moongate.json", node, nil, d)
+end
+
 -- builds routes (a table, or a JSON text) and commits; returns the version
 local function build(b, routes)
-    write(dir .. "/routes.json", type(routes) == "string" and routes or cjson.encode(routes))
-    local v, err = b:build(dir .. "/moongate.json")
+    local v, err = try_build(b, routes)
     assert(v, err)
     b:commit(v)
     return v
@@ -88,8 +118,10 @@ local function by_id(v)
     return out
 end
 
-describe("config_version", function()
+for _, m in ipairs({ "file", "frames" }) do
+describe("config_version (" .. m .. ")", function()
     before_each(function()
+        mode = m
         dir = proc.tmpdir()
         pdir = dir .. "/policies"
         os.execute("mkdir -p " .. pdir)
@@ -116,8 +148,10 @@ describe("config_version", function()
         routes[7].policies[1].conf.value = "changed"
         local v2 = build(b, doc(routes))
         v2.stats.router_ms = nil
+        -- a worker's delta frame: only its splice is looked at
         assert.same({ routes = 50, validated = 1, compiled = 1, reused = 49, modules_loaded = 0,
-                      whole = false, router = "updated" }, v2.stats)
+                      whole = false, router = "updated", delta = mode == "frames" or nil },
+                    v2.stats)
         assert.equal(51, _G.cv_inits["p-one"])
         local a, c = by_id(v1), by_id(v2)
         for id, r in pairs(a) do
@@ -137,6 +171,85 @@ describe("config_version", function()
         assert.equal(c.r7, (router.match(v2.router, v, function() end, nil)))
         assert.same({ u0 = 1, u1 = 1 }, made)
         assert.equal(v1.upstreams.u0, v2.upstreams.u0)
+    end)
+
+    it("builds, change after change, the versions a build from scratch makes", function()
+        -- routes sharing paths (the first listed wins a tie), edited,
+        -- added, removed and moved at random places; consumers edited; now
+        -- and then an invalid change, refused with the whole file's errors
+        math.randomseed(7)
+        local b = new_builder()
+        local paths = { "/p0/x", "/p1/x", "/p2/x", "/p3/x", "/p4/x", "/p5/x", "/nope" }
+        local function shared(i, tag)
+            return route(i, { paths = { "/p" .. (i % 6) .. "/*" },
+                              policies = { { name = "p-one", conf = { value = tag or "v" } } } })
+        end
+        local routes, next_id = {}, 0
+        for i = 1, 30 do
+            routes[i] = shared(i)
+            next_id = i
+        end
+        local cons = { { id = "c1", credentials = { ["p-one"] = { key = "k1" } } },
+                       { id = "c2" } }
+        local deltas = 0
+        for step = 1, 120 do
+            local op = math.random(1, 6)
+            local n = #routes
+            local at = math.random(1, n)
+            local bad
+            if op == 1 then
+                routes[at] = shared(tonumber(routes[at].id:sub(2)), "s" .. step)
+            elseif op == 2 then
+                next_id = next_id + 1
+                table.insert(routes, math.random(1, n + 1), shared(next_id))
+            elseif op == 3 and n > 5 then
+                table.remove(routes, at)
+            elseif op == 4 then
+                local r = table.remove(routes, at)
+                table.insert(routes, math.random(1, #routes + 1), r)
+            elseif op == 5 then
+                cons[2] = { id = "c2", credentials = { ["p-one"] = { key = "k" .. step } } }
+            else
+                bad = math.random(1, 2) == 1
+                      and route(999, { id = routes[at].id }) -- an id listed already
+                      or route(998, { upstream = "gone" })
+            end
+            local list = routes
+            if bad then
+                list = { unpack(routes) }
+                table.insert(list, math.random(1, #list + 1), bad)
+            end
+            local text = cjson.encode(doc(list, { consumers = cons }))
+            local v, err = try_build(b, text)
+            local ref, ref_err = new_builder():build(dir .. "/moongate.json")
+            assert.equal(ref_err, err)
+            if bad then
+                assert.is_nil(v)
+            else
+                assert(v, err)
+                b:commit(v)
+                deltas = deltas + (v.stats.delta and 1 or 0)
+                assert.equal(#ref.routes, #v.routes)
+                for i, r in ipairs(ref.routes) do
+                    assert.equal(r.id, v.routes[i].id)
+                    assert.equal(r.phases.access[1].conf.value, v.routes[i].phases.access[1].conf.value)
+                end
+                local view = ffi.new("mg_req_view_t")
+                for _, path in ipairs(paths) do
+                    view.path, view.path_len = path, #path
+                    local a = router.match(ref.router, view, function() end, nil)
+                    local c = router.match(v.router, view, function() end, nil)
+                    assert.equal(a and a.id, c and c.id, path)
+                end
+                assert.equal(ref.consumers:find("p-one", "key", "k" .. step - 1) and true,
+                             v.consumers:find("p-one", "key", "k" .. step - 1) and true)
+                assert.same(ref.consumers.list, v.consumers.list)
+            end
+        end
+        if mode == "frames" then
+            -- the changes after a refused one take the full walk once
+            assert.is_true(deltas > 60, "delta builds: " .. deltas)
+        end
     end)
 
     it("reuses everything, router included, when nothing changed", function()
@@ -224,9 +337,7 @@ describe("config_version", function()
 
     describe("refuses an invalid change with the errors of the whole file", function()
         local function refused(b, routes)
-            local text = type(routes) == "string" and routes or cjson.encode(routes)
-            write(dir .. "/routes.json", text)
-            local v, err = b:build(dir .. "/moongate.json")
+            local v, err = try_build(b, routes)
             assert.is_nil(v)
             local _, errs = config.load_routes(dir .. "/routes.json",
                 { policy_loader = config.policy_loader({ pdir }) })
@@ -374,3 +485,4 @@ describe("config_version", function()
         assert.equal(2, #v.routes)
     end)
 end)
+end
