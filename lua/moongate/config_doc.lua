@@ -53,6 +53,7 @@ local new_tab = require("table.new")
 local _M = {}
 
 local KINDS = { "upstreams", "routes", "consumers" }
+local MAX_CHAIN = 16 -- deltas linked back from a doc (see apply)
 local SPLIT = { upstreams = true, routes = true, consumers = true }
 _M.KINDS = KINDS
 _M.SPLIT = SPLIT
@@ -178,8 +179,8 @@ end
 -- The doc after frame, from doc (nil before the first snapshot). Returns
 -- the new doc, or nil and why: a delta whose base is not doc's version
 -- (the caller asks for a snapshot). doc's elements are not changed; a
--- delta's doc has .delta = {base = doc, splice = {kind = {at, del, ins}}}
--- (the splices checked, as numbers), and doc loses its own .delta.
+-- delta's doc has .delta = {base = doc, splice = {kind = {at, del, ins}}
+-- (the splices checked, as numbers), prior = doc.delta, depth}.
 function _M.apply(doc, frame)
   local version = tonumber(frame.version)
   if not version then
@@ -208,11 +209,18 @@ function _M.apply(doc, frame)
   end
   local splice = type(frame.splice) == "table" and frame.splice or {}
   -- what changed, for the worker's builder (config_version.lua builds
-  -- from the version of doc and these splices alone when doc is the
-  -- version in force); doc's own link is dropped so that a doc keeps at
-  -- most its base alive, not a chain of every version before it
-  local delta = { base = doc, splice = {} }
-  doc.delta = nil
+  -- from the version in force and the splices since alone): linked to
+  -- doc's own delta (prior), so that several frames taken at once, or
+  -- frames after a refused version, still lead back to the version in
+  -- force. The builder drops a version's link once it is in force; a
+  -- chain longer than MAX_CHAIN is cut here, so a doc keeps at most that
+  -- many versions before it alive.
+  local prior = doc.delta
+  local depth = prior and prior.depth + 1 or 1
+  if depth > MAX_CHAIN then
+    doc.delta, prior, depth = nil, nil, 1
+  end
+  local delta = { base = doc, splice = {}, prior = prior, depth = depth }
   out.delta = delta
   for _, kind in ipairs(KINDS) do
     local a = doc.elements[kind]

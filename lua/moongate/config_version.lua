@@ -522,18 +522,64 @@ local function splice_entries(sp, list, index, stamp, fresh, get)
   return { at = at, del = del, removed = removed, added = added }
 end
 
+-- The splices that lead from base (the doc of the version in force) to
+-- doc, one per kind: the delta of doc itself when doc comes from base,
+-- else those of the chain of deltas back to base (config_doc.apply)
+-- made into one: the first P and last S elements that no step touched are
+-- kept, the rest is replaced by doc's (O(chain + the range between)).
+-- nil when the chain does not reach base.
+local function splices_since(doc, base)
+  local d = doc.delta
+  if d and d.base == base then
+    return d.splice
+  end
+  local steps = {}
+  while d and d.base ~= base do
+    steps[#steps + 1] = d
+    d = d.prior
+  end
+  if not d then
+    return nil
+  end
+  steps[#steps + 1] = d
+  local out = {}
+  for kind, final in pairs(doc.elements) do
+    local p, s
+    for _, step in ipairs(steps) do
+      local sp = step.splice[kind]
+      if sp then
+        local n = #step.base.elements[kind]
+        local keep_end = n - (sp.at + sp.del - 1)
+        p = (p == nil or sp.at - 1 < p) and sp.at - 1 or p
+        s = (s == nil or keep_end < s) and keep_end or s
+      end
+    end
+    if p then
+      local n0, nf = #base.elements[kind], #final
+      if p + s > n0 or p + s > nf then
+        return nil -- not splices of these lists
+      end
+      local ins = new_tab(nf - p - s, 0)
+      for i = p + 1, nf - s do
+        ins[i - p] = final[i]
+      end
+      out[kind] = { at = p + 1, del = n0 - p - s, ins = ins }
+    end
+  end
+  return out
+end
+
 -- The version doc makes from the version in force (prev) by its delta, or
 -- nil: the full walk decides (see above). Raises as build does (a
 -- policy's init()).
 local function build_delta(self, prev, doc, gen, loads)
-  local delta = doc.delta
   local old = prev.doc
-  if not (delta and old and delta.base == old and prev.stamp == self.stamp and prev.handles
+  if not (old and prev.stamp == self.stamp and prev.handles
           and doc.node == prev.node_text and doc.skeleton == old.skeleton) then
     return nil
   end
-  local sp = delta.splice
-  if sp.upstreams then
+  local sp = splices_since(doc, old)
+  if not sp or sp.upstreams then
     return nil
   end
   local get = gen.get
@@ -858,6 +904,11 @@ function _M:commit(v)
   local parts = v.parts
   self.current = parts
   v.parts = nil
+  -- the deltas that led to this version are not needed any more (nor
+  -- the versions they keep alive)
+  if parts.doc then
+    parts.doc.delta = nil
+  end
   local marks = parts.marks
   if marks then
     -- a delta's version: its removed entries leave, its inserted ones

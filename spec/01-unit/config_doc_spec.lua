@@ -67,3 +67,30 @@ describe("config_doc policies", function()
     os.remove(path)
   end)
 end)
+
+describe("config_doc delta", function()
+  it("records what it changed, linked back to the doc it came from, at most 16 deep", function()
+    local d = doc(1, nil, { "a", "b", "c" })
+    local docs = { d }
+    for v = 2, 20 do
+      local routes = { unpack(d.elements.routes) }
+      routes[2] = "r" .. v
+      local frame = config_doc.diff(d, doc(v, nil, routes))
+      d = assert(config_doc.apply(d, config_doc.decode(config_doc.encode(frame))))
+      docs[v] = d
+      assert.same({ routes = { at = 2, del = 1, ins = { "r" .. v } } }, d.delta.splice)
+      assert.equal(docs[v - 1], d.delta.base)
+    end
+    -- the chain back from the last doc: cut once it grew past 16 links
+    local n, link = 0, d.delta
+    while link do
+      n = n + 1
+      link = link.prior
+    end
+    assert.is_true(n >= 1 and n <= 16, "links: " .. n)
+    assert.equal(d.delta.depth, n)
+    -- a snapshot starts anew
+    local s = assert(config_doc.apply(d, config_doc.snapshot(d)))
+    assert.is_nil(s.delta)
+  end)
+end)
