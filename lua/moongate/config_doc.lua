@@ -210,9 +210,8 @@ function _M.apply(doc, frame)
   local splice = type(frame.splice) == "table" and frame.splice or {}
   -- what changed, for the worker's builder (config_version.lua builds
   -- from the version in force and the splices since alone): linked to
-  -- doc's own delta (prior), so that several frames taken at once, or
-  -- frames after a refused version, still lead back to the version in
-  -- force. The builder drops a version's link once it is in force; a
+  -- doc's own delta (prior), so that several frames taken at once still
+  -- lead back to the version in force. The builder drops a version's link once it is in force; a
   -- chain longer than MAX_CHAIN is cut here, so a doc keeps at most that
   -- many versions before it alive.
   local prior = doc.delta
