@@ -48,7 +48,9 @@
 --
 -- Cost of a one-route change at 5,000 routes: ~4 ms (bench/reload.lua);
 -- O(routes) table lookups, O(changed routes) decoding, validation, init()
--- and router update.
+-- and router update. A worker's delta frame skips the O(routes) walk (see
+-- "the delta path" below): ~0.3 ms at 10,000 routes, O(changed) work plus
+-- O(routes) pointer copies.
 --
 -- A compiled route table is never changed once built: a request in flight
 -- keeps the route (and so the policies and upstream) it started with.
