@@ -491,6 +491,9 @@ local function splice_entries(sp, list, index, stamp, fresh, get)
   local texts, ids = index.texts, index.ids
   local added, added_ids, added_texts = new_tab(#ins, 0), {}, {}
   for i = 1, #ins do
+    if i % 128 == 0 then
+      slice_check() -- a splice made of several frames may span many entities
+    end
     local text = ins[i]
     if type(text) ~= "string" or added_texts[text] then
       return nil
@@ -547,9 +550,11 @@ local function splices_since(doc, base)
   local out = {}
   for kind, final in pairs(doc.elements) do
     local p, s
+    local work = 0 -- the entities the steps themselves touch
     for _, step in ipairs(steps) do
       local sp = step.splice[kind]
       if sp then
+        work = work + sp.del + #sp.ins
         local n = #step.base.elements[kind]
         local keep_end = n - (sp.at + sp.del - 1)
         p = (p == nil or sp.at - 1 < p) and sp.at - 1 or p
@@ -560,6 +565,13 @@ local function splices_since(doc, base)
       local n0, nf = #base.elements[kind], #final
       if p + s > n0 or p + s > nf then
         return nil -- not splices of these lists
+      end
+      if (n0 - p - s) + (nf - p - s) > 4 * work + 64 then
+        -- changes far apart (a route edited near the top, another added
+        -- at the end): the range between them would be looked up entity
+        -- by entity, and the router merged whole; the full walk is
+        -- cheaper then (5.6 ms against 1.3 ms at 5,000 routes)
+        return nil
       end
       local ins = new_tab(nf - p - s, 0)
       for i = p + 1, nf - s do
@@ -654,6 +666,9 @@ local function build_delta(self, prev, doc, gen, loads)
   if rd then
     local added = new_tab(#rd.added, 0)
     for i, e in ipairs(rd.added) do
+      if i % 128 == 0 then
+        slice_check()
+      end
       local name = e.value.upstream
       local up = name and live(idx.upstreams, name, stamp) or false
       if not (e.compiled and e.c_globals == globals and e.c_up == up) then
