@@ -119,6 +119,7 @@ function _M.new(opts)
     make_upstream = opts.upstream,
     check_only = opts.check or nil,
     current = EMPTY,
+    epoch = 0, -- see reuse_check
     index = { routes = new_index(), upstreams = new_index(), consumers = new_index() },
     stamp = 0,
   }, mt)
@@ -321,6 +322,32 @@ local function same_list(a, b)
   return true
 end
 
+-- Whether a known entry may be reused: its text is the same, and so are
+-- the modules of its policies. Those are checked entry by entry only for
+-- entries last checked before a module changed (self.epoch counts the
+-- builds that found a module of the version in force changed), so that an
+-- entry out of the version in force meanwhile (a route removed, then
+-- listed again) is not reused with the modules it had.
+local function reuse_check(self, prev, get)
+  for name, mod in pairs(prev.modules) do
+    if (get(name) or false) ~= mod then
+      self.epoch = self.epoch + 1
+      break
+    end
+  end
+  local epoch = self.epoch
+  return function(e)
+    if e.deps == nil or e.epoch == epoch then
+      return true
+    end
+    if deps_same(e.deps, get) then
+      e.epoch = epoch
+      return true
+    end
+    return false
+  end
+end
+
 -- The split path: nil when anything is off (the caller then takes the
 -- whole-text path, which names the errors).
 local function load_split(self, prev, text, given, gen, stamp)
@@ -334,15 +361,7 @@ local function load_split(self, prev, text, given, gen, stamp)
     return nil
   end
   local get = gen.get
-  -- a route is reused when its text and its modules are the same; the
-  -- modules are checked route by route only when one of them changed
-  local keep
-  for name, mod in pairs(prev.modules) do
-    if (get(name) or false) ~= mod then
-      keep = function(e) return deps_same(e.deps, get) end
-      break
-    end
-  end
+  local keep = reuse_check(self, prev, get)
   local idx = self.index
   local fresh_ups, fresh_routes, fresh_cons = {}, {}, {}
   local ups = entries(doc.elements.upstreams or {}, idx.upstreams, stamp, fresh_ups)
@@ -384,7 +403,7 @@ local function load_split(self, prev, text, given, gen, stamp)
     return nil
   end
   for _, e in ipairs(fresh_routes) do
-    e.deps = deps_of(e.value.policies, get)
+    e.deps, e.epoch = deps_of(e.value.policies, get), self.epoch
   end
   for kind, fresh in pairs({ upstreams = fresh_ups, routes = fresh_routes, consumers = fresh_cons }) do
     local index = idx[kind]
@@ -482,7 +501,7 @@ end
 -- added = {entries}}, fresh ones (decoded, to be validated) appended to
 -- fresh; nil when the full walk must decide (a duplicate, an element that
 -- does not decode, an id that is not a string). O(del + #ins).
-local function splice_entries(sp, list, index, stamp, fresh, get)
+local function splice_entries(sp, list, index, stamp, fresh, keep)
   local at, del, ins = sp.at, sp.del, sp.ins
   local removed = {}
   for i = at, at + del - 1 do
@@ -505,7 +524,7 @@ local function splice_entries(sp, list, index, stamp, fresh, get)
     end
     -- an entry seen in an older version is reused only while its
     -- policies' modules are the ones it was validated with
-    if not (e and (e.deps == nil or deps_same(e.deps, get))) then
+    if not (e and keep(e)) then
       local value = json_elem.decode(text)
       if type(value) ~= "table" then
         return nil
@@ -602,6 +621,7 @@ local function build_delta(self, prev, doc, gen, loads)
       return nil
     end
   end
+  local keep = reuse_check(self, prev, get) -- no module changed: no new epoch
   local globals = prev.globals
   if not (globals and globals.text == doc.skeleton and deps_same(globals.deps, get)) then
     return nil
@@ -610,7 +630,7 @@ local function build_delta(self, prev, doc, gen, loads)
   local fresh_routes, fresh_cons = {}, {}
   local rd, cd
   if sp.routes then
-    rd = splice_entries(sp.routes, prev.routes, idx.routes, stamp, fresh_routes, get)
+    rd = splice_entries(sp.routes, prev.routes, idx.routes, stamp, fresh_routes, keep)
     if not rd then
       return nil
     end
@@ -622,7 +642,7 @@ local function build_delta(self, prev, doc, gen, loads)
     end
   end
   if sp.consumers then
-    cd = splice_entries(sp.consumers, prev.cons, idx.consumers, stamp, fresh_cons, get)
+    cd = splice_entries(sp.consumers, prev.cons, idx.consumers, stamp, fresh_cons, keep)
     if not cd then
       return nil
     end
@@ -648,7 +668,7 @@ local function build_delta(self, prev, doc, gen, loads)
     return nil
   end
   for _, e in ipairs(fresh_routes) do
-    e.deps = deps_of(e.value.policies, get)
+    e.deps, e.epoch = deps_of(e.value.policies, get), self.epoch
   end
   for kind, fresh in pairs({ routes = fresh_routes, consumers = fresh_cons }) do
     local index = idx[kind]

@@ -317,6 +317,21 @@ describe("config_version (" .. m .. ")", function()
         assert.equal(6, _G.cv_inits["p-two"])
     end)
 
+    it("gives a route that comes back the policy module in force, not the one it had", function()
+        local b = new_builder()
+        local routes = many(4)
+        routes[4].policies[2] = { name = "p-two" }
+        build(b, doc(routes))
+        local gone = table.remove(routes, 4)
+        routes[3].policies[2] = { name = "p-two" } -- keeps p-two in use
+        build(b, doc(routes))
+        write_policy("p-two", { phase = "header_filter", priority = 20, tag = "v2" })
+        build(b, doc(routes))
+        routes[4] = gone
+        local v = build(b, doc(routes))
+        assert.equal("v2", by_id(v).r4.phases.header_filter[1].mod.tag)
+    end)
+
     it("recompiles the phase lists for new global policies but keeps the routes' init", function()
         local b = new_builder()
         local v1 = build(b, doc(many(5)))
