@@ -24,7 +24,7 @@
 --
 -- File mode: the node config and the routes file are read whole and split
 -- into entity texts (json_split, through the checker's builder); the diff
--- against the version in force is one splice per kind, so a one-route
+-- against the version in force is a few hunks per kind, so a one-route
 -- change is one small frame.
 --
 -- etcd mode: one driver (one TCP connection) per node reads the prefix at
