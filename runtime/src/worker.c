@@ -164,6 +164,52 @@ int mg__worker_listen(mg_worker_t *w)
     return 0;
 }
 
+/* MOONGATE_LOOP_STALL_MS=N (diagnostic): logs each loop turn that kept the
+ * worker busy for N ms or more (time between two prepare callbacks minus
+ * what libuv spent blocked in poll), with the CPU the process used in it:
+ * a turn far longer than its CPU is the worker waiting for a core, not its
+ * own work. Off by default: costs three clock reads per turn. */
+static uv_prepare_t stall_prepare;
+static uint64_t stall_last_ns, stall_last_idle, stall_min_ns, stall_last_cpu;
+
+static uint64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void on_stall_prepare(uv_prepare_t *h)
+{
+    uint64_t now = mg__now_ns(), idle = uv_metrics_idle_time(h->loop), cpu = cpu_ns();
+    if (stall_last_ns != 0) {
+        uint64_t busy = (now - stall_last_ns) - (idle - stall_last_idle);
+        if (busy >= stall_min_ns)
+            mg_log(MG_LOG_WARN, "loop turn busy %.2f ms (cpu %.2f ms)", (double)busy / 1e6,
+                   (double)(cpu - stall_last_cpu) / 1e6);
+    }
+    stall_last_cpu = cpu;
+    stall_last_ns = now;
+    stall_last_idle = idle;
+}
+
+static void stall_meter_start(mg_worker_t *w)
+{
+    const char *ms = getenv("MOONGATE_LOOP_STALL_MS");
+    if (ms == NULL || *ms == '\0') return;
+    char *end;
+    double v = strtod(ms, &end);
+    if (*end != '\0' || !(v > 0 && v < 1e6)) {
+        mg_log(MG_LOG_WARN, "MOONGATE_LOOP_STALL_MS=%s ignored: not a number of ms > 0", ms);
+        return;
+    }
+    stall_min_ns = (uint64_t)(v * 1e6);
+    uv_loop_configure(w->loop, UV_METRICS_IDLE_TIME);
+    uv_prepare_init(w->loop, &stall_prepare);
+    uv_prepare_start(&stall_prepare, on_stall_prepare);
+    uv_unref((uv_handle_t *)&stall_prepare);
+}
+
 int mg_worker_main(const mg_node_conf_t *conf, int role, int worker_id, const int *fds, int nfds)
 {
     int rc = mg__worker_init(conf, role, worker_id);
@@ -204,6 +250,7 @@ int mg_worker_main(const mg_node_conf_t *conf, int role, int worker_id, const in
     uv_unref((uv_handle_t *)&w->ppid_timer);
     uv_unref((uv_handle_t *)&w->drain_timer);
 
+    if (role == MG_ROLE_WORKER) stall_meter_start(w);
     if (role == MG_ROLE_CONTROL)
         mg_log(MG_LOG_INFO, "control process started");
     else
