@@ -315,8 +315,11 @@ local function wrap_init(label, fn)
       return own
     end
     local res = call(label, "init", fn, own)
-    if res == nil then
-      return own -- as the framework does: init's nil keeps the conf
+    if not res then
+      -- as the framework does (`mod.init(conf) or conf`), but with the
+      -- copy: a false from init must not hand the phases the route's own
+      -- conf, which trusted code keeps and reads
+      return own
     end
     return res
   end

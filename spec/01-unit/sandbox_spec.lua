@@ -276,6 +276,22 @@ describe("sandbox", function()
       assert.same(conf, c2)
       assert.are_not.equal(conf, c2)
     end)
+
+    it("never hands the phases the framework's conf, whatever init returns", function()
+      -- the framework compiles `mod.init(conf) or conf`: an init returning
+      -- false must still leave the phases a copy, or a phase could change
+      -- (or set a metatable on) the route's conf that trusted code reads
+      local mod = must_load([[
+        return { init = function() return false end,
+                 access = function(conf) conf.list[1] = "changed"; setmetatable(conf, {}) end }
+      ]])
+      local conf = { list = { "original" } }
+      local compiled = mod.init(conf) or conf
+      assert.are_not.equal(conf, compiled)
+      mod.access(compiled, new_ctx())
+      assert.equal("original", conf.list[1])
+      assert.is_nil(getmetatable(conf))
+    end)
   end)
 
   describe("the instruction budget (JIT on)", function()
