@@ -15,10 +15,10 @@
 -- twice (two headers, two query parameters) is refused, not guessed at.
 -- Priority 2500: after cors (a preflight carries no key) and
 -- ip-restriction, before the policies that use ctx.consumer.
+-- the decoding ctx.req:arg uses, so the parameter removed is the one read
+local unescape = require("moongate.request").unescape
+
 local gmatch = string.gmatch
-local gsub = string.gsub
-local char = string.char
-local tonumber = tonumber
 local concat = table.concat
 
 local CHALLENGE = 'Key realm="moongate"'
@@ -44,15 +44,6 @@ local schema = {
     return true
   end,
 }
-
-local function hex_char(h)
-  return char(tonumber(h, 16))
-end
-
-local function unescape(s)
-  s = gsub(s, "+", " ")
-  return (gsub(s, "%%(%x%x)", hex_char))
-end
 
 -- the raw query without the parameters named `name` (others kept byte for
 -- byte)

@@ -29,9 +29,15 @@ local len_out = ffi_new("size_t[1]")
 
 local _M = {}
 
+-- made once: a function literal in unescape would be a new closure per call
+local function hex_char(h)
+  return char(tonumber(h, 16))
+end
+
+-- A query component decoded ("+" is a space, %XX a byte).
 local function unescape(s)
   s = gsub(s, "+", " ")
-  return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
+  return (gsub(s, "%%(%x%x)", hex_char))
 end
 _M.unescape = unescape
 
