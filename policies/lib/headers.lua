@@ -188,6 +188,10 @@ function _M.compile_map(map)
   return list
 end
 
+-- render's scratch list, reused: nothing between filling and joining it
+-- yields, so no other request can write into it meanwhile
+local buf = {}
+
 -- The value of a compiled entry for this request (rendered once).
 function _M.render(entry, ctx)
   local v = entry.value
@@ -199,7 +203,6 @@ function _M.render(entry, ctx)
   if n == 1 then
     return parts[1](ctx)
   end
-  local buf = {}
   for i = 1, n do
     local p = parts[i]
     if type(p) == "function" then
