@@ -185,29 +185,6 @@ local function ip_part(ctx)
   return part("ip", ctx.req.remote_addr)
 end
 
-local function consumer_part(ctx)
-  local c = ctx.consumer
-  local id = c and c.id
-  if type(id) == "string" then
-    return part("consumer", id)
-  end
-  return ip_part(ctx)
-end
-
-local function tenant_part(ctx)
-  local t = ctx.tenant
-  if type(t) == "string" and t ~= "" then
-    return part("tenant", t)
-  end
-  return consumer_part(ctx)
-end
-
-local function route_part(ctx)
-  return part("route", ctx.route.id)
-end
-
-local PART_OF = { consumer = consumer_part, tenant = tenant_part, ip = ip_part, route = route_part }
-
 -- the raw value of a source whose values come from the config (nil when
 -- missing: the key then takes the fallback part, uncached)
 local VALUE_OF = {
@@ -228,6 +205,29 @@ local VALUE_OF = {
     return ctx.route.id
   end,
 }
+local consumer_of, tenant_of = VALUE_OF.consumer, VALUE_OF.tenant
+
+local function consumer_part(ctx)
+  local id = consumer_of(ctx)
+  if id then
+    return part("consumer", id)
+  end
+  return ip_part(ctx)
+end
+
+local function tenant_part(ctx)
+  local t = tenant_of(ctx)
+  if t then
+    return part("tenant", t)
+  end
+  return consumer_part(ctx)
+end
+
+local function route_part(ctx)
+  return part("route", ctx.route.id)
+end
+
+local PART_OF = { consumer = consumer_part, tenant = tenant_part, ip = ip_part, route = route_part }
 
 local function header_part_fn(name)
   local tag = "header:" .. name
@@ -238,12 +238,6 @@ local function header_part_fn(name)
     end
     return part(tag, v)
   end
-end
-
--- Header values: tostring compiles (IR_TOSTR); %.14g prints every
--- integer up to the schema's maxima (1e12) in full.
-local function num_string(v)
-  return tostring(v)
 end
 
 ---------------------------------------------------------------------------
@@ -453,11 +447,13 @@ end
 -- Decisions
 ---------------------------------------------------------------------------
 
+-- Header values: tostring compiles (IR_TOSTR); %.14g prints every
+-- integer up to the schema's maxima (1e12) in full.
 local function set_headers(ctx, limit, remaining, reset)
   local resp = ctx.resp
-  resp:set_header("RateLimit-Limit", num_string(floor(limit)))
-  resp:set_header("RateLimit-Remaining", num_string(remaining > 0 and floor(remaining) or 0))
-  resp:set_header("RateLimit-Reset", num_string(ceil(reset)))
+  resp:set_header("RateLimit-Limit", tostring(floor(limit)))
+  resp:set_header("RateLimit-Remaining", tostring(remaining > 0 and floor(remaining) or 0))
+  resp:set_header("RateLimit-Reset", tostring(ceil(reset)))
 end
 
 -- retry_after < 0 (the request can never pass this level): the time until
@@ -466,7 +462,7 @@ local function refuse(ctx, retry_after, reset)
   local id = ctx.route.id
   rejected[id] = (rejected[id] or 0) + 1
   local secs = retry_after >= 0 and ceil(retry_after) or ceil(reset)
-  ctx.resp:set_header("Retry-After", num_string(secs > 0 and secs or 1))
+  ctx.resp:set_header("Retry-After", tostring(secs > 0 and secs or 1))
   return 429, REFUSED
 end
 
