@@ -59,7 +59,8 @@ local function rate(who, opts, name, min_exclusive)
   if v == nil then
     v = DEFAULTS[name]
   end
-  if type(v) ~= "number" or v > 1 or v < 0 or (min_exclusive and v == 0) then
+  -- v ~= v: NaN passes every comparison, and a NaN rate never opens
+  if type(v) ~= "number" or v ~= v or v > 1 or v < 0 or (min_exclusive and v == 0) then
     error(who .. ": " .. name .. " must be a number in "
           .. (min_exclusive and "(0, 1]" or "[0, 1]"), 4)
   end

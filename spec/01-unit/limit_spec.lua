@@ -160,6 +160,10 @@ describe("mg.breaker", function()
   it("validates its options", function()
     assert.has_error(function() mg.breaker.new{ failure_rate = 2 } end,
       "mg.breaker.new: failure_rate must be a number in (0, 1]")
+    assert.has_error(function() mg.breaker.new{ failure_rate = 0 / 0 } end,
+      "mg.breaker.new: failure_rate must be a number in (0, 1]")
+    assert.has_error(function() mg.breaker.new{ slow_rate = 0 / 0 } end,
+      "mg.breaker.new: slow_rate must be a number in [0, 1]")
     assert.has_error(function() mg.breaker.new{ probes = 0 } end,
       "mg.breaker.new: probes must be an integer >= 1")
     assert.has_error(function() mg.breaker.new{ zone = "limits" } end,
