@@ -419,6 +419,26 @@ end
 -- entry chains (next_entry). The nodes are made in listing order, so the
 -- nodes only one route uses (most of them, in a large router) are next
 -- to each other.
+-- Chains entry e into node's exact or prefix chain, kept in rank order
+-- (the lowest rank first; the node caches its head's rank). O(chain
+-- length): routes sharing one path are few.
+local function chain_entry(nodes, ranks, next_entry, node, e, rank, is_prefix)
+  local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
+  local head = nodes[slot]
+  if head == 0 or rank < ranks[head] then
+    next_entry[e] = head
+    nodes[slot] = e
+    nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] = rank
+  else
+    local prev = head
+    while next_entry[prev] ~= 0 and ranks[next_entry[prev]] < rank do
+      prev = next_entry[prev]
+    end
+    next_entry[e] = next_entry[prev]
+    next_entry[prev] = e
+  end
+end
+
 local function build_tries(t, mult)
   local n, ranks = t.n, t.ranks
   -- one more node's room to start the nodes on a 64-byte line
@@ -509,22 +529,7 @@ local function build_tries(t, mult)
       end
       node = child
     end
-    -- chain the entry in rank order
-    local is_prefix = t.kinds[i] == "prefix"
-    local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
-    local first = nodes[slot]
-    if first == 0 or rank < ranks[first] then
-      next_entry[i] = first
-      nodes[slot] = i
-      nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] = rank
-    else
-      local prev = first
-      while next_entry[prev] ~= 0 and ranks[next_entry[prev]] < rank do
-        prev = next_entry[prev]
-      end
-      next_entry[i] = next_entry[prev]
-      next_entry[prev] = i
-    end
+    chain_entry(nodes, ranks, next_entry, node, i, rank, t.kinds[i] == "prefix")
   end
   -- the children's tables, and room for updates
   local kuse = 0
@@ -1108,21 +1113,7 @@ local function add_entry(rt, d)
     end
     node = child
   end
-  local is_prefix = d.kind == "prefix"
-  local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
-  local head = nodes[slot]
-  if head == 0 or rank < ranks[head] then
-    next_entry[e] = head
-    nodes[slot] = e
-    nodes[node * NODE + (is_prefix and N_PREFIX_RANK or N_EXACT_RANK)] = rank
-  else
-    local prev = head
-    while next_entry[prev] ~= 0 and ranks[next_entry[prev]] < rank do
-      prev = next_entry[prev]
-    end
-    next_entry[e] = next_entry[prev]
-    next_entry[prev] = e
-  end
+  chain_entry(nodes, ranks, next_entry, node, e, rank, d.kind == "prefix")
   rt.size = rt.size + 1
 end
 
