@@ -350,6 +350,58 @@ end
 
 -- The split path: nil when anything is off (the caller then takes the
 -- whole-text path, which names the errors).
+-- Validates the entities new in this version (fresh_*: entries) in top
+-- (the skeleton, decoded), with the (already valid) upstreams that new
+-- routes name, so that their references resolve; then indexes them by
+-- text. Returns what config.validate_routes returns (the validated
+-- document), or nil when one is invalid (nothing indexed).
+local function validate_fresh(self, top, stamp, gen, fresh_ups, fresh_routes, fresh_cons)
+  local idx = self.index
+  local sub_ups = values(fresh_ups)
+  local named = {}
+  for _, e in ipairs(fresh_ups) do
+    named[e.value.id] = true
+  end
+  for _, e in ipairs(fresh_routes) do
+    local up = e.value.upstream
+    if type(up) == "string" and not named[up] then
+      named[up] = true
+      sub_ups[#sub_ups + 1] = live(idx.upstreams, up, stamp).value
+    end
+  end
+  top.upstreams = sub_ups
+  top.routes = values(fresh_routes)
+  top.consumers = values(fresh_cons)
+  local valid = config.validate_routes(top, { policy_loader = gen.loader })
+  if not valid then
+    return nil
+  end
+  for _, e in ipairs(fresh_routes) do
+    e.deps, e.epoch = deps_of(e.value.policies, gen.get), self.epoch
+  end
+  for kind, fresh in pairs({ upstreams = fresh_ups, routes = fresh_routes, consumers = fresh_cons }) do
+    local index = idx[kind]
+    for _, e in ipairs(fresh) do
+      index.texts[e.text] = e
+    end
+    index.added = index.added + #fresh
+  end
+  return valid
+end
+
+-- The route entry e compiled with globals and its upstream entry up (or
+-- false), reusing what e holds when neither changed. Second result: true
+-- when it compiled.
+local function compiled_route(e, globals, up, get)
+  if e.compiled and e.c_globals == globals and e.c_up == up then
+    return e.compiled, false
+  end
+  e.pols = e.pols or instances(e.value.policies, get)
+  e.compiled = compile_route(e.value, e.pols, globals.list, up and up.handle or nil)
+  e.c_globals, e.c_up = globals, up
+  return e.compiled, true
+end
+
 local function load_split(self, prev, text, given, gen, stamp)
   local old = prev.doc
   local doc = given or json_split.split(text, SPLIT, old and old.spans and old)
@@ -381,36 +433,9 @@ local function load_split(self, prev, text, given, gen, stamp)
     end
   end
 
-  -- validate the new entities, with the (already valid) upstreams that new
-  -- routes name, so that their references resolve
-  local sub_ups = values(fresh_ups)
-  local named = {}
-  for _, e in ipairs(fresh_ups) do
-    named[e.value.id] = true
-  end
-  for _, e in ipairs(fresh_routes) do
-    local up = e.value.upstream
-    if type(up) == "string" and not named[up] then
-      named[up] = true
-      sub_ups[#sub_ups + 1] = live(idx.upstreams, up, stamp).value
-    end
-  end
-  top.upstreams = sub_ups
-  top.routes = values(fresh_routes)
-  top.consumers = values(fresh_cons)
-  local valid = config.validate_routes(top, { policy_loader = gen.loader })
+  local valid = validate_fresh(self, top, stamp, gen, fresh_ups, fresh_routes, fresh_cons)
   if not valid then
     return nil
-  end
-  for _, e in ipairs(fresh_routes) do
-    e.deps, e.epoch = deps_of(e.value.policies, get), self.epoch
-  end
-  for kind, fresh in pairs({ upstreams = fresh_ups, routes = fresh_routes, consumers = fresh_cons }) do
-    local index = idx[kind]
-    for _, e in ipairs(fresh) do
-      index.texts[e.text] = e
-    end
-    index.added = index.added + #fresh
   end
   return {
     doc = doc, ups = ups, routes = routes, cons = cons,
@@ -648,34 +673,11 @@ local function build_delta(self, prev, doc, gen, loads)
     end
   end
 
-  -- validate the new entities, as load_split does
+  -- validate the new entities (no upstream changed: none is new)
   local top = json_top.decode(doc.skeleton)
-  if type(top) ~= "table" then
+  if type(top) ~= "table"
+     or not validate_fresh(self, top, stamp, gen, {}, fresh_routes, fresh_cons) then
     return nil
-  end
-  local sub_ups, named = {}, {}
-  for _, e in ipairs(fresh_routes) do
-    local up = e.value.upstream
-    if type(up) == "string" and not named[up] then
-      named[up] = true
-      sub_ups[#sub_ups + 1] = live(idx.upstreams, up, stamp).value
-    end
-  end
-  top.upstreams = sub_ups
-  top.routes = values(fresh_routes)
-  top.consumers = values(fresh_cons)
-  if not config.validate_routes(top, { policy_loader = gen.loader }) then
-    return nil
-  end
-  for _, e in ipairs(fresh_routes) do
-    e.deps, e.epoch = deps_of(e.value.policies, get), self.epoch
-  end
-  for kind, fresh in pairs({ routes = fresh_routes, consumers = fresh_cons }) do
-    local index = idx[kind]
-    for _, e in ipairs(fresh) do
-      index.texts[e.text] = e
-    end
-    index.added = index.added + #fresh
   end
 
   -- the inserted routes compiled (or their compiled tables reused), and
@@ -691,13 +693,11 @@ local function build_delta(self, prev, doc, gen, loads)
       end
       local name = e.value.upstream
       local up = name and live(idx.upstreams, name, stamp) or false
-      if not (e.compiled and e.c_globals == globals and e.c_up == up) then
-        e.pols = e.pols or instances(e.value.policies, get)
-        e.compiled = compile_route(e.value, e.pols, globals.list, up and up.handle or nil)
-        e.c_globals, e.c_up = globals, up
+      local c, fresh = compiled_route(e, globals, up, get)
+      if fresh then
         compiled = compiled + 1
       end
-      added[i] = e.compiled
+      added[i] = c
     end
     routes = spliced(prev.routes, rd.at, rd.del, rd.added)
     local old_list = route_list
@@ -856,13 +856,11 @@ function _M:build(conf_path, node_text, routes_text, given_doc)
     end
     local name = e.value.upstream
     local up = name and upstream(name) or false
-    if not (e.compiled and e.c_globals == globals and e.c_up == up) then
-      e.pols = e.pols or instances(e.value.policies, get)
-      e.compiled = compile_route(e.value, e.pols, globals.list, up and up.handle or nil)
-      e.c_globals, e.c_up = globals, up
+    local c, fresh = compiled_route(e, globals, up, get)
+    if fresh then
       compiled = compiled + 1
     end
-    route_list[i] = e.compiled
+    route_list[i] = c
   end
 
   -- consumers
