@@ -52,6 +52,7 @@ local cjson = require("cjson.safe")
 local binding = require("moongate.ffi")
 local config = require("moongate.config")
 local sandbox = require("moongate.sandbox")
+local etcd_kv = require("moongate.etcd_kv")
 
 local C = binding.C
 local type = type
@@ -61,7 +62,6 @@ local tostring = tostring
 local tonumber = tonumber
 local find = string.find
 local sub = string.sub
-local byte = string.byte
 local format = string.format
 local concat = table.concat
 local insert = table.insert
@@ -83,24 +83,8 @@ json_top.decode_invalid_numbers(false)
 
 -- ---- base64 ----------------------------------------------------------------------
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
--- for the prefix only (once): plain Lua
-local function b64_encode(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = byte(s, i, i + 2)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local c1 = math.floor(n / 262144) % 64
-    local c2 = math.floor(n / 4096) % 64
-    local c3 = math.floor(n / 64) % 64
-    local c4 = n % 64
-    out[#out + 1] = sub(B64, c1 + 1, c1 + 1) .. sub(B64, c2 + 1, c2 + 1)
-                    .. (b and sub(B64, c3 + 1, c3 + 1) or "=")
-                    .. (c and sub(B64, c4 + 1, c4 + 1) or "=")
-  end
-  return concat(out)
-end
+-- encoding: for the prefix only (once), etcd_kv's (the Admin API's writes)
+local b64_encode = etcd_kv.b64
 _M.b64_encode = b64_encode
 
 local b64_cap = 65536
@@ -138,7 +122,7 @@ end
 function _M.new(opts)
   local prefix = opts.prefix or "/moongate"
   local key = prefix .. "/"
-  local range_end = prefix .. "0" -- "/" + 1
+  local range_end = etcd_kv.prefix_end(key)
   local log = opts.log
   if not log then
     local mg = require("moongate")

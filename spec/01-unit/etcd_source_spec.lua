@@ -82,6 +82,13 @@ describe("etcd_source", function()
     new_src()
   end)
 
+  it("watches the range [prefix/, prefix0), base64 as etcd takes it", function()
+    local s = etcd_source.new({ prefix = "/mg", log = function() end })
+    assert.equal("L21nLw==", s.key_b64) -- "/mg/"
+    assert.equal("L21nMA==", s.end_b64) -- "/mg0"
+    assert.equal("/mg/", etcd_source.b64_decode(s.key_b64))
+  end)
+
   it("decodes base64 through OpenSSL, and refuses what is not base64", function()
     assert.equal("", etcd_source.b64_decode(""))
     assert.equal("a", etcd_source.b64_decode("YQ=="))
