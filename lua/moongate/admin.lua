@@ -353,6 +353,18 @@ local CERT_DEF = schema.compile({
   },
 })
 
+-- The one-entity document validate_routes checks v (decoded, of kind)
+-- in: with the upstream a route names, as reads see it, so that the
+-- reference resolves.
+local function entity_doc(self, kind, v)
+  local tbl = { [kind] = { v } }
+  if kind == "routes" and type(v.upstream) == "string" then
+    local up = self:get("upstreams", v.upstream)
+    tbl.upstreams = { up and json.decode(up) or nil }
+  end
+  return tbl
+end
+
 -- Checks entity v (decoded) of kind named id, as `moongate check` would
 -- with the rest of the config as reads see it. Returns nothing when
 -- valid, else the answer (400).
@@ -365,12 +377,8 @@ local function check_entity(self, kind, id, v)
     end
     return
   end
-  local tbl = { [kind] = { v } }
-  if kind == "routes" and type(v.upstream) == "string" then
-    local up = self:get("upstreams", v.upstream)
-    tbl.upstreams = { up and json.decode(up) or nil }
-  end
-  local ok, errs = config.validate_routes(tbl, { policy_loader = policy_loader(self, sources_of(self)) })
+  local ok, errs = config.validate_routes(entity_doc(self, kind, v),
+                                         { policy_loader = policy_loader(self, sources_of(self)) })
   if not ok then
     return invalid(errs, kind .. "[0]", named)
   end
@@ -428,12 +436,7 @@ local function check_policy(self, name, source)
     for _, u in ipairs(users) do
       local kind, id = u:match("^([%w_]+)%.(.*)$")
       local v = json.decode(self:get(kind, id))
-      local tbl = { [kind] = { v } }
-      if kind == "routes" and type(v.upstream) == "string" then
-        local up = self:get("upstreams", v.upstream)
-        tbl.upstreams = { up and json.decode(up) or nil }
-      end
-      local ok, errs = config.validate_routes(tbl, { policy_loader = loader })
+      local ok, errs = config.validate_routes(entity_doc(self, kind, v), { policy_loader = loader })
       if not ok then
         return invalid(errs, kind .. "[0]", u)
       end
