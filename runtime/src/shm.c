@@ -141,8 +141,11 @@ mg_shm_zone_t *mg_shm_zone(const char *name, size_t len)
     int i;
 
     if (!shm_created && mg__shm_create(NULL) < 0) return NULL;
+    /* name comes from a policy's conf: a NUL inside it, or a length past
+     * the stored names, matches nothing (and reads nothing beyond them) */
+    if (name == NULL || len == 0 || len >= MG_SHM_NAME_MAX || memchr(name, '\0', len)) return NULL;
     for (i = 0; i < shm_nzones; i++) {
-        if (strncmp(shm_zones[i]->name, name, len) == 0 && shm_zones[i]->name[len] == '\0')
+        if (memcmp(shm_zones[i]->name, name, len) == 0 && shm_zones[i]->name[len] == '\0')
             return shm_zones[i];
     }
     return NULL;

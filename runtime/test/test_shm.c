@@ -51,6 +51,15 @@ static void test_zones(void)
     CHECK(brk != NULL);
     CHECK(mg_shm_zone("nope", 4) == NULL);
     CHECK(mg_shm_zone("limitsx", 6) == lim); /* the length counts, not the NUL */
+    /* a NUL inside the name, or a name longer than any zone's, is no zone
+     * (before: "limits\0x" matched limits, and the length was read past) */
+    CHECK(mg_shm_zone("limits\0x", 8) == NULL);
+    {
+        static char longname[1 << 16];
+        memcpy(longname, "limits", 7);
+        CHECK(mg_shm_zone(longname, sizeof(longname)) == NULL);
+    }
+    CHECK(mg_shm_zone("", 0) == NULL);
     CHECK(mg_shm_stats(lim, &used, &cap, &ev) == MG_OK);
     /* 16 MiB of 128-byte entries in sets of 8 behind 64-byte headers */
     CHECK(cap == ((16u << 20) - 256) / (64 + 8 * 128) * 8);
