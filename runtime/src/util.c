@@ -27,6 +27,9 @@ int mg_base64_decode(const char *in, size_t len, unsigned char *out, size_t *out
      * space, which etcd never sends: refuse it rather than guess */
     if (len % 4 != 0 || len > (size_t)0x7ffffff0) return MG_EINVAL;
     if (in[len - 1] == '=') pad = in[len - 2] == '=' ? 2 : 1;
+    /* EVP_DecodeBlock takes '=' anywhere as a zero digit ("====", "AB=C"
+     * decode): padding is only the last one or two characters */
+    if (memchr(in, '=', len - pad) != NULL) return MG_EINVAL;
     n = EVP_DecodeBlock(out, (const unsigned char *)in, (int)len);
     if (n < 0 || (size_t)n < pad) return MG_EINVAL;
     *out_len = (size_t)n - pad; /* it counts the padding as zero bytes */

@@ -98,6 +98,12 @@ describe("etcd_source", function()
     assert.equal(big, etcd_source.b64_decode(etcd_source.b64_encode(big)))
     assert.is_nil(etcd_source.b64_decode("YWJ"))
     assert.is_nil(etcd_source.b64_decode("Y!Jj"))
+    -- '=' only as the last one or two characters (OpenSSL alone decodes these)
+    assert.is_nil(etcd_source.b64_decode("===="))
+    assert.is_nil(etcd_source.b64_decode("Y==="))
+    assert.is_nil(etcd_source.b64_decode("YW=j"))
+    assert.is_nil(etcd_source.b64_decode("YQ=A"))
+    assert.is_nil(etcd_source.b64_decode("YQ==YWJj"))
   end)
 
   it("reads a range: entities in key order, ids from the keys, global policies, policies",
