@@ -148,6 +148,18 @@ static void arena_reset(mg_arena_t *a)
 
 /* ---- pool ------------------------------------------------------------------ */
 
+/* The request's suspended phase never resumes: a pending mg.http.request
+ * is cancelled, its coroutine released, and what it waited on (mg.sleep, a
+ * Redis reply) dropped: on a failure, an abort, and when it is freed. */
+static void req_stop_waiting(mg_req_t *r)
+{
+    mg__req_http_release(r);
+    mg__lua_release(r);
+    uv_timer_stop(&r->sleep_timer);
+    mg__redis_detach(r);
+    r->wait = MG_WAIT_NONE;
+}
+
 static void make_request_id(mg_worker_t *w, mg_req_t *r)
 {
     /* A client's own id is kept when it is a sane token: ids must survive
@@ -274,16 +286,13 @@ void mg__req_free(mg_req_t *r)
 {
     mg_worker_t *w = r->conn->w;
     assert(!r->up); /* the upstream connection went back to its pool first */
-    mg__req_http_release(r);
-    mg__lua_release(r);
+    req_stop_waiting(r);
     /* Every end of a request passes here (finished, failed, aborted), after
      * its log phase: concurrency slots go back exactly once. */
     if (r->nconc) mg__limit_conc_release(r);
     /* ...and an acquired breaker gets its one report (or its probe slot
      * back) when nothing reported it yet: a client gone, a failed body. */
     if (r->brk) mg__breaker_detach(r);
-    uv_timer_stop(&r->sleep_timer);
-    mg__redis_detach(r);
     if (r->upstream) {
         mg_upstream_release(r->upstream);
         r->upstream = NULL;
@@ -310,14 +319,9 @@ void mg__req_free(mg_req_t *r)
 void mg__req_abort(mg_req_t *r)
 {
     if (r->up) mg__proxy_abort(r);
-    mg__req_http_release(r); /* a pending mg.http.request is cancelled */
-    mg__lua_release(r);      /* a suspended phase never resumes */
-    /* ...so what it waited on is dropped, and the log phase below starts
-     * with no wait pending (its own mg.sleep or Redis command would be
-     * refused otherwise) */
-    uv_timer_stop(&r->sleep_timer);
-    mg__redis_detach(r);
-    r->wait = MG_WAIT_NONE;
+    /* the log phase below starts with no wait pending (its own mg.sleep or
+     * Redis command would be refused otherwise) */
+    req_stop_waiting(r);
     /* The log phase still runs (it sees the cut request, and releases what
      * the Lua side keeps for the request); one that yields is abandoned. */
     if ((r->phases & MG_PHASE_LOG) && !r->log_ran && r->conn->w->ref_log >= 0) {
@@ -522,14 +526,10 @@ void mg__req_fail(mg_req_t *r, int status, const char *msg)
         mg__conn_close(c);
         return;
     }
-    mg__req_http_release(r);
-    mg__lua_release(r); /* a coroutine waiting on anything is dropped */
+    req_stop_waiting(r); /* a coroutine waiting on anything is dropped */
     r->fail_status = 0;
     if (!r->v.request_id_len) make_request_id(c->w, r);
     if (!r->v.version_major) r->v.version_minor = 1; /* refused before the version was read */
-    uv_timer_stop(&r->sleep_timer);
-    mg__redis_detach(r);
-    r->wait = MG_WAIT_NONE;
     if (!msg) msg = mg__status_reason(status);
     if (status == 400 || status == 408 || status == 413 || status == 414 || status == 431 ||
         status == 505 || status == 417 || status == 405 || !r->body_done)
