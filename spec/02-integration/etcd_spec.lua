@@ -33,18 +33,9 @@ return {
 }
 ]]
 
+-- polls every 10 ms: the propagation spec measures through it
 local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  while true do
-    local v = fn()
-    if v then
-      return v
-    end
-    if gettime() >= deadline then
-      return nil
-    end
-    socket.sleep(0.01)
-  end
+  return proc.eventually(fn, timeout, 0.01)
 end
 
 local function key(kind, id)
@@ -127,17 +118,7 @@ local function all_at(gw, version)
   end, 5)
 end
 
-local function count(text, plain)
-  local n, from = 0, 1
-  while true do
-    local s, e = text:find(plain, from, true)
-    if not s then
-      return n
-    end
-    n, from = n + 1, e + 1
-  end
-end
-
+local count = proc.count
 local function etcd_node(endpoints, extra)
   local src = { type = "etcd", path = gateway.DELETE, endpoints = endpoints, prefix = PREFIX }
   for k, v in pairs(extra or {}) do

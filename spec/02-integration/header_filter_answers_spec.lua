@@ -7,19 +7,11 @@ local cjson = require("cjson")
 local gateway = require("helpers.gateway")
 local client = require("helpers.client")
 local ports = require("helpers.ports")
+local proc = require("helpers.proc")
 
 local ROOT = gateway.root
 
-local function count(s, plain)
-  local n, at = 0, 1
-  while true do
-    local _, e = s:find(plain, at, true)
-    if not e then
-      return n
-    end
-    n, at = n + 1, e + 1
-  end
-end
+local count = proc.count
 
 describe("filters on answers made at the gateway", function()
   local gw

@@ -66,18 +66,7 @@ local function cmd(gw, ...)
   return call(gw, "/cmd", { ["X-Redis-Cmd"] = cjson.encode({ ... }) })
 end
 
-local function count(text, needle)
-  local n, at = 0, 1
-  while true do
-    local s, e = text:find(needle, at, true)
-    if not s then
-      return n
-    end
-    n = n + 1
-    at = e + 1
-  end
-end
-
+local count = proc.count
 local eventually = proc.eventually
 
 -- A client that sends a request and resets the connection (SO_LINGER 0)

@@ -25,17 +25,7 @@ local STREAM_PATH = "/load/stream?bytes=153600&chunk=1024&drip_ms=100"
 
 local eventually = proc.eventually
 
-local function count(s, plain)
-    local n, at = 0, 1
-    while true do
-        local s1, e1 = s:find(plain, at, true)
-        if not s1 then
-            return n
-        end
-        n, at = n + 1, e1 + 1
-    end
-end
-
+local count = proc.count
 local function keys(t)
     local out = {}
     for k in pairs(t) do

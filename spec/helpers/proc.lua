@@ -238,6 +238,18 @@ function _M.eventually(fn, timeout_s, interval_s)
     end
 end
 
+-- How many times the plain string needle occurs in text (a log line, say).
+function _M.count(text, needle)
+    local n, at = 0, 1
+    while true do
+        local _, e = text:find(needle, at, true)
+        if not e then
+            return n
+        end
+        n, at = n + 1, e + 1
+    end
+end
+
 local tmpdirs = {}
 
 -- A new empty directory (absolute path), removed by proc.cleanup().

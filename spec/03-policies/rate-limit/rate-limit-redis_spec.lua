@@ -60,17 +60,7 @@ local function get(gw, path, headers)
   return res, gettime() - t0
 end
 
-local function count(text, needle)
-  local n, at = 0, 1
-  while true do
-    local s, e = text:find(needle, at, true)
-    if not s then
-      return n
-    end
-    n, at = n + 1, e + 1
-  end
-end
-
+local count = proc.count
 local eventually = proc.eventually
 
 local FAILED = "rate-limit: redis failed"
