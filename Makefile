@@ -143,39 +143,17 @@ bench: build
 	bench/run
 
 ### bench-reload: change speed at 5,000 routes: one-route reload per worker, p99 during 20 changes/s vs steady (PASS/FAIL)
-.PHONY: bench-reload
-bench-reload: build
-	luajit bench/reload.lua $(BENCH_RELOAD_ARGS)
-
 ### bench-sandbox: cost of a sandboxed phase call vs a trusted one, and time to stop a runaway policy at the budget
-.PHONY: bench-sandbox
-bench-sandbox: build
-	luajit bench/sandbox.lua $(BENCH_SANDBOX_ARGS)
-
 ### bench-admin: the Admin API handler at 5,000 routes: index a version, a page, one by id, PUT/DELETE against a real etcd
-.PHONY: bench-admin
-bench-admin: build
-	luajit bench/admin.lua $(BENCH_ADMIN_ARGS)
-
 ### bench-etcd: 10,000 routes in a real etcd: start to the last route served (< 1 s), one change applied per worker (< 5 ms) (PASS/FAIL)
-.PHONY: bench-etcd
-bench-etcd: build
-	luajit bench/etcd.lua $(BENCH_ETCD_ARGS)
-
 ### bench-router: router lookup, build time and memory at 100/1k/10k/100k routes (PASS/FAIL vs the 10k targets)
-.PHONY: bench-router
-bench-router: build
-	luajit bench/router.lua
-
 ### bench-prims: ns per call of mg.limit takes (one key, 10k keys), take_all and breaker acquire+report from Lua (PASS/FAIL vs 100 ns)
-.PHONY: bench-prims
-bench-prims: build
-	luajit bench/prims.lua $(BENCH_PRIMS_ARGS)
-
 ### bench-redis: mg.redis round trip: µs per INCR through the gateway vs without Redis vs direct, and wrk on both routes
-.PHONY: bench-redis
-bench-redis: build
-	luajit bench/redis.lua $(BENCH_REDIS_ARGS)
+# Each runs `luajit bench/<name>.lua $(BENCH_<NAME>_ARGS)` after a build.
+BENCH_LUA := reload sandbox admin etcd router prims redis
+.PHONY: $(BENCH_LUA:%=bench-%)
+$(BENCH_LUA:%=bench-%): bench-%: build
+	luajit bench/$*.lua $(BENCH_$(shell echo $* | tr a-z A-Z)_ARGS)
 
 ### rock: luarocks lint, then build and install into a local tree (build/rock)
 rock:
