@@ -30,6 +30,7 @@ local type = type
 
 local START_TIMEOUT = 10
 local STOP_TIMEOUT = 10
+local CHILD_GRACE = 2 -- s a stopped gateway's children may outlive its master
 local LOG_TAIL_LINES = 60
 
 local _M = {}
@@ -308,7 +309,8 @@ end
 
 -- Stops the gateway: `moongate stop -c <conf>` (SIGTERM to the master if
 -- that command fails), waits up to `timeout` s (default 10) for the master
--- to exit, then SIGKILLs whatever is left of it and its descendants.
+-- to exit, then SIGKILLs whatever is left of it and its descendants
+-- (its children get CHILD_GRACE s more to exit on their own).
 -- Returns clean, info: clean is true when the master exited in time and no
 -- process needed SIGKILL; info = {rc =, output =, master_exited =,
 -- killed = {pids}}. A second call returns true, the first call's info.
@@ -332,8 +334,13 @@ function gw_mt:stop(timeout)
             left[#left + 1] = p
         end
     end
+    -- children told to stop exit on their own, a moment after the master
+    -- at worst (a SIGTERM lands asynchronously): only those still there
+    -- after a grace period were left behind
+    local grace_end = proc.now() + CHILD_GRACE
     for _, p in ipairs(before) do
         left[#left + 1] = p
+        proc.wait_exit(p, math.max(0, grace_end - proc.now()))
     end
     local killed = kill_all(left)
     self.stop_info = { rc = rc, output = output, master_exited = exited, killed = killed }
