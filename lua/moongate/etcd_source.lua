@@ -284,9 +284,16 @@ local function check_entity(self, kind, id, value)
       doc.upstreams = { json.decode(utext) }
     end
   end
-  local _, errs = config.validate_routes(doc, { policy_loader = loader(self) })
+  local valid, errs = config.validate_routes(doc, { policy_loader = loader(self) })
   if errs then
     return strip_paths(errs, kind)
+  end
+  -- what `moongate check` and the Admin API refuse for this build (a
+  -- balancer not built yet): refused here too, not left to fail the
+  -- workers' build of every later version
+  errs = config.unsupported(nil, valid)
+  if #errs > 0 then
+    return strip_paths(errs, "upstreams")
   end
   return nil
 end

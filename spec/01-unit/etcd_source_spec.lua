@@ -194,6 +194,19 @@ describe("etcd_source", function()
     assert.truthy(logged("/mg/routes/r3: refused: invalid JSON"))
   end)
 
+  it("refuses an upstream with a setting this build does not have; the previous value stays",
+     function()
+    local rev0 = e:put(P .. "/upstreams/u1", UP)
+    src:range(range_body())
+    local ll = cjson.decode(UP)
+    ll.balancer = "least_conn"
+    e:put(P .. "/upstreams/u1", cjson.encode(ll))
+    src:watch(watch_body(rev0 + 1))
+    local up = cjson.decode(src:doc().elements.upstreams[1])
+    assert.is_nil(up.balancer)
+    assert.truthy(logged("/mg/upstreams/u1: refused: balancer: only round_robin is supported"))
+  end)
+
   it("accepts an upstream and the route naming it in one batch, in either order", function()
     local rev0 = e:revision()
     src:range(range_body())
