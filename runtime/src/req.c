@@ -502,9 +502,14 @@ static void fail_send(mg_req_t *r, int status, const char *msg)
     /* Headers a policy set for the response stay (DESIGN.md: "whatever
      * response the client gets"): a CORS header must reach a 502 too. Only
      * safe names get this far (mg_resp_set_header). */
+    /* msg is one of our constant texts (no JSON escaping needed); its cut
+     * at 160 bytes keeps the whole body inside the buffer, so n is what
+     * was written: 31 bytes of frame + 36 of request id + 160 < 256. The
+     * request id is a view with its length (not NUL-terminated). */
     char body[256];
-    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\",\"request_id\":\"%s\"}\n", msg,
-                     r->v.request_id_len ? r->v.request_id : "");
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%.160s\",\"request_id\":\"%.*s\"}\n", msg,
+                     (int)r->v.request_id_len, r->v.request_id);
+    assert(n > 0 && (size_t)n < sizeof(body)); /* else the send would read past body */
     mg_resp_set_header(r, "Content-Type", 12, "application/json", 16, MG_HDR_SET);
     local_start(r, status, n); /* with a status header_filter set, if it did */
     if (!r->resp_no_body) local_write(r, body, (size_t)n);
