@@ -139,21 +139,16 @@ static int chan_write(uv_stream_t *s, const char *data, size_t len)
     return rc;
 }
 
+/* Room for one read: what is left after cutting frames is less than one
+ * frame and its header, so the buffer never needs more than that and a
+ * read. */
 static void chan_alloc(chan_inbuf_t *in, uv_buf_t *buf)
 {
-    if (in->cap - in->len < CHAN_READ_SIZE) {
-        size_t cap = in->cap ? in->cap : CHAN_READ_SIZE;
-        char *grown;
-        while (cap - in->len < CHAN_READ_SIZE)
-            cap *= 2;
-        grown = realloc(in->buf, cap);
-        if (grown == NULL) {
-            buf->base = NULL;
-            buf->len = 0; /* libuv reports UV_ENOBUFS: the pipe is closed */
-            return;
-        }
-        in->buf = grown;
-        in->cap = cap;
+    if (mg__grow(&in->buf, &in->cap, in->len, CHAN_READ_SIZE, CHAN_READ_SIZE,
+                 CHAN_MAX_FRAME + 4 + CHAN_READ_SIZE) != 0) {
+        buf->base = NULL;
+        buf->len = 0; /* libuv reports UV_ENOBUFS: the pipe is closed */
+        return;
     }
     buf->base = in->buf + in->len;
     buf->len = in->cap - in->len;

@@ -15,6 +15,7 @@
 #include "cli_config.h"
 #include "http_client.h"
 #include "lua_path.h"
+#include "mg.h"
 #include "node.h"
 
 #define CLI_MAX_HEADERS 16
@@ -47,17 +48,8 @@ static int on_head(void *ud, int status, const mg_header_t *h, uint32_t nh, int6
 static int on_body(void *ud, const char *p, size_t len)
 {
     cli_call_t *c = ud;
-    if (c->len + len > CLI_MAX_BODY) return MG_HTTP_ETOOLARGE;
-    if (c->len + len > c->cap) {
-        size_t cap = c->cap ? c->cap : 16384;
-        char *nb;
-        while (cap < c->len + len)
-            cap *= 2;
-        nb = realloc(c->body, cap);
-        if (nb == NULL) return MG_HTTP_ENOMEM;
-        c->body = nb;
-        c->cap = cap;
-    }
+    int rc = mg__grow(&c->body, &c->cap, c->len, len, 16384, CLI_MAX_BODY);
+    if (rc != 0) return rc == UV_E2BIG ? MG_HTTP_ETOOLARGE : MG_HTTP_ENOMEM;
     memcpy(c->body + c->len, p, len);
     c->len += len;
     return 0;

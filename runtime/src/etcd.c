@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "http_client.h"
+#include "mg.h"
 
 #define MAX_BODY (256u << 20) /* a range (or error) body larger than this is refused */
 #define MAX_ERROR_BODY 4096   /* kept of a non-200 answer, for the message */
@@ -74,16 +75,7 @@ static char *dup_str(const char *s)
 
 static int buf_add(mg_etcd_t *e, const char *p, size_t n, size_t limit)
 {
-    if (e->len + n > limit) return -1;
-    if (e->len + n > e->cap) {
-        size_t cap = e->cap ? e->cap : 16384;
-        while (cap < e->len + n)
-            cap *= 2;
-        char *b = realloc(e->buf, cap);
-        if (!b) return -1;
-        e->buf = b;
-        e->cap = cap;
-    }
+    if (mg__grow(&e->buf, &e->cap, e->len, n, 16384, limit) != 0) return -1;
     memcpy(e->buf + e->len, p, n);
     e->len += n;
     return 0;

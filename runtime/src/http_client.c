@@ -762,15 +762,8 @@ void mg__http_client_stats(const mg_http_client_t *cl, mg_http_client_stats_t *s
 
 static int out_add(mg_http_call_t *call, const char *p, size_t len)
 {
-    if (call->out_len + len > call->out_cap) {
-        size_t cap = call->out_cap ? call->out_cap : 1024;
-        while (cap < call->out_len + len)
-            cap *= 2;
-        char *o = realloc(call->out, cap);
-        if (!o) return -1;
-        call->out = o;
-        call->out_cap = cap;
-    }
+    /* no bound but size_t's: the caller's body is already in memory */
+    if (mg__grow(&call->out, &call->out_cap, call->out_len, len, 1024, SIZE_MAX) != 0) return -1;
     if (len) memcpy(call->out + call->out_len, p, len);
     call->out_len += len;
     return 0;

@@ -332,6 +332,9 @@ struct mg_worker_s {
 
 extern mg_worker_t *mg__worker; /* one worker per process */
 
+/* growing buffers (util.c) */
+int mg__grow(char **buf, size_t *cap, size_t used, size_t more, size_t first, size_t max);
+
 /* buffers (worker.c) */
 char *mg__buf_get(mg_worker_t *w);
 void mg__buf_put(mg_worker_t *w, char *b);

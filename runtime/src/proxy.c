@@ -683,18 +683,10 @@ static int filter_body(mg_req_t *r, int eof)
             free(blk);
             return -1;
         }
-        if (used + ol > cap) {
-            size_t nc = cap ? cap * 2 : 4096;
-            while (nc < used + ol)
-                nc *= 2;
-            char *nb = realloc(blk, nc);
-            if (!nb) {
-                mg__lua_body_filter_done(r);
-                free(blk);
-                return -1;
-            }
-            blk = nb;
-            cap = nc;
+        if (mg__grow(&blk, &cap, used, ol, 4096, SIZE_MAX) != 0) {
+            mg__lua_body_filter_done(r);
+            free(blk);
+            return -1;
         }
         if (ol) memcpy(blk + used, o, ol); /* blk is NULL while all is empty */
         used += ol;

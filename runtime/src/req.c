@@ -337,15 +337,7 @@ void mg__req_abort(mg_req_t *r)
 
 int mg__head_reserve(mg_req_t *r, size_t more)
 {
-    if (r->head_len + more <= r->head_cap) return 0;
-    size_t cap = r->head_cap ? r->head_cap : 1024;
-    while (cap < r->head_len + more)
-        cap *= 2;
-    char *b = realloc(r->head_buf, cap);
-    if (!b) return -1;
-    r->head_buf = b;
-    r->head_cap = cap;
-    return 0;
+    return mg__grow(&r->head_buf, &r->head_cap, r->head_len, more, 1024, SIZE_MAX) == 0 ? 0 : -1;
 }
 
 int mg__head_add(mg_req_t *r, const char *p, size_t len)

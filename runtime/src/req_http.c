@@ -75,15 +75,8 @@ static void op_put(mg_http_op_t *op)
 
 static int op_reserve(mg_http_op_t *op, size_t more)
 {
-    if (op->len + more <= op->cap) return 0;
-    size_t cap = op->cap ? op->cap : 4096;
-    while (cap < op->len + more)
-        cap *= 2;
-    char *b = realloc(op->buf, cap);
-    if (!b) return -1;
-    op->buf = b;
-    op->cap = cap;
-    return 0;
+    /* the body part is bounded by max_body before this is asked */
+    return mg__grow(&op->buf, &op->cap, op->len, more, 4096, SIZE_MAX) == 0 ? 0 : -1;
 }
 
 static void op_append(mg_http_op_t *op, const char *p, size_t n)

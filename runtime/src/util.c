@@ -1,4 +1,5 @@
 /* util.c: small FFI utilities (log, sha256, base64) and the access log. */
+#include <assert.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -9,6 +10,37 @@
 #include <unistd.h>
 
 #include "mg.h"
+
+/* Makes room for more bytes after the used ones in *buf (*cap bytes), the
+ * one growth rule of the runtime's byte buffers:
+ * the capacity starts at first (when *cap is 0) and doubles until
+ * used + more fits, and never passes max (the last step is cut to max).
+ * 0: done (*buf may have moved; *cap is the new capacity). UV_E2BIG:
+ * used + more is over max (or over SIZE_MAX); UV_ENOMEM: realloc failed.
+ * On an error *buf and *cap are untouched, so the caller still owns and
+ * frees the old buffer. Cost: a realloc per doubling, so appending n bytes
+ * copies O(n) bytes in all. used <= *cap <= max is the caller's to keep. */
+int mg__grow(char **buf, size_t *cap, size_t used, size_t more, size_t first, size_t max)
+{
+    size_t c = *cap, need;
+    char *b;
+
+    assert(used <= c); /* catches a caller that lost track of its length */
+    /* max bounds the length, checked first: a buffer kept from a call with
+     * a larger max may hold more than this call allows */
+    if (used > max || more > max - used) return UV_E2BIG; /* also the size_t overflow */
+    if (more <= c - used) return 0;
+    need = used + more;
+    if (c == 0) c = first ? first : need;
+    while (c < need)
+        c = c > max / 2 ? max : c * 2; /* max / 2: c * 2 can neither overflow nor pass max */
+    if (c > max) c = max;              /* a first above max */
+    b = realloc(*buf, c);
+    if (b == NULL) return UV_ENOMEM;
+    *buf = b;
+    *cap = c;
+    return 0;
+}
 
 void mg_log_write(int level, const char *msg, size_t len)
 {
