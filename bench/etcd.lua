@@ -207,6 +207,12 @@ local function main()
                   verdict(start_s < 1)))
   local ctl_line = gw:log():match("config version %d+ %(etcd read[^\n]*")
   io.write("    control: ", tostring(ctl_line), "\n")
+  -- each worker's first build (MOONGATE_RELOAD_TIMING=1)
+  for wid, line in gw:log():gmatch("#w(%d+): (reloaded configuration version %d+ in [^\n]*)") do
+    if not line:find("reused: [1-9]") then
+      io.write("    worker ", wid, ": ", line, "\n")
+    end
+  end
 
   -- (b) one change at a time
   local applies, handoffs = {}, {}

@@ -43,12 +43,14 @@ local config_doc = require("moongate.config_doc")
 local admin = require("moongate.admin")
 local etcd_source = require("moongate.etcd_source")
 local slice = require("moongate.slice")
+local gc_hold = require("moongate.gc_hold")
 local mg = require("moongate")
 
 local C = binding.C
 local ffi_cast = ffi.cast
 local ffi_string = ffi.string
 local type = type
+local pcall = pcall
 local pairs = pairs
 local ipairs = ipairs
 local tostring = tostring
@@ -70,6 +72,7 @@ local req_ptr = ffi.typeof("mg_req_t *")
 local _M = {}
 
 local conf_path, nworkers
+local started_at    -- mg.now() when init ran (the start's stages are logged from it)
 local lkg_path
 local current       -- the doc in force (config_doc.lua), with .node_conf
 local snapshot_text -- its snapshot frame, encoded once per version
@@ -226,6 +229,10 @@ end
 
 -- ---- the etcd source ---------------------------------------------------------------
 
+-- what the first read's check may allocate before the collector runs
+-- (10,000 routes: ~50 MB)
+local FIRST_READ_GC_MB = 128
+
 -- etcd.h's sink events and answers (mirrored: etcd.h is internal to C)
 local EV_AUTH, EV_RANGE, EV_WATCH, EV_LOST, EV_BACK, EV_START_TIMEOUT = 1, 2, 3, 4, 5, 6
 local ETCD_OK, ETCD_FAIL, ETCD_RERANGE = 0, -1, -2
@@ -267,8 +274,9 @@ local function etcd_publish(doc, why)
               first and (#doc.elements.routes .. " routes") or config_doc.summary(frame))
 end
 
--- A whole read of the prefix at revision rev.
-local function etcd_read(rev, took_ms)
+-- A whole read of the prefix at revision rev: a body of `bytes` that came
+-- at t0 and was checked in took_ms (cpu_ms of this process's CPU).
+local function etcd_read(rev, t0, took_ms, cpu_ms, bytes)
   local doc = etcd_doc()
   local forced = etcd.resync
   etcd.resync = false
@@ -278,7 +286,11 @@ local function etcd_read(rev, took_ms)
     local copy = etcd.lkg
     etcd.lkg = nil
     doc.version = (copy and same_config(copy, doc)) and copy.version or rev
-    etcd_publish(doc, format("read at revision %d, checked in %.0f ms", rev, took_ms))
+    -- the start's stages (bench/etcd.lua prints this line): etcd's answer
+    -- came that long after this process started, then the check
+    etcd_publish(doc, format("read at revision %d: %d KB %.0f ms after the control process "
+                                .. "started, checked in %.0f ms (CPU %.0f ms)", rev,
+                             math.floor(bytes / 1024), (t0 - started_at) * 1000, took_ms, cpu_ms))
     return
   end
   if etcd.from_lkg and same_config(current, doc) then
@@ -370,13 +382,21 @@ function _M.source_event(ev, data)
     end
     return ETCD_OK
   elseif ev == EV_RANGE then
-    local t0 = mg.now()
-    local rev, err = etcd.src:range(data)
+    local t0, cpu0 = mg.now(), os.clock()
+    -- the first read: the collector waits for its check (gc_hold.lua)
+    local gc = current == nil and gc_hold.hold(FIRST_READ_GC_MB)
+    local ok, rev, err = pcall(etcd.src.range, etcd.src, data)
+    if gc then
+      gc_hold.release(gc)
+    end
+    if not ok then
+      rev, err = nil, tostring(rev)
+    end
     if not rev then
       mg.log.err("etcd: ", err)
       return ETCD_FAIL
     end
-    etcd_read(rev, (mg.now() - t0) * 1000)
+    etcd_read(rev, t0, (mg.now() - t0) * 1000, (os.clock() - cpu0) * 1000, #data)
     return rev
   elseif ev == EV_AUTH then
     local r = json_decode(data)
@@ -474,6 +494,7 @@ end
 -- ---- entry points ----------------------------------------------------------------
 
 function _M.init(path, _, n)
+  started_at = mg.now()
   conf_path = config.resolve_path(path)
   nworkers = tonumber(n) or 1
   local node_text = read_file(conf_path)

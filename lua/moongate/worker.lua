@@ -23,6 +23,7 @@ local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
 local slice = require("moongate.slice")
+local gc_hold = require("moongate.gc_hold")
 local mg = require("moongate")
 
 local C = binding.C
@@ -47,6 +48,10 @@ local SET = C.MG_HDR_SET
 local char_ptr = ffi.typeof("const char *")
 
 local _M = {}
+
+-- what a worker's first build may allocate before the collector runs
+-- (10,000 routes: ~60 MB)
+local FIRST_BUILD_GC_MB = 128
 
 local conf_path, worker_id
 local current -- the config version in force: {router, upstreams, version}
@@ -191,7 +196,7 @@ timing = timing ~= nil and timing ~= "" and timing ~= "0"
 -- Builds and swaps in the version doc (config_doc.lua) holds. The version
 -- in force changes only when the new one is complete.
 local function load(doc)
-  local t0 = mg.now()
+  local t0, cpu0 = mg.now(), os.clock()
   -- etcd's sandboxed policies (<prefix>/policies/<name>), by name; a route
   -- naming one whose source changed is compiled again
   builder:set_policy_sources(doc.policies)
@@ -208,9 +213,11 @@ local function load(doc)
   if timing then
     local s = v.stats
     mg.log.info(("reloaded configuration version %d in %.2f ms (changed routes: %d, "
-                 .. "reused: %d, validated: %d, policy modules loaded: %d, router: %.2f ms %s%s)")
+                 .. "reused: %d, validated: %d, policy modules loaded: %d, router: %.2f ms %s%s; "
+                 .. "CPU %.2f ms)")
                 :format(v.version, (mg.now() - t0) * 1000, s.compiled, s.reused, s.validated,
-                        s.modules_loaded, s.router_ms, s.router, s.whole and ", whole file" or ""))
+                        s.modules_loaded, s.router_ms, s.router, s.whole and ", whole file" or "",
+                        (os.clock() - cpu0) * 1000))
   end
   return v
 end
@@ -321,9 +328,15 @@ function _M.reload()
     tell_control({ applied = doc.version })
     return true, "unchanged"
   end
+  -- the first version: nothing is served yet, and the collector walking
+  -- the growing heap was a third of the build (gc_hold.lua)
+  local gc = current == nil and gc_hold.hold(FIRST_BUILD_GC_MB)
   slice.begin(1)
   local v, err = load(doc)
   slice.finish()
+  if gc then
+    gc_hold.release(gc)
+  end
   if not v then
     tell_control({ refused = doc.version, error = err })
     return nil, err
