@@ -20,9 +20,15 @@
 --
 -- Frames (JSON, on the channel: runtime/src/channel.c):
 --   control -> worker
---     snapshot: {version, reset = true, node, skeleton, elements, policies?}
+--     snapshot: {version, reset = true, node, skeleton, elements, policies?,
+--                unchecked?}
 --     delta:    {version, base, node?, skeleton?, policies? (the whole set),
---                splice = {kind = {{at, del, ins = {texts}}, ...}}}
+--                splice = {kind = {{at, del, ins = {texts}}, ...}}, unchecked?}
+--               unchecked = true: the control process did not validate
+--               these entities (a last-known-good copy read from disk);
+--               a worker validates them (and every doc it derives from
+--               one: apply() keeps the mark) instead of trusting them
+--               (config_version.lua, doc.checked)
 --               applies to the doc of version `base` only: each hunk
 --               replaces elements at .. at+del-1 of that kind (numbered
 --               in the base doc) by ins; a kind's hunks are in ascending
@@ -97,7 +103,7 @@ end
 
 function _M.snapshot(doc)
   return { version = doc.version, reset = true, node = doc.node, skeleton = doc.skeleton,
-           elements = doc.elements, policies = doc.policies }
+           elements = doc.elements, policies = doc.policies, unchecked = doc.unchecked or nil }
 end
 
 -- The same sets of sandboxed policies (nil is the empty set). O(policies).
@@ -185,7 +191,7 @@ end
 -- when no text differs. O(elements): texts are interned strings, so each
 -- comparison is a pointer comparison.
 function _M.diff(old, new)
-  local frame = { version = new.version, base = old.version }
+  local frame = { version = new.version, base = old.version, unchecked = new.unchecked or nil }
   local changed = false
   if new.node ~= old.node then
     frame.node = new.node
@@ -260,14 +266,16 @@ function _M.apply(doc, frame)
       return nil, "a snapshot without node or skeleton"
     end
     return { version = version, node = frame.node, skeleton = frame.skeleton,
-             elements = elements, policies = policies_of(frame.policies) }
+             elements = elements, policies = policies_of(frame.policies),
+             unchecked = frame.unchecked == true or nil }
   end
   if not doc or tonumber(frame.base) ~= doc.version then
     return nil, "a delta for version " .. tostring(frame.base) .. ", not "
                 .. tostring(doc and doc.version)
   end
   local out = { version = version, node = frame.node or doc.node,
-                skeleton = frame.skeleton or doc.skeleton, elements = {}, policies = doc.policies }
+                skeleton = frame.skeleton or doc.skeleton, elements = {}, policies = doc.policies,
+                unchecked = (doc.unchecked or frame.unchecked == true) or nil }
   if frame.policies ~= nil then -- the whole new set ({}: none left)
     out.policies = policies_of(frame.policies)
   end
@@ -426,6 +434,7 @@ function _M.lkg_read(path)
   local doc = _M.from_split(m.node, split)
   doc.version = v.version
   doc.policies = policies_of(v.policies)
+  doc.unchecked = true -- a file anyone may have edited: the workers validate it
   return doc
 end
 

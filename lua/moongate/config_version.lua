@@ -8,7 +8,10 @@
 --   local v, err = builder:build(conf_path, node_text, nil, doc)
 --   -- doc: the routes already split, {skeleton =, elements = {routes =
 --   -- {texts}, upstreams =, consumers =}} (a worker's, from the control
---   -- process: config_doc.lua); no file is read then
+--   -- process: config_doc.lua); no file is read then. doc.checked: the
+--   -- control process validated these entities (a worker's docs): new
+--   -- ones get their defaults filled (config.normalize_routes), not
+--   -- validated again; the checks across entities still run
 --   -- v = {router =, upstreams = {id = handle}, consumers =, routes =,
 --   --      stats = {routes =, validated =, compiled =, reused =,
 --   --               modules_loaded =, router_ms =, whole =,
@@ -372,7 +375,11 @@ local function validate_fresh(self, top, stamp, gen, fresh_ups, fresh_routes, fr
   top.upstreams = sub_ups
   top.routes = values(fresh_routes)
   top.consumers = values(fresh_cons)
-  local valid = config.validate_routes(top, { policy_loader = gen.loader })
+  -- a doc the control process checked: defaults only (config.lua), unless
+  -- its guard finds something off
+  local opts = { policy_loader = gen.loader }
+  local valid = self.trusted and config.normalize_routes(top, opts)
+                or config.validate_routes(top, opts)
   if not valid then
     return nil
   end
@@ -784,6 +791,7 @@ function _M:build(conf_path, node_text, routes_text, given_doc)
     dir = node.sandbox.policies_dir, sources = self.sandboxed_sources,
   })
   local loads = self.modules:load_count()
+  self.trusted = given_doc and given_doc.checked and not self.check_only or nil
   if given_doc and not self.check_only then
     local v = build_delta(self, prev, given_doc, gen, loads)
     if v then

@@ -323,6 +323,9 @@ function _M.reload()
   if not doc then
     return true, "nothing to apply"
   end
+  -- the control process validated what it sends, but for a last-known-good
+  -- copy (config_doc.lua): the build fills defaults, checks nothing twice
+  doc.checked = not doc.unchecked
   if current and current.version == doc.version then
     -- a snapshot of the version in force (a new connection to the control)
     tell_control({ applied = doc.version })

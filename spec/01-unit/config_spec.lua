@@ -699,6 +699,56 @@ describe("config", function()
     end)
   end)
 
+  describe("normalize_routes (routes the control process checked)", function()
+    -- every shipped policy, with and without its defaults given
+    local TEXT = [[{
+      "upstreams": [{"id": "u", "targets": [{"host": "127.0.0.1", "port": 9001}]}],
+      "routes": [
+        {"id": "a", "hosts": ["API.Example.com"], "paths": ["/a/*"], "upstream": "u",
+         "policies": [
+           {"name": "rate-limit", "conf": {"rate": 10, "burst": 5, "key": ["consumer", "ip"]}},
+           {"name": "key-auth"},
+           {"name": "cors", "conf": {"origins": ["https://x.example"]}},
+           {"name": "request-headers", "conf": {"set": {"X-A": "$route"}}},
+           {"name": "response-headers", "conf": {"add": {"X-B": ["1", "2"]}, "remove": ["Server"]}}]},
+        {"id": "b", "paths": ["/b"], "upstream": "u", "strip_prefix": true, "priority": 3,
+         "policies": [
+           {"name": "ip-restriction", "conf": {"allow": ["10.0.0.0/8"]}},
+           {"name": "request-size-limit", "conf": {"max_bytes": 100}},
+           {"name": "circuit-breaker", "conf": {"failure_rate": 0.5}, "enabled": false}]},
+        {"id": "c", "paths": ["/c"], "policies": [{"name": "static-response",
+         "conf": {"status": 200, "body": {"ok": true}, "headers": {"X-C": "c"}}}]},
+        {"id": "d", "paths": ["/d"], "upstream": null,
+         "policies": [{"name": "redirect", "conf": {"to": "https://example.com/"}}]}],
+      "consumers": [{"id": "alice", "credentials": {"key-auth": {"key": "k"}}}],
+      "global_policies": [{"name": "response-headers", "conf": {"set": {"X-G": "g"}}}]
+    }]]
+
+    it("makes what validate_routes makes of them", function()
+      local validated = assert(config.validate_routes(cjson.decode(TEXT), { lua_path = {} }))
+      local normalized = assert(config.normalize_routes(cjson.decode(TEXT), { lua_path = {} }))
+      assert.same(validated, normalized)
+      assert.same({ "api.example.com" }, normalized.routes[1].hosts)
+      assert.is_nil(normalized.routes[4].upstream)
+    end)
+
+    it("skips the checks, not the guard: a wrong type or an unknown policy is nil", function()
+      -- a header the gateway sets: refused by the policy's check only
+      local checked_only = cjson.decode([[{"routes": [{"id": "x", "paths": ["/x"], "policies":
+        [{"name": "response-headers", "conf": {"set": {"Content-Length": "5"}}}]}]}]])
+      assert.is_nil(config.validate_routes(cjson.decode(cjson.encode(checked_only)), {}))
+      assert.is_table(config.normalize_routes(checked_only, {}))
+      for _, bad in ipairs({
+        [[{"routes": [{"id": "x", "paths": "/x"}]}]],
+        [[{"routes": [{"id": "x", "policies": [{"name": "no-such-policy"}]}]}]],
+        [[{"routes": [{"id": "x", "policies": [{"name": "rate-limit", "conf": {"rate": "10"}}]}]}]],
+        [[{"upstreams": [{"id": "u"}]}]],
+      }) do
+        assert.is_nil(config.normalize_routes(cjson.decode(bad), {}), bad)
+      end
+    end)
+  end)
+
   describe("load_routes", function()
     it("loads and normalizes a routes file", function()
       local routes, errs = config.load_routes(FIXTURES .. "/routes.json",

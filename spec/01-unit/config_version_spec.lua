@@ -520,3 +520,63 @@ describe("config_version (" .. m .. ")", function()
     end)
 end)
 end
+
+-- A worker's doc that the control process validated (doc.checked): new
+-- entities get their defaults, not the checks again; what the checks
+-- across entities and the guard find is still refused.
+describe("config_version: a doc the control process checked", function()
+    before_each(function()
+        dir = proc.tmpdir()
+        pdir = dir .. "/policies"
+        os.execute("mkdir -p " .. pdir)
+        write(dir .. "/moongate.json", cjson.encode({
+            lua_path = { pdir }, config_source = { type = "file", path = "routes.json" } }))
+        -- a schema with a default and a check that refuses "bad"
+        write_policy("p-one", { schema = [[{ type = "object", properties = {
+            value = { type = "string", check = function(v) return v ~= "bad", "no bad" end },
+            level = { type = "integer", default = 4 } } }]] })
+        _G.cv_inits = {}
+    end)
+
+    after_each(function()
+        proc.cleanup(dir)
+        _G.cv_inits = nil
+    end)
+
+    local function build_doc(routes, checked)
+        local node = assert(io.open(dir .. "/moongate.json")):read("*a")
+        local d = config_doc.from_split(node, json_split.split(cjson.encode(routes),
+                                                               config_doc.SPLIT))
+        d.version, d.checked = 1, checked
+        return new_builder():build(dir .. "/moongate.json", node, nil, d)
+    end
+
+    it("fills the defaults without running the checks", function()
+        local routes = many(20)
+        routes[3].policies[1].conf.value = "bad"
+        local v = assert(build_doc(doc(routes), true))
+        assert.equal(20, #v.routes)
+        assert.equal(4, by_id(v).r3.policies[1].conf.level)
+        assert.equal("bad", by_id(v).r3.phases.access[1].conf.value)
+        -- unchecked, the same doc is refused by the check
+        local none, err = build_doc(doc(routes), nil)
+        assert.is_nil(none)
+        assert.matches("routes%[2%]%.policies%[0%]%.conf%.value: no bad", err)
+    end)
+
+    it("still refuses a wrong type, an unknown upstream, an id given twice", function()
+        local bad_type = many(3)
+        bad_type[2].policies[1].conf.level = "4"
+        local unknown = many(3)
+        unknown[1].upstream = "nope"
+        local twice = many(3)
+        twice[3].id = "r1"
+        for name, routes in pairs({ bad_type = bad_type, unknown = unknown, twice = twice }) do
+            local v, err = build_doc(doc(routes), true)
+            assert.is_nil(v, name)
+            assert.is_string(err, name)
+        end
+        local _, err = build_doc(doc(bad_type), true)
+        assert.matches("routes%[1%]%.policies%[0%]%.conf%.level: expected integer", err)
+    end)
+end)

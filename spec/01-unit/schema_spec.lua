@@ -515,4 +515,60 @@ describe("schema", function()
                                   { path = "", message = "bad too" } }))
     end)
   end)
+  describe("fill (a value known valid)", function()
+    local def = {
+      type = "object",
+      properties = {
+        name = { type = "string" },
+        opts = { type = "object", default = {}, properties = {
+          level = { type = "integer", default = 3 },
+          tags = { type = "array", default = { "a" }, items = { type = "string" } },
+        } },
+        items = { type = "array", items = { type = "object", properties = {
+          weight = { type = "integer", default = 1 },
+        } } },
+        map = { type = "object", additionalProperties = { type = "object", properties = {
+          on = { type = "boolean", default = true },
+        } } },
+        either = { oneOf = { { type = "string" },
+                             { type = "object", properties = { n = { type = "integer", default = 7 } } } } },
+        req = { type = "object", required = { "must" }, properties = {
+          must = { type = "string" }, d = { type = "string", default = "x" } } },
+      },
+    }
+
+    it("fills the defaults validate fills, at every depth", function()
+      local v = schema.compile(def)
+      local text = '{"name":"n","items":[{},{"weight":5}],"map":{"k":{},"j":{"on":false}},'
+                   .. '"either":{},"req":{"must":"m"}}'
+      local a, b = cjson.decode(text), cjson.decode(text)
+      assert.is_true((v:validate(a)))
+      assert.is_true(v:fill(b))
+      assert.same(a, b)
+      assert.same({ level = 3, tags = { "a" } }, b.opts)
+      assert.equal(1, b.items[1].weight)
+      assert.is_true(b.map.k.on)
+      assert.equal(7, b.either.n)
+      assert.equal("x", b.req.d)
+    end)
+
+    it("runs no check: a value a check refuses is filled all the same", function()
+      local v = schema.compile({ type = "object", properties = {
+        s = { type = "string", check = function() return false, "no" end },
+        d = { type = "integer", default = 2 } } })
+      local value = { s = "x" }
+      assert.is_true(v:fill(value))
+      assert.equal(2, value.d)
+      assert.is_false((v:validate({ s = "x" })))
+    end)
+
+    it("is false on a type the schema does not accept, or a required member missing", function()
+      local v = schema.compile(def)
+      assert.is_false(v:fill({ opts = { level = "3" } }))
+      assert.is_false(v:fill({ opts = "x" }))
+      assert.is_false(v:fill({ req = {} }))
+      assert.is_false(v:fill("x"))
+      assert.is_false(v:fill({ items = { { weight = cjson.null } } }))
+    end)
+  end)
 end)

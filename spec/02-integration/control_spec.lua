@@ -262,6 +262,40 @@ return { name = "slow-init", priority = 1, schema = { type = "object" },
         assert.is_nil(gw:log():find("exited with code 1", 1, true), gw:log_tail())
     end)
 
+    it("a last-known-good copy is validated by the workers, not trusted like the source",
+        function()
+            -- what the control process checked, a worker only completes
+            -- (defaults); a copy read from disk may have been edited: here a
+            -- response header the gateway sets, which only the policy's
+            -- check refuses
+            local mock = gateway.mock()
+            local gw = gateway.start{ routes = routes_with(mock, { route("good") }), workers = 1 }
+            local v = settled(gw)
+            gw:write_routes('{"routes": [{"id": "bad", "paths": [5]}]}')
+            proc.kill(gw.pid, "HUP") -- refused: the copy stays as written below
+            assert.is_truthy(eventually(function()
+                return gw:log():find("reload: [^\n]*routes%[0%]%.paths%[0%]")
+            end, 5), gw:log_tail())
+            local edited = routes_with(mock, { route("good") })
+            edited.routes[2].policies = { { name = "response-headers",
+                                            conf = { set = { ["Content-Length"] = "5" } } } }
+            proc.write_file(gw.dir .. "/moongate.lkg.json", cjson.encode({
+                version = v + 5, node = cjson.decode(proc.read_file(gw.conf_path)),
+                routes = edited }))
+            -- the control process restarts on the broken file: it takes the copy
+            local ctl = gw:control()
+            proc.kill(ctl, "KILL")
+            assert.is_truthy(wait_new_control(gw, ctl), gw:log_tail())
+            assert.is_truthy(eventually(function()
+                return gw:log():find("worker 0 refused config version " .. (v + 5)
+                                     .. ": [^\n]*Content%-Length is set by the gateway")
+            end, 5), gw:log_tail())
+            -- the worker keeps the version it had
+            local res = assert(client.get(gw.port, "/good/x"))
+            assert.equal(200, res.status)
+            assert.is_nil(res.headers["content-length"] == "5" or nil)
+        end)
+
     it("a node whose control process finds no configuration stops, exit 1, saying why",
         function()
             -- valid for `moongate check`, but not splittable into entities (a
