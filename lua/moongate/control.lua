@@ -99,9 +99,14 @@ end
 
 -- Reads and checks the node config and its routes file. Returns the doc
 -- (version not set) and the normalized node, or nil and a list of errors.
+local node_cache = {} -- {text =, node =}: the node config parsed once per text
 local function load_source()
   local node_text = read_file(conf_path)
-  local node, errs = config.load_node(conf_path, node_text)
+  local node, errs = node_cache.node, nil
+  if not (node and node_cache.text == node_text) then
+    node, errs = config.load_node(conf_path, node_text)
+    node_cache.text, node_cache.node = node_text, node
+  end
   if not node then
     for i, e in ipairs(errs) do
       errs[i] = conf_path .. ": " .. e

@@ -969,33 +969,42 @@ finish_plan = function(rt, removed, runs, changed)
   return plan
 end
 
--- plan() for new = old with old[at .. at+del-1] replaced by ins (a
--- config delta's splice: config_version.lua), without walking the routes
--- kept: O(del + #ins). nil when plan() is needed (a route of ins is in
--- rt already) or the change does not fit (then router.new).
-function _M.plan_splice(rt, old, at, del, ins)
+-- plan() for new = old with, for each hunk {at, del, ins} (ascending,
+-- apart: a kept route between two), old[at .. at+del-1] replaced by ins
+-- (a config delta's hunks: config_version.lua), without walking the
+-- routes kept: O(removed + inserted). nil when plan() is needed (a route
+-- of ins is in rt already) or the change does not fit (then router.new).
+function _M.plan_hunks(rt, old, hunks)
   local meta, first = rt.meta, rt.route_first
   if not meta then
     return nil
   end
-  local removed = new_tab(del, 0)
-  for i = at, at + del - 1 do
-    removed[i - at + 1] = old[i]
-  end
-  local runs = {}
-  if #ins > 0 then
-    for _, route in ipairs(ins) do
-      if first[route] then
-        return nil
-      end
+  local removed, runs, added = {}, {}, 0
+  for _, h in ipairs(hunks) do
+    local at, del, ins = h.at, h.del, h.ins
+    for i = at, at + del - 1 do
+      removed[#removed + 1] = old[i]
     end
-    -- the new routes sit between the kept route before them and the one
-    -- after, as plan() places a run
-    local prev, nxt = old[at - 1], old[at + del]
-    runs[1] = { lo = prev and pos_of(rt, first[prev] + route_count(prev) - 1) or 0,
-                hi = nxt and pos_of(rt, first[nxt]) or meta.W, routes = ins }
+    if #ins > 0 then
+      for _, route in ipairs(ins) do
+        if first[route] then
+          return nil
+        end
+      end
+      -- the new routes sit between the kept route before them and the
+      -- one after, as plan() places a run
+      local prev, nxt = old[at - 1], old[at + del]
+      runs[#runs + 1] = { lo = prev and pos_of(rt, first[prev] + route_count(prev) - 1) or 0,
+                          hi = nxt and pos_of(rt, first[nxt]) or meta.W, routes = ins }
+      added = added + #ins
+    end
   end
-  return finish_plan(rt, removed, runs, #ins)
+  return finish_plan(rt, removed, runs, added)
+end
+
+-- plan_hunks of one hunk: old[at .. at+del-1] replaced by ins
+function _M.plan_splice(rt, old, at, del, ins)
+  return _M.plan_hunks(rt, old, { { at = at, del = del, ins = ins } })
 end
 
 -- a new node of rt (apply: the room was checked by plan)

@@ -23,6 +23,7 @@ local router = require("moongate.router")
 local request = require("moongate.request")
 local context = require("moongate.context")
 local slice = require("moongate.slice")
+local slice_check = slice.check
 local gc_hold = require("moongate.gc_hold")
 local mg = require("moongate")
 
@@ -207,6 +208,7 @@ local function load(doc)
   if not v then
     return nil, err
   end
+  slice_check() -- the swap in a slice of its own (router.apply, the indexes' marks)
   builder:commit(v)
   v.version = doc.version
   current = v
@@ -292,7 +294,9 @@ local function take_frames()
     local frame, err = config_doc.decode(ffi_string(frame_data[0], frame_len[0]))
     local next_doc
     if frame then
+      slice_check() -- a delta is ~300 bytes (decoded in ~0.03 ms); a snapshot is the whole config
       next_doc, err = config_doc.apply(doc, frame)
+      slice_check()
     end
     if not next_doc then
       mg.log.warn("config frame not applied (", err, "); asking the control process for a "
@@ -319,8 +323,11 @@ end
 -- served in between on the version in force, and the new version replaces
 -- it only when complete.
 function _M.reload()
+  -- the frames' decode and apply are sliced too (a check after each)
+  slice.begin(1)
   local doc = take_frames()
   if not doc then
+    slice.finish()
     return true, "nothing to apply"
   end
   -- the control process validated what it sends, but for a last-known-good
@@ -328,13 +335,13 @@ function _M.reload()
   doc.checked = not doc.unchecked
   if current and current.version == doc.version then
     -- a snapshot of the version in force (a new connection to the control)
+    slice.finish()
     tell_control({ applied = doc.version })
     return true, "unchanged"
   end
   -- the first version: nothing is served yet, and the collector walking
   -- the growing heap was a third of the build (gc_hold.lua)
   local gc = current == nil and gc_hold.hold(FIRST_BUILD_GC_MB)
-  slice.begin(1)
   local v, err = load(doc)
   slice.finish()
   if gc then

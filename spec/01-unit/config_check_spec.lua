@@ -57,9 +57,74 @@ describe("config_check", function()
         assert.same({ routes = 40, validated = 40, whole = false, modules_loaded = 1 },
                     config_check.stats())
         assert.same({}, check(routes_doc(40, function(r) r[9].policies[1].conf.value = "x" end)))
-        assert.same({ routes = 40, validated = 1, whole = false, modules_loaded = 0 },
+        -- the change is found by comparing the entity lists (the delta
+        -- path), not by looking up all 40 routes
+        assert.same({ routes = 40, validated = 1, whole = false, modules_loaded = 0, delta = true },
                     config_check.stats())
         assert.is_nil(_G.cc_inits)
+    end)
+
+    it("takes two changes far apart (what two writes folded into one reload make) as two", function()
+        assert.same({}, check(routes_doc(200)))
+        local doc = routes_doc(200, function(r)
+            r[3].policies[1].conf.value = "edited"
+            r[201] = { id = "r201", paths = { "/r201/*" }, upstream = "u" }
+        end)
+        assert.same({}, check(doc))
+        assert.same({ routes = 201, validated = 2, whole = false, modules_loaded = 0, delta = true },
+                    config_check.stats())
+        -- and then a removal near the top
+        table.remove(doc.routes, 2)
+        assert.same({}, check(doc))
+        assert.same({ routes = 200, validated = 0, whole = false, modules_loaded = 0, delta = true },
+                    config_check.stats())
+    end)
+
+    it("answers as moongate check does through random valid and invalid changes", function()
+        math.randomseed(7)
+        local routes = routes_doc(60).routes
+        assert.same({}, check({ upstreams = routes_doc(0).upstreams, routes = routes }))
+        local next_id = 61
+        local refused, taken = 0, 0
+        for step = 1, 60 do
+            local r = {}
+            for i, v in ipairs(routes) do
+                r[i] = v
+            end
+            for _ = 1, math.random(1, 2) do
+                local op, i = math.random(1, 7), math.random(1, #r)
+                if op == 1 then -- a policy conf edited
+                    r[i] = { id = r[i].id, paths = r[i].paths, upstream = "u",
+                             policies = { { name = "p-one", conf = { value = "s" .. step } } } }
+                elseif op == 2 then -- a route added
+                    table.insert(r, i, { id = "r" .. next_id, paths = { "/n" .. next_id .. "/*" },
+                                         upstream = "u" })
+                    next_id = next_id + 1
+                elseif op == 3 then -- a route removed
+                    table.remove(r, i)
+                elseif op == 4 then -- a conf the policy's schema refuses
+                    r[i] = { id = r[i].id, paths = r[i].paths, upstream = "u",
+                             policies = { { name = "p-one", conf = { value = step } } } }
+                elseif op == 5 then -- an upstream that does not exist
+                    r[i] = { id = r[i].id, paths = r[i].paths, upstream = "nope" }
+                elseif op == 6 then -- an id given twice
+                    table.insert(r, i, { id = r[math.random(1, #r)].id, paths = { "/d/*" },
+                                         upstream = "u" })
+                else -- a route moved
+                    table.insert(r, math.random(1, #r), table.remove(r, i))
+                end
+            end
+            local errs = check({ upstreams = routes_doc(0).upstreams, routes = r })
+            assert.same(config.check(dir .. "/moongate.json"), errs, "step " .. step)
+            if #errs == 0 then
+                routes = r
+                taken = taken + 1
+                assert.equal(#r, config_check.stats().routes)
+            else
+                refused = refused + 1
+            end
+        end
+        assert.is_true(taken > 10 and refused > 10, taken .. " taken, " .. refused .. " refused")
     end)
 
     it("refuses a bad change with moongate check's errors, then takes the fix", function()

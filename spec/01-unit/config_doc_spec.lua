@@ -136,6 +136,27 @@ describe("config_doc delta", function()
         assert.same(b, got.elements.routes)
         assert.is_true(size < 400, "frame of " .. size .. " bytes")
         assert.equal("routes +1 ~1 -0", config_doc.summary(config_doc.diff(routes_doc(1, a), routes_doc(2, b))))
+        -- and the worker's record is those two hunks (what it builds from:
+        -- config_version.lua), not one splice of the 4,995 routes between
+        assert.same({ { at = 7, del = 1, ins = { b[7] } }, { at = 5001, del = 0, ins = { b[5001] } } },
+                    got.delta.hunks.routes)
+    end)
+
+    it("merges adjacent hunks in the worker's record", function()
+        local base = routes_doc(1, route_texts(10))
+        local got = assert(config_doc.apply(base, { version = 2, base = 1, splice = { routes = {
+            { at = 3, del = 1, ins = { "x" } }, { at = 4, del = 2, ins = { "y", "z" } },
+            { at = 8, del = 0, ins = { "w" } } } } }))
+        assert.same({ { at = 3, del = 3, ins = { "x", "y", "z" } }, { at = 8, del = 0, ins = { "w" } } },
+                    got.delta.hunks.routes)
+        assert.same({ "r1", "r2", "x", "y", "z", "r6", "r7", "w", "r8", "r9", "r10" },
+                    (function()
+                        local out = {}
+                        for i, t in ipairs(got.elements.routes) do
+                            out[i] = t:match('"id":"(%w+)"') or t
+                        end
+                        return out
+                    end)())
     end)
 
     it("gives the new lists exactly for random edits, insertions, deletions and moves", function()
@@ -164,6 +185,24 @@ describe("config_doc delta", function()
             local got, err = over_the_wire(routes_doc(1, a), routes_doc(2, b))
             assert.is_nil(err)
             assert.same(b, got.elements.routes)
+            -- the worker's record: hunks apart (a kept element between
+            -- two), which give b from a too
+            local hunks = got.delta.hunks.routes or {}
+            local out, from = {}, 1
+            for k, h in ipairs(hunks) do
+                assert.is_true(k == 1 or h.at > hunks[k - 1].at + hunks[k - 1].del)
+                for i = from, h.at - 1 do
+                    out[#out + 1] = a[i]
+                end
+                for _, t in ipairs(h.ins) do
+                    out[#out + 1] = t
+                end
+                from = h.at + h.del
+            end
+            for i = from, #a do
+                out[#out + 1] = a[i]
+            end
+            assert.same(b, out)
         end
     end)
 

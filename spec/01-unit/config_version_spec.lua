@@ -295,6 +295,32 @@ describe("config_version (" .. m .. ")", function()
         assert.same({ "r0", "r1", "r2" }, { v2.routes[1].id, v2.routes[2].id, v2.routes[3].id })
     end)
 
+    it("takes changes far apart in one version as those changes alone", function()
+        -- what two file writes folded into one reload make: an edit near
+        -- the top and a route added at the end (frames: one delta of two
+        -- hunks, built from those two entities, not the 300 between)
+        local b = new_builder()
+        local routes = many(300)
+        build(b, doc(routes))
+        routes[3] = route(3, { policies = { { name = "p-one", conf = { value = "edited" } } } })
+        routes[301] = route(301)
+        local v = build(b, doc(routes))
+        assert.equal(2, v.stats.compiled)
+        assert.equal(299, v.stats.reused)
+        assert.equal(2, v.stats.validated)
+        if mode == "frames" then
+            assert.is_true(v.stats.delta)
+            assert.equal("updated", v.stats.router)
+        end
+        assert.equal("edited", by_id(v).r3.phases.access[1].conf.value)
+        local view = ffi.new("mg_req_view_t")
+        for _, path in ipairs({ "/r3/x", "/r301/x", "/r150/x" }) do
+            view.path, view.path_len = path, #path
+            local r = router.match(v.router, view, function() end, nil)
+            assert.equal(path:match("^/(r%d+)/"), r and r.id)
+        end
+    end)
+
     it("re-loads a changed policy module and recompiles exactly the routes using it", function()
         local b = new_builder()
         local routes = many(10)
