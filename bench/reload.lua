@@ -12,12 +12,21 @@
 --       --direct: SIGHUP to the control process itself): p99 of
 --       each run and their ratio.
 --       Target: p99 during changes < 2x the steady p99.
+--       Between them, the same writer at the same rate writing the text in
+--       force (the control reads and checks it, finds nothing changed):
+--       the p99 that wrk, the writer and the control's read cost on these
+--       CPUs without any change reaching the worker.
+--       --stall-ms N: the workers log each loop turn busy >= N ms
+--       (MOONGATE_LOOP_STALL_MS); each run then also prints how many there
+--       were and the CPU they used (a turn much longer than its CPU is the
+--       worker waiting for a core).
 --
 -- Run from the repository root after `make build`:
 --
 --   luajit bench/reload.lua [--routes 5000] [--changes 20] [--handoffs 50]
 --                           [--rate 20] [--seconds 5] [--workers 1]
 --                           [--connections 8] [--cli | --direct] [--keep-tmp]
+--                           [--stall-ms N]
 --
 -- (c) between them: the hand-off, from a file change + reload to every
 -- worker serving the new version (p50/p95 over --handoffs changes).
@@ -38,7 +47,7 @@ local gettime = socket.gettime
 local format = string.format
 
 local opts = { routes = 5000, changes = 20, handoffs = 50, rate = 20, seconds = 5, workers = 1,
-               connections = 8, cli = false, direct = false, keep_tmp = false }
+               connections = 8, cli = false, direct = false, keep_tmp = false, stall_ms = 0 }
 do
   local i = 1
   while arg[i] do
@@ -54,7 +63,7 @@ do
     else
       io.stderr:write("usage: luajit bench/reload.lua [--routes N] [--changes N] [--handoffs N] "
                       .. "[--rate N] [--seconds N] [--workers N] [--connections N] "
-                      .. "[--cli | --direct] [--keep-tmp]\n")
+                      .. "[--cli | --direct] [--keep-tmp] [--stall-ms N]\n")
       os.exit(2)
     end
   end
@@ -195,6 +204,20 @@ local function timing_lines(log, from)
   return out
 end
 
+-- the busy loop turns the log holds from byte `from` on (--stall-ms):
+-- "N turns >= X ms (cpu p50 A, max B ms; busy max C ms)"
+local function stalls(log, from)
+  local busy, cpu = {}, {}
+  for b, c in log:sub(from):gmatch("loop turn busy ([%d.]+) ms %(cpu ([%d.]+) ms%)") do
+    busy[#busy + 1], cpu[#cpu + 1] = tonumber(b), tonumber(c)
+  end
+  if #busy == 0 then
+    return format("no turn >= %g ms", opts.stall_ms)
+  end
+  return format("%d turns >= %g ms (cpu p50 %.2f, max %.2f ms; busy max %.2f ms)", #busy,
+                opts.stall_ms, percentile(cpu, 0.5), percentile(cpu, 1), percentile(busy, 1))
+end
+
 local eventually = proc.eventually
 
 -- ---- the run ------------------------------------------------------------------
@@ -225,7 +248,8 @@ local function main()
   local gw = gateway.start{
     routes = base, workers = opts.workers, timeout = 60,
     node = { lua_path = { pdir }, log = { level = "info", access = "off" } },
-    env = { MOONGATE_RELOAD_TIMING = "1" },
+    env = { MOONGATE_RELOAD_TIMING = "1",
+            MOONGATE_LOOP_STALL_MS = opts.stall_ms > 0 and tostring(opts.stall_ms) or nil },
   }
   assert(eventually(function()
     local _, n = gw:log():gsub("worker %d+ started", "")
@@ -345,42 +369,64 @@ local function main()
                      percentile(handoff, 0.5), percentile(handoff, 0.95), percentile(handoff, 1))
   io.write(results.c, "\n")
 
-  -- (b) p99 steady, then during changes
+  -- (b) p99 steady, with the writer writing no change, then during changes
   local url = "http://127.0.0.1:" .. gw.port .. "/r42/x"
   proc.run(wrk_cmd(url, 1)) -- warm-up
-  local _, out = proc.run(wrk_cmd(url, opts.seconds))
-  local steady = parse_wrk(out)
-  assert(steady.p99, "no p99 from wrk:\n" .. out)
+  local ctl_pid = assert(gw:control(), "no control process")
+
+  -- wrk for opts.seconds while texts (nil: none) are written and applied
+  -- opts.rate times a second, in turn. Returns wrk's figures, plus sent,
+  -- elapsed, the CPU of master and control, the log from the start.
+  local function run_wrk(texts)
+    local master_cpu0, ctl_cpu0 = cpu_seconds(gw.pid), cpu_seconds(ctl_pid)
+    local from = #gw:log() + 1
+    local wrk = assert(io.popen(wrk_cmd(url, opts.seconds), "r"))
+    local start = gettime()
+    local sent, period = 0, 1 / opts.rate
+    while texts and gettime() - start < opts.seconds - period do
+      sent = sent + 1
+      apply(texts[sent % #texts + 1])
+      local next_at = start + sent * period
+      local wait = next_at - gettime()
+      if wait > 0 then
+        socket.sleep(wait)
+      end
+    end
+    local elapsed = gettime() - start
+    local out = wrk:read("*a")
+    wrk:close()
+    local r = parse_wrk(out)
+    assert(r.p99, "no p99 from wrk:\n" .. out)
+    r.sent, r.elapsed, r.from = sent, elapsed, from
+    r.master_cpu = cpu_seconds(gw.pid) - master_cpu0
+    r.ctl_cpu = cpu_seconds(ctl_pid) - ctl_cpu0
+    return r
+  end
+
+  local steady = run_wrk(nil)
+  local steady_stalls = opts.stall_ms > 0 and stalls(gw:log(), steady.from)
+
+  -- the writer alone: the text in force, written and applied at the same
+  -- rate (the control reads and checks it; nothing reaches the workers)
+  local same = next_text(opts.changes + 1)
+  local before = #gw:log() + 1
+  apply(same)
+  version = version + 1
+  assert(eventually(function()
+    return #timing_lines(gw:log(), before) >= opts.workers
+  end, 30), "the writer's text was not applied:\n" .. gw:log_tail())
+  local idle = run_wrk({ same })
+  local idle_stalls = opts.stall_ms > 0 and stalls(gw:log(), idle.from)
 
   -- a cycle of texts each one route away from the one before
   local texts = {}
   for c = 1, 6 do
-    texts[c] = next_text(opts.changes + c)
+    texts[c] = next_text(opts.changes + 1 + c)
   end
-  local ctl_pid = assert(gw:control(), "no control process")
-  local master_cpu0, ctl_cpu0 = cpu_seconds(gw.pid), cpu_seconds(ctl_pid)
-  local from = #gw:log() + 1
-  local wrk = assert(io.popen(wrk_cmd(url, opts.seconds), "r"))
-  local start = gettime()
-  local sent, period = 0, 1 / opts.rate
-  while gettime() - start < opts.seconds - period do
-    sent = sent + 1
-    apply(texts[sent % #texts + 1])
-    local next_at = start + sent * period
-    local wait = next_at - gettime()
-    if wait > 0 then
-      socket.sleep(wait)
-    end
-  end
-  local elapsed = gettime() - start
-  out = wrk:read("*a")
-  wrk:close()
-  local master_cpu = cpu_seconds(gw.pid) - master_cpu0
-  local ctl_cpu = cpu_seconds(ctl_pid) - ctl_cpu0
-  local during = parse_wrk(out)
-  assert(during.p99, "no p99 from wrk:\n" .. out)
+  local during = run_wrk(texts)
   socket.sleep(1)
-  local applied = timing_lines(gw:log(), from)
+  local during_stalls = opts.stall_ms > 0 and stalls(gw:log(), during.from)
+  local applied = timing_lines(gw:log(), during.from)
   local apply_ms = {}
   for i, l in ipairs(applied) do
     apply_ms[i] = l.ms
@@ -393,14 +439,23 @@ local function main()
                      opts.rate, during.p99, during.p50, during.rps, during.errors,
                      during.socket_errors and ", socket errors " .. during.socket_errors or "",
                      ratio, verdict(ratio < 2 and during.errors == "0"))
+  results.b1 = format("    the writer alone (%d writes of the text in force, %d/s): p99 %.2f ms "
+                      .. "(p50 %.2f, %.0f req/s; %.2f x steady; during changes / this %.2f); "
+                      .. "control CPU per write %.1f ms",
+                      idle.sent, opts.rate, idle.p99, idle.p50, idle.rps, idle.p99 / steady.p99,
+                      during.p99 / idle.p99, idle.ctl_cpu * 1000 / math.max(idle.sent, 1))
   results.b2 = format("    %d changes sent in %.1f s (%s); worker reloads applied: %d (median %.1f ms, "
                       .. "max %.1f ms); CPU per change sent: control process %.1f ms, "
                       .. "master %.1f ms",
-                      sent, elapsed, opts.cli and "moongate reload"
+                      during.sent, during.elapsed, opts.cli and "moongate reload"
                         or opts.direct and "SIGHUP to the control process" or "SIGHUP to the master",
                       #applied, percentile(apply_ms, 0.5), percentile(apply_ms, 1),
-                      ctl_cpu * 1000 / sent, master_cpu * 1000 / sent)
-  io.write(results.b, "\n", results.b2, "\n")
+                      during.ctl_cpu * 1000 / during.sent, during.master_cpu * 1000 / during.sent)
+  io.write(results.b, "\n", results.b1, "\n", results.b2, "\n")
+  if opts.stall_ms > 0 then
+    io.write(format("    busy loop turns: steady %s; writer alone %s; during changes %s\n",
+                    steady_stalls, idle_stalls, during_stalls))
+  end
 
   gateway.stop_all()
   if not opts.keep_tmp then
