@@ -53,7 +53,8 @@
 -- O(routes) table lookups, O(changed routes) decoding, validation, init()
 -- and router update. A worker's delta frame skips the O(routes) walk (see
 -- "the delta path" below): ~0.3 ms at 10,000 routes, O(changed) work plus
--- O(routes) pointer copies.
+-- O(routes) pointer copies; so does the control process's check of a
+-- change of a few entities (check_delta): ~0.6 ms at 5,000 routes.
 --
 -- A compiled route table is never changed once built: a request in flight
 -- keeps the route (and so the policies and upstream) it started with.
