@@ -106,6 +106,42 @@ describe("etcd_source", function()
     assert.is_nil(etcd_source.b64_decode("YQ==YWJj"))
   end)
 
+  it("reads etcd's range bodies without cjson, as cjson reads them; other forms through cjson",
+     function()
+    -- empty, then keys with values, an empty value, a big value
+    local bodies = { range_body() }
+    e:put(P .. "/routes/a", route("/a"))
+    e:put(P .. "/upstreams/u1", UP)
+    curl("/v3/kv/put", cjson.encode({ key = etcd_source.b64_encode(P .. "/routes/empty") }))
+    e:put(P .. "/policies/big", "return {} --" .. string.rep("x", 70000))
+    bodies[2] = range_body()
+    local function via_cjson(body)
+      local r = cjson.decode(body)
+      local keys, values = {}, {}
+      for i, kv in ipairs(r.kvs or {}) do
+        keys[i] = etcd_source.b64_decode(kv.key)
+        values[i] = kv.value and etcd_source.b64_decode(kv.value) or ""
+      end
+      return r.header.revision, keys, values
+    end
+    for _, body in ipairs(bodies) do
+      local rev, keys, values = etcd_source.scan_range(body)
+      assert.is_string(rev, body)
+      assert.same({ via_cjson(body) }, { rev, keys, values })
+    end
+    assert.equal(4, #select(2, etcd_source.scan_range(bodies[2])))
+    -- the same JSON written otherwise: not scanned, read the same by range()
+    local spaced = bodies[2]:gsub(",", ", ")
+    local escaped = bodies[2]:gsub('"key"', '"k\\u0065y"')
+    for _, other in ipairs({ spaced, escaped, bodies[2]:gsub("%]", "],\"x\":{}") }) do
+      assert.is_nil(etcd_source.scan_range(other))
+    end
+    local s1, s2 = new_src(), new_src()
+    assert.equal(s1:range(bodies[2]), s2:range(spaced))
+    assert.same(s1:doc(), s2:doc())
+    assert.equal(2, #s1:doc().elements.routes + #s1:doc().elements.upstreams)
+  end)
+
   it("reads a range: entities in key order, ids from the keys, global policies, policies",
      function()
     e:put(P .. "/upstreams/u1", UP)
