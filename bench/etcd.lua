@@ -138,15 +138,6 @@ local function writer(e)
   return w
 end
 
-local function versions(gw)
-  local res = client.get(gw.status_port, "/metrics")
-  local out = {}
-  for w, v in (res and res.body or ""):gmatch('gateway_config_version{worker="(%d+)"} (%d+)') do
-    out[tonumber(w)] = tonumber(v)
-  end
-  return out
-end
-
 local function timing_lines(log, from)
   local out = {}
   for line in log:sub(from):gmatch("[^\n]+") do
@@ -230,7 +221,7 @@ local function main()
     end
     local t_ack = gettime()
     assert(eventually(function()
-      local v = versions(gw)
+      local v = gw:config_versions()
       for i = 0, opts.workers - 1 do
         if v[i] ~= rev then
           return false

@@ -332,14 +332,6 @@ local function main()
   -- removed, each time; the changes 150 ms apart (a SIGHUP within 100 ms
   -- of the last reload waits for those 100 ms to pass: that fold is not
   -- what is measured here).
-  local function metrics_versions()
-    local r = client.get(gw.status_port, "/metrics")
-    local out = {}
-    for w, v in (r and r.body or ""):gmatch('gateway_config_version{worker="(%d+)"} (%d+)') do
-      out[tonumber(w)] = tonumber(v)
-    end
-    return out
-  end
   local handoff = {}
   for c = 1, opts.handoffs do
     socket.sleep(0.15)
@@ -350,7 +342,7 @@ local function main()
     apply(text)
     version = version + 1
     assert(eventually(function()
-      local m = metrics_versions()
+      local m = gw:config_versions()
       for w = 0, opts.workers - 1 do
         if m[w] ~= version then
           return false

@@ -277,8 +277,15 @@ function _M.init(path, wid, _, from_files)
 end
 
 -- an answer to the control process (channel.c keeps the last one, and
--- sends it again after a reconnect)
+-- sends it again after a reconnect). A refusal's error text is cut to
+-- MAX_ERROR bytes: channel.c refuses an answer over 64 KiB, and even
+-- escaped six times over the cut text stays below it.
+local MAX_ERROR = 8192
 local function tell_control(msg)
+  local err = msg.error
+  if type(err) == "string" and #err > MAX_ERROR then
+    msg.error = sub(err, 1, MAX_ERROR) .. " ... (cut at " .. MAX_ERROR .. " bytes)"
+  end
   local text = json_encode(msg)
   C.mg_cfg_send(text, #text)
 end

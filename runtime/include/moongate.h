@@ -312,9 +312,10 @@ int mg_sha1_hex(const char *data, size_t len, char *out40);
  * (channel.c): length-prefixed frames over a unix socket. A worker pulls
  * the frames the control process sent, in order (MG_OK; MG_DECLINED when
  * none is queued; *data stays valid until the next call), and answers
- * (copied; MG_DECLINED while not connected: the answer is sent again on
- * reconnecting). The control process sends to a peer by the id its
- * handler's peer() was given (copied; MG_DECLINED: no such peer). */
+ * (copied; at most 64 KiB, MG_EINVAL beyond; MG_DECLINED while not
+ * connected: the answer is sent again on reconnecting). The control
+ * process sends to a peer by the id its handler's peer() was given
+ * (copied; MG_DECLINED: no such peer). */
 int mg_cfg_next(const char **data, size_t *len);
 int mg_cfg_send(const char *data, size_t len);
 int mg_ctl_send(uint32_t peer, const char *data, size_t len);

@@ -21,10 +21,22 @@
  * included), so a peer must run as our user and be a child of our master
  * (SO_PEERCRED, then its /proc/<pid>/stat).
  *
- * Limits: a frame is at most CHAN_MAX_FRAME bytes (a peer sending more is
- * disconnected); at most CHAN_MAX_PEERS connections. Writes are queued
- * without a bound: the control process writes one frame per version to
- * each worker, and a worker only a few small answers.
+ * Limits: a frame from the control process is at most CHAN_MAX_FRAME
+ * bytes (a whole config), one from a worker at most CHAN_MAX_ANSWER (a
+ * hello or an answer: a version number and an error text, which
+ * worker.lua bounds); an end that is sent more closes the connection (a
+ * worker then reconnects). At most CHAN_MAX_PEERS connections. Writes are
+ * queued without a bound: the control process writes one frame per
+ * version to each worker, and a worker only a few small answers.
+ *
+ * Out of memory: a frame that cannot be queued (the control's copy for a
+ * worker, or a worker's copy of a received one) is not dropped quietly, as
+ * the worker would then stay behind until some later delta failed to apply:
+ * the connection is closed, and the worker's reconnect brings it the
+ * snapshot of the version in force (as after any loss of the channel).
+ * Test hook: MOONGATE_TEST_CHAN_OOM="control:N" or "worker:N" makes the
+ * Nth frame that end queues fail as if malloc had (chan_fault; without the
+ * variable, one compare per frame).
  */
 #define _GNU_SOURCE /* struct ucred */
 #include <errno.h>
@@ -39,6 +51,7 @@
 #include "mg.h"
 
 #define CHAN_MAX_FRAME (256u << 20) /* 256 MiB: a config far beyond 100,000 routes */
+#define CHAN_MAX_ANSWER (64u << 10) /* 64 KiB: worker -> control (hello, applied, refused) */
 #define CHAN_RETRY_MS 50
 #define CHAN_MAX_PEERS 1024
 #define CHAN_READ_SIZE 65536
@@ -52,6 +65,7 @@ typedef struct {
 typedef struct chan_peer_s {
     uv_pipe_t pipe; /* must be first: the handle casts to the peer */
     uint32_t id;
+    int notify; /* closed while serving: tell Lua (peer(id, nil)) once the handle is closed */
     chan_inbuf_t in;
     struct chan_peer_s *next;
 } chan_peer_t;
@@ -87,7 +101,24 @@ static struct {
     char *answer; /* the last mg_cfg_send, sent again after a reconnect */
     size_t answer_len;
     int closed; /* mg__chan_close ran: no reconnecting */
+    /* the test hook (MOONGATE_TEST_CHAN_OOM): 0, or which frame fails */
+    unsigned fault_at, fault_count;
 } chan;
+
+/* Reads MOONGATE_TEST_CHAN_OOM for this end ("control" or "worker"). */
+static void chan_fault_init(const char *end)
+{
+    const char *v = getenv("MOONGATE_TEST_CHAN_OOM");
+    size_t n = strlen(end);
+    if (v == NULL || strncmp(v, end, n) != 0 || v[n] != ':') return;
+    chan.fault_at = (unsigned)strtoul(v + n + 1, NULL, 10);
+}
+
+/* 1: the frame being queued is the one the test hook fails. */
+static int chan_fault(void)
+{
+    return chan.fault_at != 0 && ++chan.fault_count == chan.fault_at;
+}
 
 /* "\0moongate-<master pid>-ctl": the control process and the workers are
  * all children of the master. */
@@ -140,12 +171,12 @@ static int chan_write(uv_stream_t *s, const char *data, size_t len)
 }
 
 /* Room for one read: what is left after cutting frames is less than one
- * frame and its header, so the buffer never needs more than that and a
- * read. */
-static void chan_alloc(chan_inbuf_t *in, uv_buf_t *buf)
+ * frame of at most max bytes and its header, so the buffer never needs
+ * more than that and a read. */
+static void chan_alloc(chan_inbuf_t *in, uv_buf_t *buf, size_t max)
 {
     if (mg__grow(&in->buf, &in->cap, in->len, CHAN_READ_SIZE, CHAN_READ_SIZE,
-                 CHAN_MAX_FRAME + 4 + CHAN_READ_SIZE) != 0) {
+                 max + 4 + CHAN_READ_SIZE) != 0) {
         buf->base = NULL;
         buf->len = 0; /* libuv reports UV_ENOBUFS: the pipe is closed */
         return;
@@ -154,21 +185,32 @@ static void chan_alloc(chan_inbuf_t *in, uv_buf_t *buf)
     buf->len = in->cap - in->len;
 }
 
-/* Cuts the complete frames out of in, calling fn(ud, data, len) for each;
- * -1 when a frame is too long. The buffer is freed once a big frame (a
- * snapshot) is through, so an idle channel holds 64 KiB at most. */
-static int chan_frames(chan_inbuf_t *in, void (*fn)(void *, const char *, size_t), void *ud)
+/* Cuts the complete frames out of in, calling fn(ud, data, len) for each.
+ * 0; -1 when a frame is longer than max (*flen_out: its length); -2 when
+ * fn failed (out of memory), which stops the cutting: the caller closes
+ * the connection. The buffer is freed once a big frame (a snapshot) is
+ * through, so an idle channel holds 64 KiB at most. */
+static int chan_frames(chan_inbuf_t *in, size_t max, int (*fn)(void *, const char *, size_t),
+                       void *ud, size_t *flen_out)
 {
     size_t pos = 0;
+    int rc = 0;
 
     while (in->len - pos >= 4) {
         const unsigned char *p = (const unsigned char *)in->buf + pos;
         size_t flen = (size_t)p[0] << 24 | (size_t)p[1] << 16 | (size_t)p[2] << 8 | p[3];
-        if (flen > CHAN_MAX_FRAME) return -1;
+        if (flen > max) {
+            *flen_out = flen;
+            return -1;
+        }
         if (in->len - pos - 4 < flen) break;
-        fn(ud, in->buf + pos + 4, flen);
+        if (fn(ud, in->buf + pos + 4, flen) != 0) {
+            rc = -2;
+            break;
+        }
         pos += 4 + flen;
     }
+    if (rc != 0) return rc; /* the connection is closed: its buffer goes with it */
     if (pos > 0) {
         memmove(in->buf, in->buf + pos, in->len - pos);
         in->len -= pos;
@@ -192,12 +234,15 @@ static void chan_inbuf_free(chan_inbuf_t *in)
 static void peer_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
 {
     (void)hint;
-    chan_alloc(&((chan_peer_t *)h)->in, buf);
+    chan_alloc(&((chan_peer_t *)h)->in, buf, CHAN_MAX_ANSWER);
 }
 
+/* Lua hears of a closed peer here, from the loop, never from inside
+ * mg_ctl_send (an FFI call must not re-enter Lua). */
 static void peer_closed(uv_handle_t *h)
 {
     chan_peer_t *p = (chan_peer_t *)h;
+    if (p->notify && !mg__worker->stopping) mg__lua_peer(mg__worker, p->id, NULL, 0);
     chan_inbuf_free(&p->in);
     free(p);
 }
@@ -213,14 +258,15 @@ static void peer_close(chan_peer_t *p)
             break;
         }
     }
+    p->notify = 1;
     uv_close((uv_handle_t *)&p->pipe, peer_closed);
-    if (!mg__worker->stopping) mg__lua_peer(mg__worker, p->id, NULL, 0);
 }
 
-static void peer_frame(void *ud, const char *data, size_t len)
+static int peer_frame(void *ud, const char *data, size_t len)
 {
     chan_peer_t *p = ud;
     mg__lua_peer(mg__worker, p->id, data, len);
+    return 0;
 }
 
 static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
@@ -235,9 +281,12 @@ static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
         return;
     }
     p->in.len += (size_t)n;
-    if (chan_frames(&p->in, peer_frame, p) < 0) {
-        mg_log(MG_LOG_WARN, "channel: peer %u sent a frame over %u bytes; disconnected", p->id,
-               CHAN_MAX_FRAME);
+    size_t flen = 0;
+    if (chan_frames(&p->in, CHAN_MAX_ANSWER, peer_frame, p, &flen) < 0) {
+        mg_log(MG_LOG_WARN,
+               "channel: peer %u sent a frame of %zu bytes (a worker's are at most %u); "
+               "disconnected",
+               p->id, flen, CHAN_MAX_ANSWER);
         peer_close(p);
     }
 }
@@ -307,6 +356,7 @@ int mg__chan_listen(mg_worker_t *w)
     socklen_t salen = chan_addr(&sa);
     int fd, rc;
 
+    chan_fault_init("control");
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         mg_log(MG_LOG_ERROR, "channel: socket: %s", strerror(errno));
@@ -335,9 +385,20 @@ int mg_ctl_send(uint32_t peer, const char *data, size_t len)
 
     /* O(peers): a node has a few workers, at most 256. */
     for (p = chan.peers; p != NULL; p = p->next) {
+        int rc;
         if (p->id != peer) continue;
-        if (chan_write((uv_stream_t *)&p->pipe, data, len) != 0) return MG_ERROR;
-        return MG_OK;
+        rc = chan_fault() ? UV_ENOMEM : chan_write((uv_stream_t *)&p->pipe, data, len);
+        if (rc == 0) return MG_OK;
+        if (rc == UV_ENOMEM) {
+            /* dropping the frame would leave that worker silently behind:
+             * its reconnect brings it the version in force */
+            mg_log(MG_LOG_ERROR,
+                   "channel: out of memory for a %zu-byte frame to peer %u; disconnected, so "
+                   "that it reconnects and gets the version in force",
+                   len, p->id);
+            peer_close(p);
+        }
+        return MG_ERROR;
     }
     return MG_DECLINED;
 }
@@ -350,16 +411,17 @@ static void client_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
 {
     (void)h;
     (void)hint;
-    chan_alloc(&chan.in, buf);
+    chan_alloc(&chan.in, buf, CHAN_MAX_FRAME);
 }
 
-static void client_frame(void *ud, const char *data, size_t len)
+static int client_frame(void *ud, const char *data, size_t len)
 {
-    chan_frame_t *f = malloc(sizeof(*f) + len);
+    chan_frame_t *f = chan_fault() ? NULL : malloc(sizeof(*f) + len);
     (void)ud;
     if (f == NULL) {
+        /* not dropped: the caller reconnects, and the snapshot follows */
         mg_log(MG_LOG_ERROR, "channel: out of memory for a %zu-byte frame", len);
-        return;
+        return -1;
     }
     f->next = NULL;
     f->len = len;
@@ -369,6 +431,7 @@ static void client_frame(void *ud, const char *data, size_t len)
     else
         chan.head = f;
     chan.tail = f;
+    return 0;
 }
 
 static void client_closed(uv_handle_t *h)
@@ -396,6 +459,7 @@ static void client_lost(const char *why)
 
 static void client_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 {
+    int rc;
     (void)s;
     (void)buf;
     if (n == 0) return;
@@ -404,10 +468,11 @@ static void client_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
         return;
     }
     chan.in.len += (size_t)n;
-    if (chan_frames(&chan.in, client_frame, NULL) < 0) {
-        client_lost("a frame too long");
-        return;
-    }
+    size_t flen = 0;
+    rc = chan_frames(&chan.in, CHAN_MAX_FRAME, client_frame, NULL, &flen);
+    if (rc == -1) client_lost("a frame too long");
+    if (rc == -2) client_lost("out of memory for a frame; a snapshot follows the reconnect");
+    /* the frames cut before a failure are applied; the snapshot comes after them */
     if (chan.head != NULL) mg__lua_reload(mg__worker, "frame");
 }
 
@@ -464,6 +529,7 @@ static void client_retry(uv_timer_t *t)
 
 int mg__chan_connect(mg_worker_t *w)
 {
+    chan_fault_init("worker");
     uv_timer_init(w->loop, &chan.retry);
     chan.retry.data = w;
     chan.retry_init = 1;
@@ -485,15 +551,22 @@ int mg_cfg_next(const char **data, size_t *len)
 
 int mg_cfg_send(const char *data, size_t len)
 {
-    char *copy = malloc(len ? len : 1);
+    char *copy;
 
+    /* the control process would disconnect us, and this answer is sent
+     * again on each reconnect: refused here instead */
+    if (len > CHAN_MAX_ANSWER) return MG_EINVAL;
+    copy = malloc(len ? len : 1);
     if (copy == NULL) return MG_ERROR;
     memcpy(copy, data, len);
     free(chan.answer);
     chan.answer = copy;
     chan.answer_len = len;
     if (!chan.connected) return MG_DECLINED;
-    return chan_write((uv_stream_t *)&chan.pipe, data, len) == 0 ? MG_OK : MG_ERROR;
+    if (chan_write((uv_stream_t *)&chan.pipe, data, len) == 0) return MG_OK;
+    /* not written: the reconnect sends the answer (kept above) again */
+    client_lost("out of memory for an answer");
+    return MG_ERROR;
 }
 
 /* --- stopping --------------------------------------------------------------- */

@@ -23,27 +23,6 @@ local function route(id)
     return { id = id, paths = { "/" .. id .. "/*" }, upstream = "m" }
 end
 
--- {worker id = version} from /metrics, and the text
-local function metrics(gw)
-    local res = assert(client.get(gw.status_port, "/metrics"))
-    assert.equal(200, res.status)
-    local out = {}
-    for w, v in res.body:gmatch('gateway_config_version{worker="(%d+)"} (%d+)') do
-        out[tonumber(w)] = tonumber(v)
-    end
-    return out, res.body
-end
-
-local function all_at(gw, n, version)
-    local m = metrics(gw)
-    for w = 0, n - 1 do
-        if m[w] ~= version then
-            return false
-        end
-    end
-    return true
-end
-
 local function ready(gw)
     local res = client.get(gw.status_port, "/status/ready")
     return res and res.status == 200 and cjson.decode(res.body)
@@ -111,9 +90,8 @@ describe("control process", function()
         -- a reload through the new control process
         gw:write_routes(routes_with(mock, { route("after") }))
         assert.equal(0, (gw:reload()))
-        assert.is_truthy(eventually(function()
-            return all_at(gw, 2, v1 + 1)
-        end, 5), gw:log_tail())
+        assert.is_truthy(eventually(function() return gw:config_all_at(v1 + 1) end, 5),
+            gw:log_tail())
         for _ = 1, 10 do
             assert.equal(200, assert(client.get(gw.port, "/after/x")).status)
         end
@@ -125,10 +103,10 @@ describe("control process", function()
             local mock = gateway.mock()
             local gw = gateway.start{ routes = routes_with(mock), workers = 2 }
             local v = settled(gw)
-            assert.same({ [0] = v, [1] = v }, (metrics(gw)))
+            assert.same({ [0] = v, [1] = v }, (gw:config_versions()))
             gw:write_routes(routes_with(mock, { route("added") }))
             assert.equal(0, (gw:reload()))
-            assert.is_truthy(eventually(function() return all_at(gw, 2, v + 1) end, 5),
+            assert.is_truthy(eventually(function() return gw:config_all_at(v + 1) end, 5),
                 gw:log_tail())
             assert.equal(v + 1, ready(gw).version)
             -- each new connection may land on either worker: all are served
@@ -136,7 +114,8 @@ describe("control process", function()
                 assert.equal(200, assert(client.get(gw.port, "/added/x")).status)
             end
             assert.matches("config version " .. (v + 1) .. " %(signal%): routes %+1 ~0 %-0", gw:log())
-            local _, text = metrics(gw)
+            local _, text = gw:config_versions()
+            assert.is_string(text)
             local dir = proc.tmpdir()
             proc.write_file(dir .. "/metrics.txt", text)
             local rc, out = proc.run("promtool check metrics < " .. proc.quote(dir .. "/metrics.txt")
@@ -202,7 +181,7 @@ return { name = "slow-init", priority = 1, schema = { type = "object" },
             local res = client.get(gw.port, "/watched/x")
             return res and res.status == 200
         end, 5), gw:log_tail())
-        assert.is_truthy(eventually(function() return all_at(gw, 2, v + 1) end, 5))
+        assert.is_truthy(eventually(function() return gw:config_all_at(v + 1) end, 5))
         assert.matches("config version " .. (v + 1) .. " %(watch%)", gw:log())
         -- an invalid edit is refused, logged, and the version stays
         gw:write_routes('{"routes": [{"id": "bad", "paths": [5]}]}')

@@ -97,25 +97,9 @@ local function not_found(gw, id)
   end)
 end
 
-local function metrics(gw)
-  local res = assert(client.get(gw.status_port, "/metrics"))
-  local out = {}
-  for w, v in res.body:gmatch('gateway_config_version{worker="(%d+)"} (%d+)') do
-    out[tonumber(w)] = tonumber(v)
-  end
-  return out
-end
-
+-- every worker at version, within 5 s
 local function all_at(gw, version)
-  return eventually(function()
-    local m = metrics(gw)
-    for w = 0, NWORKERS - 1 do
-      if m[w] ~= version then
-        return false
-      end
-    end
-    return true
-  end, 5)
+  return eventually(function() return gw:config_all_at(version) end, 5)
 end
 
 local count = proc.count

@@ -11,6 +11,7 @@
 -- Set MOONGATE_KEEP_TMP=1 to keep the directories after stop_all().
 local cjson = require("cjson")
 local socket = require("socket")
+local client = require("helpers.client")
 local ports = require("helpers.ports")
 local proc = require("helpers.proc")
 
@@ -293,6 +294,34 @@ function gw_mt:control()
         end
     end
     return nil
+end
+
+-- The config version each worker has in force, from the status
+-- listener's /metrics (gateway_config_version{worker="N"} V):
+-- {[worker id] = version}, and the metrics text. When /metrics does not
+-- answer 200: {}, nil and why (pollers just try again).
+function gw_mt:config_versions()
+    local res, err = client.get(self.status_port, "/metrics")
+    if not res or res.status ~= 200 then
+        return {}, nil, res and ("/metrics answered " .. tostring(res.status)) or tostring(err)
+    end
+    local out = {}
+    for w, v in res.body:gmatch('gateway_config_version{worker="(%d+)"} (%d+)') do
+        out[tonumber(w)] = tonumber(v)
+    end
+    return out, res.body
+end
+
+-- true when every worker (node.workers of them: a number) has version in
+-- force, per /metrics; one look, no waiting (wrap it in proc.eventually).
+function gw_mt:config_all_at(version)
+    local v = self:config_versions()
+    for w = 0, self.node.workers - 1 do
+        if v[w] ~= version then
+            return false
+        end
+    end
+    return true
 end
 
 -- Replaces routes.json (atomically); tbl is a table (encoded with
