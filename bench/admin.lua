@@ -12,6 +12,7 @@
 -- etcd's answer) and of a DELETE.
 package.path = "./lua/?.lua;./lua/?/init.lua;./spec/?.lua;" .. package.path
 
+local lib = require("bench.lib")
 local admin = require("moongate.admin")
 local json_split = require("moongate.json_split")
 local etcd = require("helpers.etcd")
@@ -22,14 +23,9 @@ local socket = require("socket")
 local now = socket.gettime
 local format = string.format
 
-local ROUTES, PUTS = 5000, 200
-for i = 1, #arg - 1 do
-  if arg[i] == "--routes" then
-    ROUTES = tonumber(arg[i + 1])
-  elseif arg[i] == "--puts" then
-    PUTS = tonumber(arg[i + 1])
-  end
-end
+local opts = lib.args(arg, { routes = 5000, puts = 200 },
+                      "usage: luajit bench/admin.lua [--routes N] [--puts N]")
+local ROUTES, PUTS = opts.routes, opts.puts
 
 local function request(t)
   local out = {}
@@ -53,11 +49,6 @@ local function routes_text(n)
   end
   return '{"upstreams": [{"id": "u1", "targets": [{"host": "127.0.0.1", "port": 9001}]}], '
          .. '"routes": [' .. table.concat(r, ",") .. '], "consumers": [], "global_policies": []}'
-end
-
-local function percentile(t, p)
-  table.sort(t)
-  return t[math.max(1, math.ceil(#t * p))]
 end
 
 local e = etcd.start()
@@ -104,7 +95,8 @@ local ok, err = pcall(function()
   print(format("admin at %d routes: index a version %.1f ms; a page of 1000 %.2f ms; one by id %.1f us",
                ROUTES, index_ms, page_ms, one_us))
   print(format("PUT route (validate + etcd txn): median %.2f ms, p90 %.2f ms; DELETE: median %.2f ms "
-               .. "(%d each)", percentile(puts, 0.5), percentile(puts, 0.9), percentile(dels, 0.5),
+               .. "(%d each)", lib.percentile(puts, 0.5), lib.percentile(puts, 0.9),
+               lib.percentile(dels, 0.5),
                PUTS))
 end)
 e:stop()

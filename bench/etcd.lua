@@ -22,6 +22,7 @@
 -- dirs go at the end unless --keep-tmp.
 package.path = "./spec/?.lua;./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local cjson = require("cjson")
 local socket = require("socket")
 local client = require("helpers.client")
@@ -32,66 +33,18 @@ local proc = require("helpers.proc")
 local gettime = socket.gettime
 local format = string.format
 
-local opts = { routes = 10000, workers = 2, changes = 20, keep_tmp = false }
-do
-  local i = 1
-  while arg[i] do
-    local key = (arg[i]:match("^%-%-([%w%-]+)$") or ""):gsub("%-", "_")
-    if key == "keep_tmp" then
-      opts.keep_tmp = true
-      i = i + 1
-    elseif opts[key] ~= nil and tonumber(arg[i + 1]) then
-      opts[key] = tonumber(arg[i + 1])
-      i = i + 2
-    else
-      io.stderr:write("usage: luajit bench/etcd.lua [--routes N] [--workers N] [--changes N] "
-                      .. "[--keep-tmp]\n")
-      os.exit(2)
-    end
-  end
-end
+local opts = lib.args(arg, { routes = 10000, workers = 2, changes = 20, keep_tmp = false },
+                      "usage: luajit bench/etcd.lua [--routes N] [--workers N] [--changes N] "
+                      .. "[--keep-tmp]")
 
 local PREFIX = "/moongate"
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+-- etcd's JSON gateway takes keys and values in base64
+local b64 = require("moongate.etcd_kv").b64
+local percentile, timing_lines, verdict = lib.percentile, lib.timing_lines, lib.verdict
 
-local function b64(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local function ch(k)
-      local v = math.floor(n / 64 ^ k) % 64
-      return B64:sub(v + 1, v + 1)
-    end
-    out[#out + 1] = ch(3) .. ch(2) .. (b and ch(1) or "=") .. (c and ch(0) or "=")
-  end
-  return table.concat(out)
-end
-
-local function percentile(list, p)
-  local s = {}
-  for i, v in ipairs(list) do
-    s[i] = v
-  end
-  table.sort(s)
-  if #s == 0 then
-    return 0 / 0
-  end
-  return s[math.max(1, math.ceil(#s * p))]
-end
-
+-- polls every 2 ms: the times measured are a few ms
 local function eventually(fn, timeout)
-  local deadline = gettime() + timeout
-  while true do
-    local v = fn()
-    if v then
-      return v
-    end
-    if gettime() >= deadline then
-      return nil
-    end
-    socket.sleep(0.002)
-  end
+  return proc.eventually(fn, timeout, 0.002)
 end
 
 local function route(i, tag)
@@ -136,23 +89,6 @@ local function writer(e)
     c:close()
   end
   return w
-end
-
-local function timing_lines(log, from)
-  local out = {}
-  for line in log:sub(from):gmatch("[^\n]+") do
-    local ver, ms = line:match("#w%d+: reloaded configuration version (%d+) in ([%d.]+) ms")
-    if ver then
-      out[#out + 1] = { version = tonumber(ver), ms = tonumber(ms) }
-    end
-  end
-  return out
-end
-
-local ok_all = true
-local function verdict(pass)
-  ok_all = ok_all and pass
-  return pass and "PASS" or "FAIL"
 end
 
 local function main()
@@ -264,5 +200,5 @@ if not ok then
   gateway.stop_all()
   os.exit(1)
 end
-io.write(ok_all and "all PASS\n" or "some FAIL\n")
-os.exit(ok_all and 0 or 1)
+io.write(lib.all_passed() and "all PASS\n" or "some FAIL\n")
+os.exit(lib.all_passed() and 0 or 1)

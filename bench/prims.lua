@@ -20,31 +20,17 @@
 -- CLOCK_MONOTONIC on every call, for comparison (50-150 ns on some VMs).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local mg = require("moongate")
 local shm = require("moongate.shm")
 local ffi = require("ffi")
 
 local clock = os.clock
 local format = string.format
-local sort = table.sort
 
-local CALLS, ROUNDS, JV = 1000000, 5, nil
-do
-  local i = 1
-  while arg[i] do
-    local a, v = arg[i], arg[i + 1]
-    if a == "--calls" then
-      CALLS = assert(tonumber(v), "--calls N")
-    elseif a == "--rounds" then
-      ROUNDS = assert(tonumber(v), "--rounds N")
-    elseif a == "--jv" then
-      JV = assert(v, "--jv FILE")
-    else
-      error("unknown argument " .. a .. " (--calls N, --rounds N, --jv FILE)")
-    end
-    i = i + 2
-  end
-end
+local opts = lib.args(arg, { calls = 1000000, rounds = 5, jv = lib.STRING },
+                      "usage: luajit bench/prims.lua [--calls N] [--rounds N] [--jv FILE]")
+local CALLS, ROUNDS, JV = opts.calls, opts.rounds, opts.jv
 if JV then
   require("jit.v").start(JV)
 end
@@ -64,11 +50,6 @@ local limiters = {
   sliding_window = mg.limit.new{ algorithm = "sliding_window", limit = 1e12, window_ms = 60000 },
 }
 
-local function median(t)
-  sort(t)
-  return t[math.floor((#t + 1) / 2)]
-end
-
 local function measure(fn)
   local samples = {}
   fn(math.floor(CALLS / 10) + 1) -- warm up: compile the loop
@@ -77,7 +58,7 @@ local function measure(fn)
     fn(CALLS)
     samples[r] = (clock() - t0) * 1e9 / CALLS
   end
-  return median(samples)
+  return lib.median(samples)
 end
 
 local rows = {}

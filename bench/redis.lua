@@ -15,6 +15,7 @@
 -- Loopback only; a real redis-server on a free port, stopped at the end.
 package.path = "./spec/?.lua;./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local socket = require("socket")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
@@ -24,37 +25,8 @@ local redis = require("helpers.redis")
 local format = string.format
 local gettime = socket.gettime
 
-local opts = { requests = 5000, seconds = 5, workers = 1 }
-do
-  local i = 1
-  while arg[i] do
-    local k = arg[i]:match("^%-%-(.+)$")
-    if not k or opts[k] == nil or not tonumber(arg[i + 1]) then
-      io.stderr:write("usage: luajit bench/redis.lua [--requests N] [--seconds S] [--workers W]\n")
-      os.exit(2)
-    end
-    opts[k] = tonumber(arg[i + 1])
-    i = i + 2
-  end
-end
-
-local function median(t)
-  table.sort(t)
-  return t[math.floor(#t / 2) + 1]
-end
-
--- CPU seconds (user + system) a process has used so far
-local CLK_TCK = 100
-local function cpu_seconds(pid)
-  local stat = proc.read_file("/proc/" .. pid .. "/stat") or ""
-  local rest = stat:match(".*%) (.*)") or ""
-  local f = {}
-  for x in rest:gmatch("%S+") do
-    f[#f + 1] = x
-  end
-  -- after the comm field: state is 1, utime 12, stime 13
-  return ((tonumber(f[12]) or 0) + (tonumber(f[13]) or 0)) / CLK_TCK
-end
+local opts = lib.args(arg, { requests = 5000, seconds = 5, workers = 1 },
+                      "usage: luajit bench/redis.lua [--requests N] [--seconds S] [--workers W]")
 
 local worker_pid
 
@@ -63,7 +35,7 @@ local function through_gateway(port, path, n)
   local c = assert(client.connect(port))
   local times = {}
   local t_all = gettime()
-  local cpu0 = worker_pid and cpu_seconds(worker_pid) or 0
+  local cpu0 = worker_pid and lib.cpu_seconds(worker_pid) or 0
   for i = 1, n do
     local t0 = gettime()
     assert(c:request({ method = "GET", path = path }))
@@ -72,9 +44,9 @@ local function through_gateway(port, path, n)
     times[i] = (gettime() - t0) * 1e6
   end
   local mean = (gettime() - t_all) * 1e6 / n
-  local cpu = worker_pid and (cpu_seconds(worker_pid) - cpu0) * 1e6 / n or 0
+  local cpu = worker_pid and (lib.cpu_seconds(worker_pid) - cpu0) * 1e6 / n or 0
   c:close()
-  return median(times), mean, cpu
+  return lib.median(times), mean, cpu
 end
 
 local function direct(port, n)
@@ -93,7 +65,7 @@ local function direct(port, n)
   end
   local mean = (gettime() - t_all) * 1e6 / n
   sock:close()
-  return median(times), mean
+  return lib.median(times), mean
 end
 
 local function wrk(port, path)
@@ -155,7 +127,7 @@ local ok, err = pcall(function()
     for r = 1, #rows do
       t[r] = rows[r][name][k]
     end
-    return median(t)
+    return lib.median(t)
   end
   print(format("  %-46s %9s %9s %14s", "", "median", "mean", "worker CPU/req"))
   print(format("  %-46s %7.1f µs %7.1f µs %11.1f µs", "gateway, route running INCR (mg.redis)",

@@ -37,6 +37,7 @@
 -- change.
 package.path = "./spec/?.lua;./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local cjson = require("cjson")
 local socket = require("socket")
 local gateway = require("helpers.gateway")
@@ -46,28 +47,12 @@ local client = require("helpers.client")
 local gettime = socket.gettime
 local format = string.format
 
-local opts = { routes = 5000, changes = 20, handoffs = 50, rate = 20, seconds = 5, workers = 1,
-               connections = 8, cli = false, direct = false, keep_tmp = false, stall_ms = 0 }
-do
-  local i = 1
-  while arg[i] do
-    local a = arg[i]
-    local name = a:match("^%-%-([%w%-]+)$")
-    local key = name and name:gsub("%-", "_")
-    if key == "cli" or key == "direct" or key == "keep_tmp" then
-      opts[key] = true
-      i = i + 1
-    elseif key and opts[key] ~= nil and tonumber(arg[i + 1]) then
-      opts[key] = tonumber(arg[i + 1])
-      i = i + 2
-    else
-      io.stderr:write("usage: luajit bench/reload.lua [--routes N] [--changes N] [--handoffs N] "
+local opts = lib.args(arg, { routes = 5000, changes = 20, handoffs = 50, rate = 20, seconds = 5,
+                             workers = 1, connections = 8, cli = false, direct = false,
+                             keep_tmp = false, stall_ms = 0 },
+                      "usage: luajit bench/reload.lua [--routes N] [--changes N] [--handoffs N] "
                       .. "[--rate N] [--seconds N] [--workers N] [--connections N] "
-                      .. "[--cli | --direct] [--keep-tmp] [--stall-ms N]\n")
-      os.exit(2)
-    end
-  end
-end
+                      .. "[--cli | --direct] [--keep-tmp] [--stall-ms N]")
 
 if proc.run({ "sh", "-c", "command -v wrk" }) ~= 0 then
   io.stderr:write("bench/reload.lua: wrk is not installed (make deps)\n")
@@ -129,18 +114,6 @@ end
 
 -- ---- measuring -------------------------------------------------------------
 
-local function percentile(list, p)
-  local s = {}
-  for i, v in ipairs(list) do
-    s[i] = v
-  end
-  table.sort(s)
-  if #s == 0 then
-    return 0 / 0
-  end
-  return s[math.max(1, math.ceil(#s * p))]
-end
-
 -- wrk's --latency distribution: a time like "1.23ms" / "850.00us" / "1.02s"
 local function ms_of(v, unit)
   v = tonumber(v)
@@ -169,40 +142,9 @@ local function wrk_cmd(url, seconds)
   return format("wrk -t1 -c%d -d%ds --latency %s 2>&1", opts.connections, seconds, url)
 end
 
--- user+system CPU seconds of pid so far
-local CLK_TCK = 100
-local function cpu_seconds(pid)
-  local stat = proc.read_file("/proc/" .. pid .. "/stat")
-  if not stat then
-    return 0
-  end
-  local rest = stat:match("%) (.*)$")
-  local fields = {}
-  for f in rest:gmatch("%S+") do
-    fields[#fields + 1] = f
-  end
-  -- utime and stime are fields 14 and 15; rest starts at field 3
-  return (tonumber(fields[12]) + tonumber(fields[13])) / CLK_TCK
-end
-
--- the reload timing lines of the log from byte `from` on:
--- {version =, ms =, changed =, reused =, router_ms =, router =, pid =}
--- (router: "updated" in place, "built" anew or "kept")
-local function timing_lines(log, from)
-  local out = {}
-  for line in log:sub(from):gmatch("[^\n]+") do
-    local pid, ver, ms, changed, reused = line:match(
-      "(%d+)#w%d+: reloaded configuration version (%d+) in ([%d.]+) ms %(changed routes: (%d+), "
-      .. "reused: (%d+)")
-    if ver then
-      out[#out + 1] = { pid = pid, version = tonumber(ver), ms = tonumber(ms),
-                        changed = tonumber(changed), reused = tonumber(reused),
-                        router_ms = tonumber(line:match("router: ([%d.]+) ms")),
-                        router = line:match("router: [%d.]+ ms (%a+)") }
-    end
-  end
-  return out
-end
+local eventually = proc.eventually
+local percentile, timing_lines, verdict = lib.percentile, lib.timing_lines, lib.verdict
+local cpu_seconds = lib.cpu_seconds
 
 -- the busy loop turns the log holds from byte `from` on (--stall-ms):
 -- "N turns >= X ms (cpu p50 A, max B ms; busy max C ms)"
@@ -218,16 +160,9 @@ local function stalls(log, from)
                 opts.stall_ms, percentile(cpu, 0.5), percentile(cpu, 1), percentile(busy, 1))
 end
 
-local eventually = proc.eventually
-
 -- ---- the run ------------------------------------------------------------------
 
 local results = {}
-local ok_all = true
-local function verdict(pass)
-  ok_all = ok_all and pass
-  return pass and "PASS" or "FAIL"
-end
 
 local function main()
   local dir = proc.tmpdir()
@@ -466,5 +401,5 @@ if not ok then
   end
   os.exit(1)
 end
-io.write(ok_all and "PASS\n" or "FAIL\n")
-os.exit(ok_all and 0 or 1)
+io.write(lib.all_passed() and "PASS\n" or "FAIL\n")
+os.exit(lib.all_passed() and 0 or 1)

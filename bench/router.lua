@@ -33,6 +33,7 @@
 -- string hashing moves the totals by ~40M instructions from run to run).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local ffi = require("ffi")
 local jit = require("jit")
 require("moongate.ffi")
@@ -42,47 +43,19 @@ local floor = math.floor
 local clock = os.clock
 local format = string.format
 
-local SIZES = { 100, 1000, 10000, 100000 }
-local LOOKUPS = 400000
-local SAMPLES = 20000 -- distinct requests per size, cycled through
+local SAMPLES = 20000 -- distinct requests per size, cycled through (--samples)
 local HOT = 256       -- requests of the hot measure
 local MISS_RATIO = 0.1
-local JV_FILE
-local CHILD -- --child N: measure N routes, print one RESULT line (see below)
-local COUNT -- --count M: with --child, only M lookups (see above)
-
-do
-  local i = 1
-  while arg[i] do
-    local a, b = arg[i], arg[i + 1]
-    if a == "--child" then
-      CHILD = assert(tonumber(b), "--child N")
-      i = i + 1
-    elseif a == "--count" then
-      COUNT = assert(tonumber(b), "--count M")
-      i = i + 1
-    elseif a == "--lookups" then
-      LOOKUPS = assert(tonumber(b), "--lookups N")
-      i = i + 1
-    elseif a == "--sizes" then
-      SIZES = {}
-      for n in b:gmatch("%d+") do
-        SIZES[#SIZES + 1] = tonumber(n)
-      end
-      i = i + 1
-    elseif a == "--samples" then
-      SAMPLES = assert(tonumber(b), "--samples N")
-      i = i + 1
-    elseif a == "--jv" then
-      JV_FILE = b
-      i = i + 1
-    else
-      io.stderr:write("usage: luajit bench/router.lua [--lookups N] [--sizes A,B,...] [--samples N] [--jv FILE]\n")
-      os.exit(2)
-    end
-    i = i + 1
-  end
-end
+-- --child N: measure N routes, print one RESULT line (see below);
+-- --count M: with --child, only M lookups (see above)
+local args = lib.args(arg, { lookups = 400000, sizes = { 100, 1000, 10000, 100000 },
+                             samples = SAMPLES, jv = lib.STRING, child = lib.NUMBER,
+                             count = lib.NUMBER },
+                      "usage: luajit bench/router.lua [--lookups N] [--sizes A,B,...] "
+                      .. "[--samples N] [--jv FILE]")
+local SIZES, LOOKUPS, JV_FILE, CHILD, COUNT = args.sizes, args.lookups, args.jv, args.child,
+                                              args.count
+SAMPLES = args.samples
 
 -- a fixed pseudo-random sequence (same routes and requests every run)
 local seed = 12345
@@ -266,11 +239,6 @@ local function vm_states(fn)
   return share
 end
 
-local function median(t)
-  table.sort(t)
-  return t[floor((#t + 1) / 2)]
-end
-
 -- ns per lookup: the median of ROUNDS timed rounds (the machine may be
 -- shared; a median is robust to a round that another process slowed)
 local ROUNDS = 5
@@ -282,7 +250,7 @@ local function time_lookups(rt, reqs, count)
     hits = lookups(rt, reqs, floor(count / ROUNDS))
     per[k] = (clock() - t0) * 1e9 / floor(count / ROUNDS)
   end
-  return median(per), hits / floor(count / ROUNDS)
+  return lib.median(per), hits / floor(count / ROUNDS)
 end
 
 local function run(size)
@@ -298,7 +266,7 @@ local function run(size)
     times[t] = (clock() - t0) * 1000
     assert(rt.size == #routes)
   end
-  local build_ms = median(times)
+  local build_ms = lib.median(times)
 
   -- memory: what the router holds, after a full GC
   full_gc()

@@ -12,31 +12,22 @@
 -- loop at the budget (the median of 5).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
+local lib = require("bench.lib")
 local jit = require("jit")
 local sandbox = require("moongate.sandbox")
 
 local clock = os.clock
 local format = string.format
 
-local CALLS, BUDGET = 200000, 10000000
-for i = 1, #arg - 1 do
-  if arg[i] == "--calls" then
-    CALLS = tonumber(arg[i + 1])
-  elseif arg[i] == "--budget" then
-    BUDGET = tonumber(arg[i + 1])
-  end
-end
+local opts = lib.args(arg, { calls = 200000, budget = 10000000 },
+                      "usage: luajit bench/sandbox.lua [--calls N] [--budget N]")
+local CALLS, BUDGET = opts.calls, opts.budget
 sandbox.configure({ max_instructions = BUDGET })
 assert(jit.status(), "the JIT must be on")
 
 local SRC = "return { access = function(conf, ctx) ctx.vars.seen = conf.value end }"
 local trusted = assert(load(SRC))()
 local sandboxed = assert(sandbox.load("bench", SRC))
-
-local function median(t)
-  table.sort(t)
-  return t[math.ceil(#t / 2)]
-end
 
 local function per_call(mod)
   local conf = { value = "x" }
@@ -48,7 +39,7 @@ local function per_call(mod)
     end
     rounds[r] = (clock() - t0) / CALLS * 1e6
   end
-  return median(rounds)
+  return lib.median(rounds)
 end
 
 local t_us = per_call(trusted)
@@ -65,5 +56,5 @@ for _, loop in ipairs({ "while true do end", "local x = 0 for i = 1, 1e12 do x =
     assert(not ok)
     rounds[r] = (clock() - t0) * 1000
   end
-  print(format("stopped at %d instructions in %6.1f ms: %s", BUDGET, median(rounds), loop))
+  print(format("stopped at %d instructions in %6.1f ms: %s", BUDGET, lib.median(rounds), loop))
 end
