@@ -36,7 +36,7 @@
 
 local cjson = require("cjson.safe")
 local config = require("moongate.config")
-local schema = require("moongate.schema")
+local config_check = require("moongate.config_check")
 local json_split = require("moongate.json_split")
 local etcd_kv = require("moongate.etcd_kv")
 local bit = require("bit")
@@ -49,7 +49,6 @@ local tonumber = tonumber
 local setmetatable = setmetatable
 local byte = string.byte
 local find = string.find
-local sub = string.sub
 local format = string.format
 local concat = table.concat
 local sort = table.sort
@@ -278,24 +277,11 @@ local function fail(status, msg, path, extra)
   return answer(status, body)
 end
 
--- A list of "path: message" strings (config.validate_routes, schema.format)
--- as a 400: the first as error/path, all of them in errors. where: the
--- JSON path prefix used while validating (e.g. "routes[0]") and what it
--- stands for ("routes.demo").
-local function invalid(errs, where, named)
-  local list = {}
-  for i, e in ipairs(errs) do
-    local path, msg = e:match("^([%w_%.%[%]%-\"]*): (.*)$")
-    if not path then
-      path, msg = "", e
-    end
-    if where and sub(path, 1, #where) == where then
-      path = named .. sub(path, #where + 1)
-    end
-    list[i] = { path = path, error = msg }
-  end
-  local first = list[1] or { path = named or "", error = "invalid" }
-  return fail(400, first.error, first.path, { errors = list })
+-- config_check's errors ({path, error}, paths named "<kind>.<id>...") as a
+-- 400: the first as error/path, all of them in errors.
+local function invalid(errs)
+  local first = errs[1] or { path = "", error = "invalid" }
+  return fail(400, first.error, first.path, { errors = errs })
 end
 
 -- ---- auth -----------------------------------------------------------------------------
@@ -313,14 +299,6 @@ _M.same_key = same_key
 
 -- ---- validation -----------------------------------------------------------------------
 
-local function policy_loader(self, sources)
-  return config.policy_loader(self.lua_path, {
-    sources = sources,
-    dir = self.sandbox.policies_dir,
-    max_instructions = self.sandbox.max_instructions,
-  })
-end
-
 -- the sandboxed policies' sources as reads see them
 local function sources_of(self)
   local out = {}
@@ -328,64 +306,6 @@ local function sources_of(self)
     out[name] = self:get("policies", name)
   end
   return out
-end
-
-local CERT_DEF = schema.compile({
-  type = "object",
-  additionalProperties = false,
-  required = { "id", "cert", "key" },
-  properties = {
-    id = { type = "string", minLength = 1 },
-    cert = { type = "string", check = function(s)
-      if not find(s, "-----BEGIN CERTIFICATE-----", 1, true) then
-        return false, "expected a PEM certificate (-----BEGIN CERTIFICATE-----)"
-      end
-      return true
-    end },
-    key = { type = "string", check = function(s)
-      if not find(s, "-----BEGIN [%u ]*PRIVATE KEY-----") then
-        return false, "expected a PEM private key (-----BEGIN ... PRIVATE KEY-----)"
-      end
-      return true
-    end },
-    snis = { type = "array", minItems = 1, uniqueItems = true,
-             items = { type = "string", minLength = 1 } },
-  },
-})
-
--- The one-entity document validate_routes checks v (decoded, of kind)
--- in: with the upstream a route names, as reads see it, so that the
--- reference resolves.
-local function entity_doc(self, kind, v)
-  local tbl = { [kind] = { v } }
-  if kind == "routes" and type(v.upstream) == "string" then
-    local up = self:get("upstreams", v.upstream)
-    tbl.upstreams = { up and json.decode(up) or nil }
-  end
-  return tbl
-end
-
--- Checks entity v (decoded) of kind named id, as `moongate check` would
--- with the rest of the config as reads see it. Returns nothing when
--- valid, else the answer (400).
-local function check_entity(self, kind, id, v)
-  local named = kind .. "." .. id
-  if kind == "certificates" then
-    local ok, errs = CERT_DEF:validate(v, "certificates[0]")
-    if not ok then
-      return invalid(schema.format(errs), "certificates[0]", named)
-    end
-    return
-  end
-  local ok, errs = config.validate_routes(entity_doc(self, kind, v),
-                                         { policy_loader = policy_loader(self, sources_of(self)) })
-  if not ok then
-    return invalid(errs, kind .. "[0]", named)
-  end
-  errs = config.unsupported(nil, ok)
-  if #errs > 0 then
-    return invalid(errs, kind .. "[0]", named)
-  end
 end
 
 -- Which routes (and global policies) name policy `name`: a list of
@@ -407,41 +327,29 @@ local function users_of_policy(self, name)
   return users
 end
 
--- A new source for sandboxed policy name: it must load, must not be
--- shadowed by a policy file (it would never run), and every route using
--- it must still be valid under its schema.
-local function check_policy(self, name, source)
-  local named = "policies." .. name
-  if not config.policy_files(nil, name) then
-    return fail(400, "invalid policy name " .. quote(name) .. " (letters, digits, '_' and '-')",
-                named)
-  end
-  local file = config.policy_file(self.lua_path, name)
-  if file then
-    return fail(400, "a policy file named " .. quote(name) .. " exists (" .. file
-                     .. "): a sandboxed policy of that name would never run", named)
-  end
-  local sandbox = require("moongate.sandbox")
-  sandbox.configure({ max_instructions = self.sandbox.max_instructions })
-  local mod, err = sandbox.load(name, source)
-  if not mod then
-    return fail(400, tostring(err), named)
-  end
-  -- the routes that use it, checked with the new source
-  local users = users_of_policy(self, name)
-  if #users > 0 then
-    local sources = sources_of(self)
-    sources[name] = source
-    local loader = policy_loader(self, sources)
-    for _, u in ipairs(users) do
-      local kind, id = u:match("^([%w_]+)%.(.*)$")
-      local v = json.decode(self:get(kind, id))
-      local ok, errs = config.validate_routes(entity_doc(self, kind, v), { policy_loader = loader })
-      if not ok then
-        return invalid(errs, kind .. "[0]", u)
+-- What config_check needs to check an entity or a policy source against
+-- the rest of the config as reads see it (our pending writes included).
+local function check_ctx(self)
+  local sb = self.sandbox
+  local sources = sources_of(self)
+  return {
+    upstream = function(id) return self:get("upstreams", id) end,
+    policy_loader = config.policy_loader(self.lua_path, {
+      sources = sources, dir = sb.policies_dir, max_instructions = sb.max_instructions,
+    }),
+    lua_path = self.lua_path,
+    policies_dir = sb.policies_dir,
+    max_instructions = sb.max_instructions,
+    sources = sources,
+    users = function(name)
+      local out = {}
+      for i, u in ipairs(users_of_policy(self, name)) do
+        local kind, id = u:match("^([%w_]+)%.(.*)$")
+        out[i] = { kind = kind, id = id, text = self:get(kind, id) }
       end
-    end
-  end
+      return out
+    end,
+  }
 end
 
 -- ---- requests ---------------------------------------------------------------------------
@@ -508,44 +416,22 @@ local function valid_id(kind, id)
   return find(id, "^[%w_%-%.]+$") ~= nil
 end
 
--- The body with `name` = id set when it was not given (textually: the
--- stored text stays what the client wrote). body is a JSON object text.
-local function with_id(body, field, id)
-  local open = find(body, "{", 1, true)
-  local rest = sub(body, open + 1)
-  local sep = find(rest, "^%s*}") and "" or ","
-  return sub(body, 1, open) .. json.encode(field) .. ":" .. json.encode(id) .. sep .. rest
-end
-
 function API:put(kind, id, body)
   local named = kind .. "." .. id
   local text = body
   local refs -- etcd keys that must exist when the write lands
   if KINDS[kind].source then
-    local st, b, h = check_policy(self, id, body)
-    if st then
-      return st, b, h
+    local errs = config_check.policy_source(id, body, check_ctx(self))
+    if errs then
+      return invalid(errs)
     end
   else
-    local v, err = json.decode(body)
-    if v == nil then
-      return fail(400, "the body is not JSON: " .. tostring(err), "")
+    -- the check the etcd source runs on the same value (config_check)
+    local v, checked = config_check.entity(kind, id, body, check_ctx(self))
+    if not v then
+      return invalid(checked) -- the errors
     end
-    if type(v) ~= "table" or byte(body, find(body, "%S")) ~= 123 then -- "{"
-      return fail(400, "expected a JSON object", named)
-    end
-    local field = KINDS[kind].id
-    if v[field] == nil then
-      v[field] = id
-      text = with_id(body, field, id)
-    elseif v[field] ~= id then
-      return fail(400, field .. " " .. quote(v[field]) .. " in the body differs from "
-                       .. quote(id) .. " in the path", named .. "." .. field)
-    end
-    local st, b, h = check_entity(self, kind, id, v)
-    if st then
-      return st, b, h
-    end
+    text = checked -- the text, with its id when it was left out
     if kind == "routes" and type(v.upstream) == "string" then
       refs = { self.prefix .. "/upstreams/" .. v.upstream }
     end

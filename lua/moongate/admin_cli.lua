@@ -168,11 +168,8 @@ local function push(c, node, file)
       sources = sources, dir = node.sandbox.policies_dir,
       max_instructions = node.sandbox.max_instructions,
     }),
-  }, text)
-  if routes then
-    errs = config.unsupported(nil, routes)
-  end
-  if #errs > 0 then
+  }, text, config.check_routes)
+  if not routes then
     for _, m in ipairs(errs) do
       if m:sub(1, #path + 2) ~= path .. ": " then
         m = path .. ": " .. m

@@ -1473,9 +1473,28 @@ function _M.normalize_routes(tbl, opts)
 end
 
 
--- Reads and validates a routes file; see validate_routes. text (optional):
--- the file's contents, already read.
-function _M.load_routes(path, opts, text)
+-- What is accepted of routes wherever they come from: validate_routes,
+-- then the settings this build does not act on yet (unsupported). `moongate
+-- check` and `moongate config push` run it on a file, config_check.entity
+-- (the Admin API, the etcd source) on a one-entity document, so all three
+-- refuse the same entity with the same message. Returns as validate_routes.
+function _M.check_routes(tbl, opts)
+  local routes, errs = _M.validate_routes(tbl, opts)
+  if not routes then
+    return nil, errs
+  end
+  errs = _M.unsupported(nil, routes)
+  if #errs > 0 then
+    return nil, errs
+  end
+  return routes
+end
+
+
+-- Reads and validates a routes file with check (default validate_routes;
+-- check_routes for what `moongate check` accepts). text (optional): the
+-- file's contents, already read.
+function _M.load_routes(path, opts, text, check)
   if type(path) ~= "string" then
     error("path must be a string", 2)
   end
@@ -1484,7 +1503,7 @@ function _M.load_routes(path, opts, text)
   if not tbl then
     return nil, { err }
   end
-  return _M.validate_routes(tbl, opts)
+  return (check or _M.validate_routes)(tbl, opts)
 end
 
 
@@ -1556,12 +1575,12 @@ function _M.check(node_path)
         dir = node.sandbox.policies_dir,
         max_instructions = node.sandbox.max_instructions,
       }),
-    })
+    }, nil, _M.check_routes)
     if not routes then
       return prefixed(src.path, rerrs, {})
     end
   end
-  local uerrs = _M.unsupported(node, routes)
+  local uerrs = _M.unsupported(node, nil)
   if #uerrs > 0 then
     return prefixed(conf_path, uerrs, {})
   end

@@ -17,17 +17,21 @@
 --
 -- Keys: <prefix>/<kind>/<id>, kind one of upstreams, routes, consumers,
 -- global_policies (each a JSON object: an entity of routes.json; for
--- global_policies, one {name, conf} entry) and policies/<name> (Lua
--- source, loaded in moongate.sandbox). Entities are listed in key order
--- (etcd's byte order), which is also the order of routes that tie.
--- A value without "id" gets the key's (it is written into the text); a
--- value whose "id" differs from its key is refused. certificates, other
--- kinds and malformed keys are logged once per key and ignored.
+-- global_policies, one {name, conf} entry keyed by its policy name) and
+-- policies/<name> (Lua source, loaded in moongate.sandbox). Entities are
+-- listed in key order (etcd's byte order), which is also the order of
+-- routes that tie. A value without "id" (a global policy without "name")
+-- gets the key's (it is written into the text); one whose id differs from
+-- its key is refused. certificates, other kinds and malformed keys are
+-- logged once per key and ignored.
 --
 -- Checks, per key (a value written by another tool is refused with a log
 -- naming the key and the error, and the previous value of that key stays):
--- the entity's schema and its references -- a route's upstream and
--- policies, a global policy's -- against what is accepted; a DELETE of an
+-- config_check.entity / policy_source, the Admin API's own check, so both
+-- refuse the same value with the same error at the same path
+-- ("etcd: <key>: refused: routes.r1.paths[0]: ..."): the entity's schema
+-- and its references -- a route's upstream and policies, a global
+-- policy's -- against what is accepted; a DELETE of an
 -- upstream or policy still named by a route is refused the same way. A
 -- batch (the events of one piece of the stream, or a whole range) is
 -- collapsed to the last event per key, then applied by dependency:
@@ -44,14 +48,14 @@
 --
 -- Costs: decoding base64 goes through OpenSSL (mg_base64_decode) into one
 -- buffer reused; a range of N keys is one cjson decode of the body plus N
--- small decodes and N validations (config.validate_routes on that entity
--- and the upstream it names: O(entity)). doc() builds the lists: O(N).
+-- small decodes and N validations (config.check_routes on that entity and
+-- the upstream it names: O(entity)). doc() builds the lists: O(N).
 
 local ffi = require("ffi")
 local cjson = require("cjson.safe")
 local binding = require("moongate.ffi")
 local config = require("moongate.config")
-local sandbox = require("moongate.sandbox")
+local config_check = require("moongate.config_check")
 local etcd_kv = require("moongate.etcd_kv")
 
 local C = binding.C
@@ -240,16 +244,6 @@ local function loader(self)
   return self.batch_loader
 end
 
--- validate_routes' paths name the mini document ("routes[0].upstream"):
--- the key names the entity, so the index goes
-local function strip_paths(errs, list)
-  local out = {}
-  for i, e in ipairs(errs) do
-    out[i] = (e:gsub("^" .. list .. "%[0%]%.?", ""))
-  end
-  return concat(out, "; ")
-end
-
 local function missing_reference(msg)
   return find(msg, "unknown upstream", 1, true) or find(msg, "unknown policy", 1, true)
 end
@@ -266,69 +260,81 @@ local function policy_names(list)
   return names
 end
 
--- Checks value (decoded) as an entity of kind with id: nil, or why not.
-local function check_entity(self, kind, id, value)
-  if kind == "global_policies" then
-    -- with the other global entries: a policy named twice is refused
-    local list = {}
-    local k = self.kinds.global_policies
-    for _, gid in ipairs(k.ids) do
-      if gid ~= id then
-        list[#list + 1] = json.decode(k.text[gid])
+-- who still names upstream / policy `id`: {{kind =, id =}}, sorted
+local function users(self, kind, id)
+  local out = {}
+  if kind == "upstreams" then
+    for rid, refs in pairs(self.route_refs) do
+      if refs.upstream == id then
+        out[#out + 1] = { kind = "routes", id = rid }
       end
     end
-    list[#list + 1] = value
-    local _, errs = config.validate_routes({ global_policies = list },
-                                           { policy_loader = loader(self) })
-    if errs then
-      return strip_paths(errs, "global_policies%[%d+%]")
+  elseif kind == "policies" then
+    for rid, refs in pairs(self.route_refs) do
+      for _, name in ipairs(refs.policies) do
+        if name == id then
+          out[#out + 1] = { kind = "routes", id = rid }
+          break
+        end
+      end
     end
-    return nil
-  end
-  local doc = { [kind] = { value } }
-  if kind == "routes" and type(value.upstream) == "string" then
-    local utext = self.kinds.upstreams.text[value.upstream]
-    if utext then
-      doc.upstreams = { json.decode(utext) }
+    for gid, name in pairs(self.global_refs) do
+      if name == id then
+        out[#out + 1] = { kind = "global_policies", id = gid }
+      end
     end
   end
-  local valid, errs = config.validate_routes(doc, { policy_loader = loader(self) })
-  if errs then
-    return strip_paths(errs, kind)
-  end
-  -- what `moongate check` and the Admin API refuse for this build (a
-  -- balancer not built yet): refused here too, not left to fail the
-  -- workers' build of every later version
-  errs = config.unsupported(nil, valid)
-  if #errs > 0 then
-    return strip_paths(errs, "upstreams")
-  end
-  return nil
+  table.sort(out, function(a, b)
+    return a.kind < b.kind or (a.kind == b.kind and a.id < b.id)
+  end)
+  return out
 end
 
--- Many routes at once (a range, a big batch): one validate_routes call over
--- them and the upstreams they name, errors sorted back by index (at 10,000
--- routes: half the cost of one call per route, which checks the upstream
--- each time). nil: check them one by one (few routes, or an error that is
--- about no one route). Else key -> {value = the decoded (and, when valid,
--- normalized) value, had_id = its text named the id, err = error text or
--- false}: put() takes the value from here instead of decoding the text
--- again (a decode is ~5 us a route).
+-- What config_check needs to check a value against what is accepted (the
+-- check the Admin API runs on a PUT).
+local function check_ctx(self)
+  local sb = self.sandboxed
+  return {
+    upstream = function(uid) return self.kinds.upstreams.text[uid] end,
+    policy_loader = loader(self),
+    lua_path = self.lua_path,
+    policies_dir = sb.dir,
+    max_instructions = sb.max_instructions,
+    sources = self.kinds.policies.text,
+    users = function(name)
+      local out = users(self, "policies", name)
+      for _, u in ipairs(out) do
+        u.text = self.kinds[u.kind].text[u.id]
+      end
+      return out
+    end,
+  }
+end
+
+-- Many routes at once (a range, a big batch): one config.check_routes call
+-- over them and the upstreams they name, errors sorted back by index (at
+-- 10,000 routes: half the cost of one call per route, which checks the
+-- upstream each time); per route, what config_check.entity finds. nil:
+-- check them one by one (few routes, or an error that is about no one
+-- route). Else key -> {ok = true, value, text}, or config_check's errors:
+-- put() takes the value from here instead of decoding the text again (a
+-- decode is ~5 us a route).
 local function precheck_routes(self, entries)
   if #entries < 16 then
     return nil
   end
-  local list, keys, pre, named, ups = {}, {}, {}, {}, {}
+  local list, keys, ids, named, ups = {}, {}, {}, {}, {}
   local accepted = self.kinds.upstreams.text
+  local out = {}
   for _, e in ipairs(entries) do
-    local text = e[4]
-    local value = json.decode(text)
-    if type(value) == "table" and text:match("^%s*{") and (value.id == nil or value.id == e[3]) then
-      local key = e[1]
-      pre[key] = { value = value, had_id = value.id ~= nil, err = false }
-      value.id = e[3]
+    local value, text = config_check.parse("routes", e[3], e[4])
+    if not value then
+      out[e[1]] = text -- the errors
+    else
       list[#list + 1] = value
-      keys[#keys + 1] = key
+      keys[#keys + 1] = e[1]
+      ids[#ids + 1] = e[3]
+      out[e[1]] = { ok = true, value, text }
       local u = value.upstream
       if type(u) == "string" and not named[u] and accepted[u] then
         named[u] = true
@@ -336,26 +342,23 @@ local function precheck_routes(self, entries)
       end
     end
   end
-  local _, errs = config.validate_routes({ upstreams = ups, routes = list },
-                                         { policy_loader = loader(self) })
+  local _, errs = config.check_routes({ upstreams = ups, routes = list },
+                                      { policy_loader = loader(self) })
   for _, msg in ipairs(errs or {}) do
-    local i, rest = msg:match("^routes%[(%d+)%]%.?(.*)$")
-    local p = i and pre[keys[tonumber(i) + 1]]
-    if not p then
+    local i = msg:match("^routes%[(%d+)%]")
+    local n = i and tonumber(i) + 1
+    local key = n and keys[n]
+    if not key then
       return nil
     end
-    p.err = p.err and (p.err .. "; " .. rest) or rest
+    local e = config_check.named_errors({ msg }, "routes[" .. i .. "]", "routes." .. ids[n])[1]
+    if out[key].ok then
+      out[key] = { e }
+    else
+      out[key][#out[key] + 1] = e
+    end
   end
-  return pre
-end
-
--- id written into the text when the value has none (the workers index
--- entities by the id inside)
-local function with_id(text, id)
-  if text:match("^%s*{%s*}%s*$") then
-    return '{"id":' .. json.encode(id) .. "}"
-  end
-  return (text:gsub("^%s*{", '{"id":' .. json.encode(id) .. ",", 1))
+  return out
 end
 
 local function refuse(self, key, msg, text)
@@ -376,63 +379,36 @@ local function put(self, key, kind, id, text)
     if self.kinds.policies.text[id] == text then
       return false
     end
-    if not id:match("^[%w_%-]+$") then
-      refuse(self, key, format("invalid policy name %q (letters, digits, '_' and '-')", id))
-      return false
-    end
-    sandbox.configure(self.sandboxed)
-    local mod, err = sandbox.load(id, text)
-    if mod then
-      err = config.policy_problem(mod)
-      err = err and "the policy " .. err
-    end
-    if err then
-      refuse(self, key, tostring(err))
+    local errs = config_check.policy_source(id, text, check_ctx(self))
+    if errs then
+      refuse(self, key, config_check.error_text(errs))
       return false
     end
     set(self, kind, id, text)
     self.batch_loader = nil -- a new text: modules loaded again
     return true
   end
-  -- a route of a big batch was decoded and checked with the others
-  local pre = kind == "routes" and self.prechecked and self.prechecked[key] or nil
-  local value, jerr
-  if pre then
-    value = pre.value
-  else
-    value, jerr = json.decode(text)
-    if value == nil then
-      refuse(self, key, "invalid JSON: " .. tostring(jerr))
-      return false
-    elseif type(value) ~= "table" or not text:match("^%s*{") then
-      refuse(self, key, "not a JSON object")
-      return false
-    end
-  end
-  if kind ~= "global_policies" then
-    if pre then
-      if not pre.had_id then
-        text = with_id(text, id)
-      end
-    elseif value.id == nil then
-      value.id = id
-      text = with_id(text, id)
-    elseif value.id ~= id then
-      refuse(self, key, format("id %s differs from the key's %q", json.encode(value.id), id))
-      return false
-    end
-  end
   if self.kinds[kind].text[id] == text then
+    return false -- the accepted text again
+  end
+  local pre -- nil: not prechecked
+  if kind == "routes" and self.prechecked then
+    pre = self.prechecked[key]
+  end
+  local value, checked
+  if pre == nil then
+    value, checked = config_check.entity(kind, id, text, check_ctx(self))
+  elseif pre.ok then
+    value, checked = pre[1], pre[2]
+  else
+    checked = pre -- the errors
+  end
+  if not value then
+    refuse(self, key, config_check.error_text(checked), text)
     return false
   end
-  local err
-  if pre then
-    err = pre.err or nil
-  else
-    err = check_entity(self, kind, id, value)
-  end
-  if err then
-    refuse(self, key, err, text)
+  text = checked -- with its id, when the value had none
+  if self.kinds[kind].text[id] == text then
     return false
   end
   set(self, kind, id, text)
@@ -445,40 +421,16 @@ local function put(self, key, kind, id, text)
   return true
 end
 
--- who still names upstream / policy `id` (a route id, or "global_policies/x")
-local function users(self, kind, id)
-  local out = {}
-  if kind == "upstreams" then
-    for rid, refs in pairs(self.route_refs) do
-      if refs.upstream == id then
-        out[#out + 1] = "routes/" .. rid
-      end
-    end
-  elseif kind == "policies" then
-    for rid, refs in pairs(self.route_refs) do
-      for _, name in ipairs(refs.policies) do
-        if name == id then
-          out[#out + 1] = "routes/" .. rid
-        end
-      end
-    end
-    for gid, name in pairs(self.global_refs) do
-      if name == id then
-        out[#out + 1] = "global_policies/" .. gid
-      end
-    end
-  end
-  table.sort(out)
-  return out
-end
-
 -- One DELETE: true when something was removed.
 local function delete(self, key, kind, id)
   self.pending[key] = nil
   if self.kinds[kind].text[id] == nil then
     return false
   end
-  local by = users(self, kind, id)
+  local by = {}
+  for i, u in ipairs(users(self, kind, id)) do
+    by[i] = u.kind .. "/" .. u.id
+  end
   if #by > 0 then
     if kind == "policies" and self.kinds.policies.text[id] and config.policy_file(self.lua_path, id) then
       by = {} -- a policy file of that name serves them: the sandboxed text was shadowed anyway

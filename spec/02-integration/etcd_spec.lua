@@ -164,11 +164,12 @@ describe("etcd config source", function()
       return count(gw:log(), "etcd: " .. key("routes", "r2") .. ": refused") == 1
     end, 5), gw:log_tail())
     local log = gw:log()
-    assert.matches("etcd: /moongate/routes/r1: refused: invalid JSON[^\n]*; the previous value stays",
-                   log)
-    assert.matches("etcd: /moongate/routes/r1: refused: paths%[0%]: must start with \"/\"[^\n]*"
-                   .. "the previous value stays", log)
-    assert.matches("etcd: /moongate/routes/r1: refused: upstream: unknown upstream \"nope\"", log)
+    assert.matches("etcd: /moongate/routes/r1: refused: routes%.r1: invalid JSON[^\n]*; the "
+                   .. "previous value stays", log)
+    assert.matches("etcd: /moongate/routes/r1: refused: routes%.r1%.paths%[0%]: must start with "
+                   .. "\"/\"[^\n]*the previous value stays", log)
+    assert.matches("etcd: /moongate/routes/r1: refused: routes%.r1%.upstream: unknown upstream "
+                   .. "\"nope\"", log)
     assert.is_truthy(served(gw, "r1", "two"))
     assert.is_truthy(not_found(gw, "r2"))
     assert.is_truthy(all_at(gw, good))
