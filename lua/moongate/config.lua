@@ -1159,6 +1159,7 @@ function _M.policy_file(dirs, name)
   return nil
 end
 
+-- A file's contents, or nil when it cannot be opened (the caller says why).
 local function read_text(file)
   local f = io_open(file, "rb")
   if not f then
@@ -1168,6 +1169,7 @@ local function read_text(file)
   f:close()
   return text or ""
 end
+_M.read_text = read_text
 
 -- The helper modules of policies: while a policy module's chunk runs,
 -- require(modname) looks first in the policy directories (the lua_path

@@ -57,7 +57,6 @@ local tostring = tostring
 local tonumber = tonumber
 local concat = table.concat
 local format = string.format
-local io_open = io.open
 local math_max = math.max
 local next = next
 local json_encode = mg.json.encode
@@ -85,15 +84,7 @@ local etcd        -- {src = etcd_source, node_text =, node =, lkg = the copy rea
                   --  start (until the first read), from_lkg = current came from it,
                   --  resync = a signal asked for a re-read}
 
-local function read_file(path)
-  local f = io_open(path, "rb")
-  if not f then
-    return nil
-  end
-  local text = f:read("*a")
-  f:close()
-  return text
-end
+local read_file = config.read_text
 
 -- ---- the source ------------------------------------------------------------------
 

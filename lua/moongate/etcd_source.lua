@@ -185,35 +185,35 @@ local function parse_key(self, key)
   return kind, id
 end
 
-local function sorted_insert(list, id)
+-- where id is in the sorted list: true and its index, or false and where
+-- it would go. O(log n).
+local function bsearch(list, id)
   local lo, hi = 1, #list
   while lo <= hi do
     local mid = math.floor((lo + hi) / 2)
     local v = list[mid]
     if v == id then
-      return
+      return true, mid
     elseif v < id then
       lo = mid + 1
     else
       hi = mid - 1
     end
   end
-  insert(list, lo, id)
+  return false, lo
+end
+
+local function sorted_insert(list, id)
+  local found, at = bsearch(list, id)
+  if not found then
+    insert(list, at, id)
+  end
 end
 
 local function sorted_remove(list, id)
-  local lo, hi = 1, #list
-  while lo <= hi do
-    local mid = math.floor((lo + hi) / 2)
-    local v = list[mid]
-    if v == id then
-      remove(list, mid)
-      return
-    elseif v < id then
-      lo = mid + 1
-    else
-      hi = mid - 1
-    end
+  local found, at = bsearch(list, id)
+  if found then
+    remove(list, at)
   end
 end
 

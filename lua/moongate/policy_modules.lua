@@ -34,7 +34,6 @@ local pcall = pcall
 local pairs = pairs
 local ipairs = ipairs
 local setmetatable = setmetatable
-local io_open = io.open
 
 local _M = {}
 local mt = { __index = _M }
@@ -46,15 +45,7 @@ function _M.new()
   return setmetatable({ files = {}, helpers = {} }, mt)
 end
 
-local function read(file)
-  local f = io_open(file, "rb")
-  if not f then
-    return nil
-  end
-  local text = f:read("*a")
-  f:close()
-  return text or ""
-end
+local read = config.read_text
 
 -- whether every helper in deps still has the source recorded
 local function deps_unchanged(deps, read_text)

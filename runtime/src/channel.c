@@ -291,25 +291,12 @@ static void peer_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     }
 }
 
-/* The parent pid in /proc/<pid>/stat ("pid (comm) S ppid ..."), or -1. */
+/* The parent pid in /proc/<pid>/stat ("S ppid ..." after the comm), or -1. */
 static long chan_ppid_of(pid_t pid)
 {
-    char path[64], buf[512], *p;
-    ssize_t n;
-    int fd;
-
-    snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    do {
-        n = read(fd, buf, sizeof(buf) - 1);
-    } while (n < 0 && errno == EINTR);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
-    p = strrchr(buf, ')');
-    if (p == NULL || p[1] != ' ' || p[2] == '\0') return -1;
-    return strtol(p + 3, NULL, 10);
+    char buf[512];
+    const char *p = mg__proc_stat(pid, buf, sizeof(buf));
+    return p != NULL && p[1] == ' ' ? strtol(p + 2, NULL, 10) : -1;
 }
 
 static int chan_peer_allowed(int fd)

@@ -314,6 +314,20 @@ static void on_start_timeout(uv_timer_t *t)
              strlen(e->last_error[0] ? e->last_error : "no answer yet"));
 }
 
+/* What the driver owns (not its HTTP client nor its handles): freed
+ * after a failed start and once the last handle closed. */
+static void etcd_free(mg_etcd_t *e)
+{
+    for (int i = 0; i < e->nendpoints; i++)
+        free(e->endpoints[i]);
+    free(e->endpoints);
+    free(e->key_b64);
+    free(e->end_b64);
+    free(e->auth_body);
+    free(e->buf);
+    free(e);
+}
+
 mg_etcd_t *mg__etcd_start(uv_loop_t *loop, const mg_etcd_opts_t *o, const mg_etcd_sink_t *sink)
 {
     mg_http_client_opts_t copts = {.max_idle_per_host = 1};
@@ -361,13 +375,7 @@ mg_etcd_t *mg__etcd_start(uv_loop_t *loop, const mg_etcd_opts_t *o, const mg_etc
 
 fail:
     if (e->cl) mg__http_client_free(e->cl);
-    for (int i = 0; i < e->nendpoints; i++)
-        free(e->endpoints[i]);
-    free(e->endpoints);
-    free(e->key_b64);
-    free(e->end_b64);
-    free(e->auth_body);
-    free(e);
+    etcd_free(e);
     return NULL;
 }
 
@@ -388,14 +396,7 @@ static void on_closed(uv_handle_t *h)
 {
     mg_etcd_t *e = h->data;
     if (--e->closing > 0) return;
-    for (int i = 0; i < e->nendpoints; i++)
-        free(e->endpoints[i]);
-    free(e->endpoints);
-    free(e->key_b64);
-    free(e->end_b64);
-    free(e->auth_body);
-    free(e->buf);
-    free(e);
+    etcd_free(e);
 }
 
 void mg__etcd_stop(mg_etcd_t *e)

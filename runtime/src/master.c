@@ -35,6 +35,7 @@
 
 #include "listen.h"
 #include "log.h"
+#include "mg.h"
 #include "shm.h"
 #include "worker.h"
 
@@ -82,25 +83,12 @@ static void master_stop(int how);
 
 /* --- pid file ------------------------------------------------------------- */
 
-/* The state letter of /proc/<pid>/stat ("1234 (moongate) S ..."): the
- * comm may hold spaces and parentheses, so it is found after the last ')'. */
+/* The state letter of /proc/<pid>/stat ("1234 (moongate) S ..."), or '?'. */
 static char master_proc_state(pid_t pid)
 {
-    char path[64], buf[512], *p;
-    ssize_t n;
-    int fd;
-
-    snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return '?';
-    do {
-        n = read(fd, buf, sizeof(buf) - 1);
-    } while (n < 0 && errno == EINTR);
-    close(fd);
-    if (n <= 0) return '?';
-    buf[n] = '\0';
-    p = strrchr(buf, ')');
-    return (p != NULL && p[1] == ' ') ? p[2] : '?';
+    char buf[512];
+    const char *p = mg__proc_stat(pid, buf, sizeof(buf));
+    return p != NULL ? p[0] : '?';
 }
 
 /* Is pid a moongate? The same executable as ours, or a process whose name

@@ -332,8 +332,9 @@ struct mg_worker_s {
 
 extern mg_worker_t *mg__worker; /* one worker per process */
 
-/* growing buffers (util.c) */
+/* growing buffers, /proc/<pid>/stat (util.c) */
 int mg__grow(char **buf, size_t *cap, size_t used, size_t more, size_t first, size_t max);
+const char *mg__proc_stat(pid_t pid, char *buf, size_t size); /* /proc/<pid>/stat from state on */
 
 /* buffers (worker.c) */
 char *mg__buf_get(mg_worker_t *w);

@@ -1,5 +1,6 @@
 /* util.c: small FFI utilities (log, sha256, base64) and the access log. */
 #include <assert.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
@@ -40,6 +41,31 @@ int mg__grow(char **buf, size_t *cap, size_t used, size_t more, size_t first, si
     *buf = b;
     *cap = c;
     return 0;
+}
+
+/* The fields of /proc/<pid>/stat after the comm ("1234 (name) S 1 ...":
+ * from the state letter on) into buf; NULL when it cannot be read. The
+ * comm may hold spaces and parentheses, so it ends at the last ')'. One
+ * read of at most size - 1 bytes: the fields a caller wants (state, ppid)
+ * come first. */
+const char *mg__proc_stat(pid_t pid, char *buf, size_t size)
+{
+    char path[64], *p;
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    do {
+        n = read(fd, buf, size - 1);
+    } while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0) return NULL;
+    buf[n] = '\0';
+    p = strrchr(buf, ')');
+    if (p == NULL || p[1] != ' ' || p[2] == '\0') return NULL;
+    return p + 2;
 }
 
 void mg_log_write(int level, const char *msg, size_t len)

@@ -19,17 +19,7 @@ local POLICY_DIR = gateway.root .. "/spec/fixtures/policies-channel"
 
 local eventually = proc.eventually
 
-local function routes_with(mock, extra)
-  local routes = { { id = "demo", paths = { "/demo/*" }, upstream = "m" } }
-  for _, r in ipairs(extra or {}) do
-    routes[#routes + 1] = r
-  end
-  return { upstreams = { gateway.upstream("m", mock) }, routes = routes }
-end
-
-local function route(id, policies)
-  return { id = id, paths = { "/" .. id .. "/*" }, upstream = "m", policies = policies }
-end
+local routes_with, route = gateway.demo_routes, gateway.demo_route
 
 -- the version in force once the single worker has it
 local function settled(gw)
@@ -59,37 +49,34 @@ describe("config channel", function()
     gateway.stop_all()
   end)
 
-  it("does not leave a worker behind when the control process cannot queue its frame", function()
-    local mock = gateway.mock()
-    local gw = gateway.start({ routes = routes_with(mock),
-                               env = { MOONGATE_TEST_CHAN_OOM = "control:2" } })
-    local v = settled(gw)
-    add_route(gw, mock, "added") -- frame 2: the delta, which fails
-    -- no later change comes: the worker gets the version all the same
-    assert.is_truthy(eventually(function() return gw:config_all_at(v + 1) end, 5),
-                     gw:log_tail())
-    assert.is_truthy(serves(gw, "/added/x"), gw:log_tail())
-    local log = gw:log()
-    assert.matches("channel: out of memory for a %d+%-byte frame to peer %d+; disconnected, so "
-                   .. "that it reconnects and gets the version in force", log)
-    assert.matches("#w0: reconnected to the control process", log)
-  end)
-
-  it("does not leave a worker behind when it cannot queue a frame it received", function()
-    local mock = gateway.mock()
-    local gw = gateway.start({ routes = routes_with(mock),
-                               env = { MOONGATE_TEST_CHAN_OOM = "worker:2" } })
-    local v = settled(gw)
-    add_route(gw, mock, "added")
-    assert.is_truthy(eventually(function() return gw:config_all_at(v + 1) end, 5),
-                     gw:log_tail())
-    assert.is_truthy(serves(gw, "/added/x"), gw:log_tail())
-    local log = gw:log()
-    assert.matches("#w0: channel: out of memory for a %d+%-byte frame", log)
-    assert.matches("#w0: lost the control process %(out of memory for a frame; a snapshot "
-                   .. "follows the reconnect%)", log)
-    assert.matches("#w0: reconnected to the control process", log)
-  end)
+  -- which end fails to queue the delta (the frame after the snapshot), and
+  -- what that end logs
+  for _, c in ipairs({
+    { "control:2", "the control process cannot queue its frame",
+      { "channel: out of memory for a %d+%-byte frame to peer %d+; disconnected, so that it "
+        .. "reconnects and gets the version in force" } },
+    { "worker:2", "it cannot queue a frame it received",
+      { "#w0: channel: out of memory for a %d+%-byte frame",
+        "#w0: lost the control process %(out of memory for a frame; a snapshot follows the "
+        .. "reconnect%)" } },
+  }) do
+    it("does not leave a worker behind when " .. c[2], function()
+      local mock = gateway.mock()
+      local gw = gateway.start({ routes = routes_with(mock),
+                                 env = { MOONGATE_TEST_CHAN_OOM = c[1] } })
+      local v = settled(gw)
+      add_route(gw, mock, "added") -- frame 2: the delta, which fails
+      -- no later change comes: the worker gets the version all the same
+      assert.is_truthy(eventually(function() return gw:config_all_at(v + 1) end, 5),
+                       gw:log_tail())
+      assert.is_truthy(serves(gw, "/added/x"), gw:log_tail())
+      local log = gw:log()
+      for _, line in ipairs(c[3]) do
+        assert.matches(line, log)
+      end
+      assert.matches("#w0: reconnected to the control process", log)
+    end)
+  end
 
   it("disconnects a worker that sends a frame over 64 KiB; it reconnects and keeps up", function()
     local mock = gateway.mock()

@@ -11,17 +11,7 @@ local gettime = socket.gettime
 
 local eventually = proc.eventually
 
-local function routes_with(mock, extra)
-    local routes = { { id = "demo", paths = { "/demo/*" }, upstream = "m" } }
-    for _, r in ipairs(extra or {}) do
-        routes[#routes + 1] = r
-    end
-    return { upstreams = { gateway.upstream("m", mock) }, routes = routes }
-end
-
-local function route(id)
-    return { id = id, paths = { "/" .. id .. "/*" }, upstream = "m" }
-end
+local routes_with, route = gateway.demo_routes, gateway.demo_route
 
 local function ready(gw)
     local res = client.get(gw.status_port, "/status/ready")

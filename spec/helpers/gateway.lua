@@ -497,6 +497,21 @@ function _M.upstream(name, mock)
     }
 end
 
+-- routes.json with upstream "m" (the mock) and route "demo" (/demo/*),
+-- then the routes in extra: what specs of the config's life change.
+function _M.demo_routes(mock, extra)
+    local routes = { { id = "demo", paths = { "/demo/*" }, upstream = "m" } }
+    for _, r in ipairs(extra or {}) do
+        routes[#routes + 1] = r
+    end
+    return { upstreams = { _M.upstream("m", mock) }, routes = routes }
+end
+
+-- A route "<id>" on /<id>/* to upstream "m" (demo_routes), with policies.
+function _M.demo_route(id, policies)
+    return { id = id, paths = { "/" .. id .. "/*" }, upstream = "m", policies = policies }
+end
+
 -- Stops every gateway and mock started and not stopped yet (newest first),
 -- then removes the directories of all those started so far (unless
 -- MOONGATE_KEEP_TMP is set).
