@@ -24,7 +24,7 @@ static void conn_process(mg_conn_t *c);
 static void conn_reject(mg_conn_t *c, int status, const char *why);
 
 /* RFC 9110 tchar */
-static const unsigned char tchar[256] = {
+const unsigned char mg__tchar[256] = {
     ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
     ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1,  ['~'] = 1, ['0'] = 1,
     ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1,  ['7'] = 1, ['8'] = 1,
@@ -45,15 +45,11 @@ int mg__header_finish(mg_header_t *h)
 {
     if (h->name_len == 0 || h->name[h->name_len] != ':') return -1;
     for (uint32_t i = 0; i < h->name_len; i++)
-        if (!tchar[(unsigned char)h->name[i]]) return -1;
+        if (!mg__tchar[(unsigned char)h->name[i]]) return -1;
     while (h->value_len > 0 &&
            (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
         h->value_len--;
-    for (uint32_t i = 0; i < h->value_len; i++) {
-        unsigned char ch = (unsigned char)h->value[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return -1;
-    }
-    return 0;
+    return mg__value_ok(h->value, h->value_len) ? 0 : -1;
 }
 
 static inline mg_conn_t *conn_of(llhttp_t *p)
@@ -389,14 +385,14 @@ void mg__conn_close(mg_conn_t *c)
     }
     mg_list_remove(&c->link);
     w->nconns--;
-    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->timer.timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
     if (w->draining && w->nconns == 0) mg__worker_drained(w);
 }
 
-static void on_timeout(uv_timer_t *t)
+static void on_timeout(mg_deadline_t *d)
 {
-    mg_conn_t *c = t->data;
+    mg_conn_t *c = d->timer.data;
     mg_req_t *r = c->req;
     if (c->lingering || !r || (!c->head_done && c->len == 0 && c->pos == 0)) {
         /* idle keep-alive, or the lingering close ran out */
@@ -414,10 +410,7 @@ static void on_timeout(uv_timer_t *t)
 
 static void conn_timer(mg_conn_t *c, uint32_t ms)
 {
-    if (ms)
-        uv_timer_start(&c->timer, on_timeout, ms, 0);
-    else
-        uv_timer_stop(&c->timer);
+    mg__deadline_set(&c->timer, ms);
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
@@ -492,9 +485,8 @@ static mg_conn_t *conn_new(mg_worker_t *w)
     if (!c) return NULL;
     c->w = w;
     uv_tcp_init(w->loop, &c->tcp);
-    uv_timer_init(w->loop, &c->timer);
+    mg__deadline_init(&c->timer, w->loop, c, on_timeout);
     c->tcp.data = c;
-    c->timer.data = c;
     c->handles_open = 2;
     mg_list_insert_head(&w->conns, &c->link);
     w->nconns++;

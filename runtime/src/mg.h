@@ -57,6 +57,19 @@ static inline void mg_list_remove(mg_link_t *n)
 }
 #define mg_container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* A timeout that costs a store to set or clear (deadline.c): the uv timer
+ * is moved only when the deadline comes earlier than it is armed for. The
+ * timer must stay first (the callback casts); timer.data is the owner. */
+typedef struct mg_deadline_s {
+    uv_timer_t timer;
+    uint64_t due;   /* loop time (ms) it expires at; 0: none */
+    uint64_t armed; /* loop time the uv timer fires at; 0: not running */
+    void (*expired)(struct mg_deadline_s *d);
+} mg_deadline_t;
+void mg__deadline_init(mg_deadline_t *d, uv_loop_t *loop, void *owner,
+                       void (*expired)(mg_deadline_t *));
+void mg__deadline_set(mg_deadline_t *d, uint64_t ms); /* ms 0: no deadline */
+
 /* Gathered output for one write: views of data that stays put until the
  * write completes, plus the chunk framing bytes it needs. */
 typedef struct mg_out_s {
@@ -201,7 +214,7 @@ typedef struct mg_req_s {
 
 typedef struct mg_conn_s {
     uv_tcp_t tcp; /* must be first: handle->data is not used for the cast */
-    uv_timer_t timer;
+    mg_deadline_t timer; /* header, body, send, keep-alive and linger timeouts */
     llhttp_t parser;
     mg_worker_t *w;
     mg_req_t *req;
@@ -267,7 +280,7 @@ struct mg_upstream_breaker_s {
 
 typedef struct mg_upconn_s {
     uv_tcp_t tcp;
-    uv_timer_t timer;
+    mg_deadline_t timer; /* connect, send, read and idle timeouts */
     uv_connect_t connect_req;
     llhttp_t parser;
     mg_target_t *target;
@@ -407,7 +420,24 @@ int mg__edited(const mg_hedit_t *e, const char *name, size_t len);
 int mg__hop_by_hop(const char *name, size_t len);
 int mg__has_connection(const mg_header_t *h, uint32_t nh);
 int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len);
-int mg__strieq(const char *a, size_t alen, const char *b, size_t blen);
+/* ASCII case folding without the locale: strncasecmp cost a call and a
+ * locale lookup for every header name compared (about 16 per proxied
+ * request); this is inlined and stops at the first differing byte. */
+extern const unsigned char mg__lower[256];
+static inline int mg__strieq(const char *a, size_t alen, const char *b, size_t blen)
+{
+    if (alen != blen) return 0;
+    for (size_t i = 0; i < alen; i++)
+        if (mg__lower[(unsigned char)a[i]] != mg__lower[(unsigned char)b[i]]) return 0;
+    return 1;
+}
+/* RFC 9110 tchar (a field name's characters): 1, else 0 */
+extern const unsigned char mg__tchar[256];
+/* A field value holds no control character but HTAB (nor DEL). 1: it does
+ * not; 8 bytes a step (values like Date are ~30 bytes, every response). */
+int mg__value_ok(const char *v, size_t len);
+/* Writes v in decimal at d (room for 20 digits); returns the length. */
+size_t mg__u64_dec(char *d, uint64_t v);
 /* a token name and a value without CR, LF, NUL or other controls but HTAB */
 int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl);
 const char *mg__status_reason(int status);

@@ -141,7 +141,7 @@ static void up_destroy(mg_upconn_t *u)
     if (u->closing) return;
     u->closing = 1;
     u->req = NULL;
-    uv_close((uv_handle_t *)&u->timer, on_up_handle_closed);
+    uv_close((uv_handle_t *)&u->timer.timer, on_up_handle_closed);
     uv_close((uv_handle_t *)&u->tcp, on_up_handle_closed);
 }
 
@@ -154,11 +154,6 @@ static void up_close(mg_upconn_t *u)
     up_destroy(u);
 }
 
-static void on_idle_timeout(uv_timer_t *t)
-{
-    mg_upconn_t *u = t->data;
-    up_close(u);
-}
 
 static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
@@ -181,7 +176,7 @@ void mg__proxy_release(mg_req_t *r)
     if (!u) return;
     u->req = NULL;
     mg_target_t *t = u->target;
-    uv_timer_stop(&u->timer);
+    mg__deadline_set(&u->timer, 0);
     int keep = u->keepalive && u->msg_done && r->body_done && !r->body_error && u->pos == u->len &&
                !mg__worker->draining && u->nrequests < t->max_requests && t->nidle < t->pool_size;
     if (!keep) {
@@ -195,7 +190,7 @@ void mg__proxy_release(mg_req_t *r)
     u->len = u->pos = u->body_base = 0;
     mg_list_insert_head(&t->idle, &u->link);
     t->nidle++;
-    uv_timer_start(&u->timer, on_idle_timeout, t->idle_ms, 0);
+    mg__deadline_set(&u->timer, t->idle_ms);
     up_read_start(u); /* a close from the backend is noticed while idle */
 }
 
@@ -313,20 +308,25 @@ static int build_request_head(mg_req_t *r)
     } else if (r->v.content_length >= 0 && (r->body_mode == MG_BODY_LENGTH ||
                                             !mg__strieq(r->v.method, r->v.method_len, "GET", 3))) {
         char cl[32];
-        int n = snprintf(cl, sizeof(cl), "%lld", (long long)r->v.content_length);
-        if (mg__head_header(r, "Content-Length", 14, cl, (size_t)n)) return -1;
+        size_t n = mg__u64_dec(cl, (uint64_t)r->v.content_length);
+        if (mg__head_header(r, "Content-Length", 14, cl, n)) return -1;
     }
     return mg__head_add(r, "\r\n", 2);
 }
 
 /* ---- sending -------------------------------------------------------------------- */
 
-static void on_up_timeout(uv_timer_t *t)
+/* connect, send or read timeout of a request; the idle timeout of a pooled
+ * connection (no request, on its target's idle list) */
+static void on_up_timeout(mg_deadline_t *d)
 {
-    mg_upconn_t *u = t->data;
+    mg_upconn_t *u = d->timer.data;
     mg_req_t *r = u->req;
     if (!r) {
-        up_destroy(u);
+        if (u->link.next != &u->link)
+            up_close(u);
+        else
+            up_destroy(u);
         return;
     }
     up_fail(r, u, 504, u->connected ? "upstream timed out" : "upstream connect timed out");
@@ -343,7 +343,7 @@ static void on_up_written(uv_write_t *w, int status)
         up_fail(r, u, 502, "upstream write failed");
         return;
     }
-    if (!u->got_bytes) uv_timer_start(&u->timer, on_up_timeout, r->upstream->read_ms, 0);
+    if (!u->got_bytes) mg__deadline_set(&u->timer, r->upstream->read_ms);
     mg__conn_pump(r->conn);
 }
 
@@ -361,14 +361,14 @@ int mg__proxy_flush_body(mg_req_t *r)
         up_fail(r, u, 502, "upstream write failed");
         return -1;
     }
-    if (rc == 1) uv_timer_start(&u->timer, on_up_timeout, r->upstream->send_ms, 0);
+    if (rc == 1) mg__deadline_set(&u->timer, r->upstream->send_ms);
     return rc;
 }
 
 void mg__proxy_body_sent(mg_req_t *r)
 {
     mg_upconn_t *u = r->up;
-    if (!u->got_bytes) uv_timer_start(&u->timer, on_up_timeout, r->upstream->read_ms, 0);
+    if (!u->got_bytes) mg__deadline_set(&u->timer, r->upstream->read_ms);
 }
 
 static void up_send_request(mg_req_t *r, mg_upconn_t *u)
@@ -418,11 +418,10 @@ static mg_upconn_t *up_new(mg_target_t *t)
     if (!u) return NULL;
     u->target = t;
     u->tcp.data = u;
-    u->timer.data = u;
     u->connect_req.data = u;
     mg_list_init(&u->link);
     uv_tcp_init(mg__worker->loop, &u->tcp);
-    uv_timer_init(mg__worker->loop, &u->timer);
+    mg__deadline_init(&u->timer, mg__worker->loop, u, on_up_timeout);
     u->handles_open = 2;
     return u;
 }
@@ -435,7 +434,7 @@ static void up_attach(mg_req_t *r)
         mg_upconn_t *u = mg_container_of(t->idle.next, mg_upconn_t, link);
         mg_list_remove(&u->link);
         t->nidle--;
-        uv_timer_stop(&u->timer);
+        mg__deadline_set(&u->timer, 0);
         u->req = r;
         u->reused = 1;
         u->keepalive = 0;
@@ -455,7 +454,7 @@ static void up_attach(mg_req_t *r)
         up_fail(r, u, 502, "upstream connect failed");
         return;
     }
-    uv_timer_start(&u->timer, on_up_timeout, r->upstream->connect_ms, 0);
+    mg__deadline_set(&u->timer, r->upstream->connect_ms);
 }
 
 void mg__proxy_start(mg_req_t *r)
@@ -648,7 +647,7 @@ static void on_up_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
     }
     u->got_bytes = 1;
     u->len += (uint32_t)n;
-    uv_timer_stop(&u->timer);
+    mg__deadline_set(&u->timer, 0);
     up_process(u);
 }
 
@@ -846,7 +845,7 @@ static void up_process(mg_upconn_t *u)
             up_fail(r, u, 502, "upstream response head too large");
             return;
         }
-        uv_timer_start(&u->timer, on_up_timeout, r->upstream->read_ms, 0);
+        mg__deadline_set(&u->timer, r->upstream->read_ms);
         up_read_start(u);
         return;
     }

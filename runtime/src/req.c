@@ -17,9 +17,52 @@
 
 /* ---- small helpers --------------------------------------------------------- */
 
-int mg__strieq(const char *a, size_t alen, const char *b, size_t blen)
+const unsigned char mg__lower[256] = {
+#define L4(i) (i), (i) + 1, (i) + 2, (i) + 3
+#define L16(i) L4(i), L4((i) + 4), L4((i) + 8), L4((i) + 12)
+    L16(0x00), L16(0x10), L16(0x20), L16(0x30),
+    /* 'A'..'Z' fold to 'a'..'z'; everything else is itself */
+    0x40, L16(0x61), L4(0x71), L4(0x75), 0x79, 0x7a, 0x5b, 0x5c, 0x5d, 0x5e, 0x5f,
+    L16(0x60), L16(0x70), L16(0x80), L16(0x90), L16(0xa0), L16(0xb0), L16(0xc0), L16(0xd0),
+    L16(0xe0), L16(0xf0),
+#undef L16
+#undef L4
+};
+
+size_t mg__u64_dec(char *d, uint64_t v)
 {
-    return alen == blen && strncasecmp(a, b, alen) == 0;
+    char t[20];
+    size_t n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (size_t i = 0; i < n; i++)
+        d[i] = t[n - 1 - i];
+    return n;
+}
+
+int mg__value_ok(const char *v, size_t len)
+{
+    size_t i = 0;
+    /* SWAR: a byte below 0x20 or equal to 0x7f sets its high bit in bad;
+     * only then are the 8 bytes looked at one by one (HTAB is allowed) */
+    for (; i + 8 <= len; i += 8) {
+        uint64_t x;
+        memcpy(&x, v + i, 8);
+        uint64_t lo = (x - 0x2020202020202020ULL) & ~x;             /* < 0x20 (or >= 0x80: ok) */
+        uint64_t del = ((x ^ 0x7f7f7f7f7f7f7f7fULL) - 0x0101010101010101ULL) & ~(x ^ 0x7f7f7f7f7f7f7f7fULL);
+        if (((lo | del) & 0x8080808080808080ULL) == 0) continue;
+        for (size_t j = i; j < i + 8; j++) {
+            unsigned char ch = (unsigned char)v[j];
+            if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
+        }
+    }
+    for (; i < len; i++) {
+        unsigned char ch = (unsigned char)v[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
+    }
+    return 1;
 }
 
 /* RFC 9110 7.6.1 plus the proxy headers every proxy drops. */
@@ -436,8 +479,8 @@ int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reaso
     if (len == MG_LEN_CHUNKED && r->v.version_minor == 0) len = MG_LEN_CLOSE;
     if (len >= 0) {
         if (status != 204 && status >= 200) {
-            int n = snprintf(line, sizeof(line), "%lld", (long long)len);
-            if (mg__head_header(r, "Content-Length", 14, line, (size_t)n)) return -1;
+            size_t n = mg__u64_dec(line, (uint64_t)len); /* no printf: every response */
+            if (mg__head_header(r, "Content-Length", 14, line, n)) return -1;
         }
     } else if (len == MG_LEN_CHUNKED && !bodyless) {
         if (mg__head_header(r, "Transfer-Encoding", 17, "chunked", 7)) return -1;
@@ -687,15 +730,9 @@ int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl)
     if (nl == 0) return 0;
     /* A field name is a token (RFC 9110 5.1): "X-@" or "X(a)" would be a
      * head that clients and backends parse differently, or reject. */
-    for (size_t i = 0; i < nl; i++) {
-        unsigned char ch = (unsigned char)n[i];
-        if (ch <= 0x20 || ch >= 0x7f || strchr("\"(),/:;<=>?@[\\]{}", ch)) return 0;
-    }
-    for (size_t i = 0; i < vl; i++) {
-        unsigned char ch = (unsigned char)v[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
-    }
-    return 1;
+    for (size_t i = 0; i < nl; i++)
+        if (!mg__tchar[(unsigned char)n[i]]) return 0;
+    return mg__value_ok(v, vl);
 }
 
 static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
