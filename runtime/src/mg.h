@@ -213,7 +213,7 @@ typedef struct mg_req_s {
 } mg_req_t;
 
 typedef struct mg_conn_s {
-    uv_tcp_t tcp; /* must be first: handle->data is not used for the cast */
+    uv_tcp_t tcp;        /* must be first: handle->data is not used for the cast */
     mg_deadline_t timer; /* header, body, send, keep-alive and linger timeouts */
     llhttp_t parser;
     mg_worker_t *w;
@@ -414,11 +414,16 @@ void mg__req_body_event(mg_req_t *r); /* body bytes or end for a waiting Lua */
 void mg__req_client_drained(mg_req_t *r);
 void *mg__arena_alloc(mg_arena_t *a, size_t len);
 char *mg__arena_dup(mg_arena_t *a, const char *p, size_t len);
+int mg__head_grow(mg_req_t *r, size_t more); /* realloc: the rare path */
+/* room for `more` bytes in r->head_buf; 0, or -1 out of memory */
+static inline int mg__head_reserve(mg_req_t *r, size_t more)
+{
+    return r->head_len + more <= r->head_cap ? 0 : mg__head_grow(r, more);
+}
 int mg__head_add(mg_req_t *r, const char *p, size_t len);
 int mg__head_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl);
 int mg__edited(const mg_hedit_t *e, const char *name, size_t len);
 int mg__hop_by_hop(const char *name, size_t len);
-int mg__has_connection(const mg_header_t *h, uint32_t nh);
 int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name, size_t len);
 /* ASCII case folding without the locale: strncasecmp cost a call and a
  * locale lookup for every header name compared (about 16 per proxied
@@ -438,6 +443,26 @@ extern const unsigned char mg__tchar[256];
 int mg__value_ok(const char *v, size_t len);
 /* Writes v in decimal at d (room for 20 digits); returns the length. */
 size_t mg__u64_dec(char *d, uint64_t v);
+/* The field names a head's Connection headers list, gathered once per head
+ * so each field is checked against a few tokens instead of re-parsing every
+ * Connection value per field. "keep-alive" is left out (that field is
+ * hop-by-hop anyway): the usual "Connection: keep-alive" yields none. */
+#define MG_CONN_TOKENS 16
+typedef struct mg_conn_tokens_s {
+    const char *p[MG_CONN_TOKENS];
+    uint32_t len[MG_CONN_TOKENS];
+    int n;
+    int overflow; /* more than MG_CONN_TOKENS: ask mg__named_in_connection */
+} mg_conn_tokens_t;
+void mg__conn_tokens(mg_conn_tokens_t *t, const mg_header_t *h, uint32_t nh);
+static inline int mg__conn_token_has(const mg_conn_tokens_t *t, const mg_header_t *h, uint32_t nh,
+                                     const char *name, size_t len)
+{
+    if (t->overflow) return mg__named_in_connection(h, nh, name, len);
+    for (int i = 0; i < t->n; i++)
+        if (mg__strieq(t->p[i], t->len[i], name, len)) return 1;
+    return 0;
+}
 /* a token name and a value without CR, LF, NUL or other controls but HTAB */
 int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl);
 const char *mg__status_reason(int status);

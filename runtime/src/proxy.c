@@ -154,7 +154,6 @@ static void up_close(mg_upconn_t *u)
     up_destroy(u);
 }
 
-
 static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
     (void)hint;
@@ -257,7 +256,8 @@ static int build_request_head(mg_req_t *r)
         return -1;
     const char *host = r->abs_host;
     size_t hostl = r->abs_host_len;
-    int has_conn = mg__has_connection(r->hdrs, r->v.nheaders);
+    mg_conn_tokens_t ct;
+    mg__conn_tokens(&ct, r->hdrs, r->v.nheaders);
     for (uint32_t i = 0; i < r->v.nheaders; i++) {
         const mg_header_t *h = &r->hdrs[i];
         const char *n = h->name;
@@ -271,8 +271,7 @@ static int build_request_head(mg_req_t *r)
         }
         if (mg__hop_by_hop(n, nl) || mg__strieq(n, nl, "content-length", 14) ||
             mg__strieq(n, nl, "expect", 6) || mg__strieq(n, nl, "x-request-id", 12) ||
-            is_forwarding_header(n, nl) ||
-            (has_conn && mg__named_in_connection(r->hdrs, r->v.nheaders, n, nl)) ||
+            is_forwarding_header(n, nl) || mg__conn_token_has(&ct, r->hdrs, r->v.nheaders, n, nl) ||
             mg__edited(r->req_edits, n, nl))
             continue;
         if (mg__head_header(r, n, nl, h->value, h->value_len)) return -1;

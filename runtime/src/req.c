@@ -20,11 +20,32 @@
 const unsigned char mg__lower[256] = {
 #define L4(i) (i), (i) + 1, (i) + 2, (i) + 3
 #define L16(i) L4(i), L4((i) + 4), L4((i) + 8), L4((i) + 12)
-    L16(0x00), L16(0x10), L16(0x20), L16(0x30),
+    L16(0x00),
+    L16(0x10),
+    L16(0x20),
+    L16(0x30),
     /* 'A'..'Z' fold to 'a'..'z'; everything else is itself */
-    0x40, L16(0x61), L4(0x71), L4(0x75), 0x79, 0x7a, 0x5b, 0x5c, 0x5d, 0x5e, 0x5f,
-    L16(0x60), L16(0x70), L16(0x80), L16(0x90), L16(0xa0), L16(0xb0), L16(0xc0), L16(0xd0),
-    L16(0xe0), L16(0xf0),
+    0x40,
+    L16(0x61),
+    L4(0x71),
+    L4(0x75),
+    0x79,
+    0x7a,
+    0x5b,
+    0x5c,
+    0x5d,
+    0x5e,
+    0x5f,
+    L16(0x60),
+    L16(0x70),
+    L16(0x80),
+    L16(0x90),
+    L16(0xa0),
+    L16(0xb0),
+    L16(0xc0),
+    L16(0xd0),
+    L16(0xe0),
+    L16(0xf0),
 #undef L16
 #undef L4
 };
@@ -42,27 +63,37 @@ size_t mg__u64_dec(char *d, uint64_t v)
     return n;
 }
 
+/* 8 bytes at once: nonzero when one of them is below 0x20 or is 0x7f
+ * (exact for "any"; which byte is found out bytewise) */
+static inline uint64_t ctl_in(uint64_t x)
+{
+    uint64_t y = x ^ 0x7f7f7f7f7f7f7f7fULL; /* 0x7f bytes become zero */
+    uint64_t lo = (x - 0x2020202020202020ULL) & ~x;
+    uint64_t del = (y - 0x0101010101010101ULL) & ~y;
+    return (lo | del) & 0x8080808080808080ULL;
+}
+
+static inline int ctl_bytes(const char *v, size_t len)
+{
+    unsigned bad = 0; /* branch-free: short values are the common case */
+    for (size_t i = 0; i < len; i++) {
+        unsigned ch = (unsigned char)v[i];
+        bad |= ((ch < 0x20) & (ch != '\t')) | (ch == 0x7f);
+    }
+    return (int)bad;
+}
+
 int mg__value_ok(const char *v, size_t len)
 {
-    size_t i = 0;
-    /* SWAR: a byte below 0x20 or equal to 0x7f sets its high bit in bad;
-     * only then are the 8 bytes looked at one by one (HTAB is allowed) */
-    for (; i + 8 <= len; i += 8) {
+    if (len < 8) return !ctl_bytes(v, len);
+    /* whole words, then the last 8 bytes (overlapping what was checked) */
+    for (size_t i = 0;; i += 8) {
+        if (i + 8 > len) i = len - 8;
         uint64_t x;
         memcpy(&x, v + i, 8);
-        uint64_t lo = (x - 0x2020202020202020ULL) & ~x;             /* < 0x20 (or >= 0x80: ok) */
-        uint64_t del = ((x ^ 0x7f7f7f7f7f7f7f7fULL) - 0x0101010101010101ULL) & ~(x ^ 0x7f7f7f7f7f7f7f7fULL);
-        if (((lo | del) & 0x8080808080808080ULL) == 0) continue;
-        for (size_t j = i; j < i + 8; j++) {
-            unsigned char ch = (unsigned char)v[j];
-            if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
-        }
+        if (ctl_in(x) && ctl_bytes(v + i, 8)) return 0; /* HTAB passes here */
+        if (i + 8 == len) return 1;
     }
-    for (; i < len; i++) {
-        unsigned char ch = (unsigned char)v[i];
-        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) return 0;
-    }
-    return 1;
 }
 
 /* RFC 9110 7.6.1 plus the proxy headers every proxy drops. */
@@ -80,11 +111,27 @@ int mg__hop_by_hop(const char *n, size_t len)
     }
 }
 
-int mg__has_connection(const mg_header_t *h, uint32_t nh)
+void mg__conn_tokens(mg_conn_tokens_t *t, const mg_header_t *h, uint32_t nh)
 {
-    for (uint32_t i = 0; i < nh; i++)
-        if (mg__strieq(h[i].name, h[i].name_len, "connection", 10)) return 1;
-    return 0;
+    t->n = t->overflow = 0;
+    for (uint32_t i = 0; i < nh; i++) {
+        if (!mg__strieq(h[i].name, h[i].name_len, "connection", 10)) continue;
+        const char *p = h[i].value, *end = p + h[i].value_len;
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+                p++;
+            const char *s = p;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                p++;
+            if (p == s || mg__strieq(s, (size_t)(p - s), "keep-alive", 10)) continue;
+            if (t->n == MG_CONN_TOKENS) {
+                t->overflow = 1;
+                return;
+            }
+            t->p[t->n] = s;
+            t->len[t->n++] = (uint32_t)(p - s);
+        }
+    }
 }
 
 /* Is `name` listed in any Connection header of h? (those are hop-by-hop too) */
@@ -227,16 +274,16 @@ static void make_request_id(mg_worker_t *w, mg_req_t *r)
     /* splitmix64 over a per-worker random seed and a counter: unique per
      * worker, unpredictable enough for an id, and no syscall per request. */
     static const char hex[] = "0123456789abcdef";
-    uint64_t x[2];
+    char *d = r->v.request_id;
     for (int k = 0; k < 2; k++) {
         uint64_t z =
             (w->rid_seed += 0x9e3779b97f4a7c15ULL) ^ (w->rid_counter++ * 0xbf58476d1ce4e5b9ULL);
         z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
         z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-        x[k] = z ^ (z >> 31);
+        z ^= z >> 31;
+        for (int i = 0; i < 16; i++, z >>= 4) /* low nibble first, as before */
+            *d++ = hex[z & 15];
     }
-    for (int i = 0; i < 32; i++)
-        r->v.request_id[i] = hex[(x[i / 16] >> ((i % 16) * 4)) & 15];
     r->v.request_id[32] = 0;
     r->v.request_id_len = 32;
 }
@@ -378,7 +425,7 @@ void mg__req_abort(mg_req_t *r)
 
 /* ---- head building ---------------------------------------------------------- */
 
-int mg__head_reserve(mg_req_t *r, size_t more)
+int mg__head_grow(mg_req_t *r, size_t more)
 {
     return mg__grow(&r->head_buf, &r->head_cap, r->head_len, more, 1024, SIZE_MAX) == 0 ? 0 : -1;
 }
@@ -461,13 +508,13 @@ int mg__req_head_write(mg_req_t *r, int status, const char *reason, size_t reaso
     if (mg__head_add(r, line, 13) || mg__head_add(r, reason, reason_len) ||
         mg__head_add(r, "\r\n", 2))
         return -1;
-    int has_conn = mg__has_connection(h, nh); /* most responses have none */
+    mg_conn_tokens_t ct;
+    mg__conn_tokens(&ct, h, nh);
     for (uint32_t i = 0; i < nh; i++) {
         const char *name = h[i].name;
         size_t nl = h[i].name_len;
         if (mg__hop_by_hop(name, nl) || mg__strieq(name, nl, "content-length", 14) ||
-            (has_conn && mg__named_in_connection(h, nh, name, nl)) ||
-            mg__edited(r->resp_edits, name, nl))
+            mg__conn_token_has(&ct, h, nh, name, nl) || mg__edited(r->resp_edits, name, nl))
             continue;
         if (mg__head_header(r, name, nl, h[i].value, h[i].value_len)) return -1;
     }

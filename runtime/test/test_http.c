@@ -1,6 +1,8 @@
 /* test_http.c: the request path's pure helpers: gathered writes and chunk
  * framing (out.c), hop-by-hop detection and header edits (req.c), the
- * per-request arena. */
+ * per-request arena, header name and value checks, and the lazy
+ * connection deadlines (deadline.c) on a real libuv loop. */
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "check.h"
@@ -77,6 +79,132 @@ static void test_hop_by_hop(void)
     CHECK(mg__named_in_connection(h, 2, "close", 5));
     CHECK(!mg__named_in_connection(h, 2, "X-Secre", 7)); /* whole tokens only */
     CHECK(!mg__named_in_connection(h + 1, 1, "x-secret", 8));
+
+    /* the same answers from the tokens gathered once per head */
+    mg_conn_tokens_t t;
+    mg__conn_tokens(&t, h, 2);
+    CHECK(t.n == 3 && !t.overflow);
+    CHECK(mg__conn_token_has(&t, h, 2, "x-secret", 8));
+    CHECK(mg__conn_token_has(&t, h, 2, "X-OTHER", 7));
+    CHECK(mg__conn_token_has(&t, h, 2, "close", 5));
+    CHECK(!mg__conn_token_has(&t, h, 2, "X-Secre", 7));
+    mg__conn_tokens(&t, h + 1, 1);
+    CHECK(t.n == 0 && !mg__conn_token_has(&t, h + 1, 1, "x-secret", 8));
+    mg_header_t ka = {.name = "connection", .name_len = 10, .value = "Keep-Alive", .value_len = 10};
+    mg__conn_tokens(&t, &ka, 1); /* the usual case: nothing to check per field */
+    CHECK(t.n == 0);
+    /* more tokens than the table holds: every field is still checked */
+    char many[512];
+    int n = 0;
+    for (int i = 0; i < 20; i++)
+        n += snprintf(many + n, sizeof(many) - (size_t)n, "x-h%d, ", i);
+    mg_header_t mh = {
+        .name = "Connection", .name_len = 10, .value = many, .value_len = (uint32_t)n};
+    mg__conn_tokens(&t, &mh, 1);
+    CHECK(t.overflow);
+    CHECK(mg__conn_token_has(&t, &mh, 1, "X-H19", 5));
+    CHECK(!mg__conn_token_has(&t, &mh, 1, "x-h20", 5));
+}
+
+static void test_names_values(void)
+{
+    CHECK(mg__strieq("Content-Length", 14, "content-LENGTH", 14));
+    CHECK(!mg__strieq("content-length", 14, "content-lengti", 14));
+    CHECK(!mg__strieq("host", 4, "hosts", 5));
+    CHECK(!mg__strieq("@", 1, "`", 1)); /* folds letters only */
+    CHECK(!mg__strieq("[", 1, "{", 1));
+    CHECK(mg__strieq("", 0, "", 0));
+    for (int c = 0; c < 256; c++)
+        CHECK(mg__lower[c] == ((c >= 'A' && c <= 'Z') ? c + 32 : c));
+
+    /* every control but HTAB, and DEL, at every position of values
+     * longer and shorter than the 8-byte step */
+    char v[40];
+    for (size_t len = 1; len < sizeof(v); len += 3) {
+        for (size_t at = 0; at < len; at++) {
+            for (int c = 0; c < 256; c++) {
+                memset(v, 'a', len);
+                v[at] = (char)c;
+                int ok = !((c < 0x20 && c != '\t') || c == 0x7f);
+                if (mg__value_ok(v, len) != ok) {
+                    CHECK(!"mg__value_ok disagrees");
+                    return;
+                }
+            }
+        }
+    }
+    CHECK(mg__value_ok("", 0));
+    static const char obs[] = "caf\xc3\xa9 \x80\xff obs-text is allowed";
+    CHECK(mg__value_ok(obs, sizeof(obs) - 1));
+    CHECK(mg__header_valid("X-Ok", 4, "v\t1", 3));
+    CHECK(!mg__header_valid("X(a)", 4, "v", 1));
+    CHECK(!mg__header_valid("X-Ok", 4, "a\r\nb", 4));
+
+    char d[24];
+    CHECK_MEM(d, mg__u64_dec(d, 0), "0");
+    CHECK_MEM(d, mg__u64_dec(d, 1234567890), "1234567890");
+    CHECK_MEM(d, mg__u64_dec(d, UINT64_MAX), "18446744073709551615");
+}
+
+/* ---- lazy deadlines ---- */
+
+static int fired;
+static uint64_t fired_at;
+static void on_expired(mg_deadline_t *d)
+{
+    fired++;
+    fired_at = uv_now(d->timer.loop);
+}
+
+static void on_move_later(uv_timer_t *t)
+{
+    mg__deadline_set(t->data, 120); /* moved later: the armed timer must not fire it */
+}
+
+static void on_clear(uv_timer_t *t)
+{
+    mg__deadline_set(t->data, 0);
+}
+
+static void test_deadline(void)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    mg_deadline_t d;
+    uv_timer_t helper;
+    uv_timer_init(&loop, &helper);
+    helper.data = &d;
+
+    /* set, then moved later before it expires: fires once, at the later time */
+    mg__deadline_init(&d, &loop, NULL, on_expired);
+    fired = 0;
+    uint64_t t0 = uv_now(&loop);
+    mg__deadline_set(&d, 30);
+    uv_timer_start(&helper, on_move_later, 10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(fired == 1);
+    CHECK(fired_at >= t0 + 10 + 120);
+
+    /* cleared before it expires: never fires */
+    fired = 0;
+    mg__deadline_set(&d, 30);
+    uv_timer_start(&helper, on_clear, 10, 0);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(fired == 0);
+
+    /* moved earlier: fires at the earlier time */
+    fired = 0;
+    t0 = uv_now(&loop);
+    mg__deadline_set(&d, 5000);
+    mg__deadline_set(&d, 20);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(fired == 1);
+    CHECK(fired_at >= t0 + 20 && fired_at < t0 + 2000);
+
+    uv_close((uv_handle_t *)&d.timer, NULL);
+    uv_close((uv_handle_t *)&helper, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0);
 }
 
 static void test_arena(void)
@@ -153,6 +281,8 @@ int main(void)
 {
     test_out();
     test_hop_by_hop();
+    test_names_values();
+    test_deadline();
     test_arena();
     test_header_edits();
     test_misc();
