@@ -142,6 +142,10 @@ fuzz:
 bench: build
 	bench/run
 
+### bench-ir: user instructions per proxied request in one worker under callgrind (bench/ir-per-request; ROW=moongate|moongate-ratelimit, SECONDS=5)
+bench-ir: build
+	bench/ir-per-request --row $(or $(ROW),moongate-ratelimit) --seconds $(or $(SECONDS),5)
+
 ### bench-reload: change speed at 5,000 routes: one-route reload per worker, p99 during 20 changes/s vs steady (PASS/FAIL)
 ### bench-sandbox: cost of a sandboxed phase call vs a trusted one, and time to stop a runaway policy at the budget
 ### bench-admin: the Admin API handler at 5,000 routes: index a version, a page, one by id, PUT/DELETE against a real etcd
@@ -151,7 +155,7 @@ bench: build
 ### bench-redis: mg.redis round trip: µs per INCR through the gateway vs without Redis vs direct, and wrk on both routes
 # Each runs `luajit bench/<name>.lua $(BENCH_<NAME>_ARGS)` after a build.
 BENCH_LUA := reload sandbox admin etcd router prims redis
-.PHONY: $(BENCH_LUA:%=bench-%)
+.PHONY: $(BENCH_LUA:%=bench-%) bench-ir
 $(BENCH_LUA:%=bench-%): bench-%: build
 	luajit bench/$*.lua $(BENCH_$(shell echo $* | tr a-z A-Z)_ARGS)
 
