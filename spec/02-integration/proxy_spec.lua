@@ -832,3 +832,59 @@ describe("proxy max_keepalive_requests", function()
         assert.is_true(c:closed(2))
     end)
 end)
+
+-- A connection's timeouts are one lazy deadline (deadline.c): the timer
+-- armed for an earlier deadline fires and must re-arm for a later one, and a
+-- shorter one set later must move it. A keep-alive timeout far longer than
+-- the header one tells the two apart under load.
+describe("proxy timeouts on a kept-alive connection", function()
+    local gw
+    setup(function()
+        local mock = gateway.mock()
+        gw = gateway.start({
+            node = { limits = { client_header_timeout_ms = 500, keepalive_timeout_ms = 3000 } },
+            routes = {
+                upstreams = { gateway.upstream("mock", mock) },
+                routes = { { id = "all", paths = { "/*" }, upstream = "mock" } },
+                consumers = gateway.array(), global_policies = gateway.array(),
+            },
+        })
+    end)
+    teardown(function()
+        client.close_all()
+        gateway.stop_all()
+    end)
+
+    it("counts keepalive_timeout_ms from the last response of a busy connection", function()
+        local c = connect(gw.port)
+        local t_start = proc.now()
+        -- requests for longer than client_header_timeout_ms (500)
+        for i = 1, 4 do
+            assert.is_true(c:request({ path = "/busy" .. i }))
+            assert.equal(200, read(c).status)
+            socket.sleep(0.2)
+        end
+        assert.is_true(c:request({ path = "/last" }))
+        assert.equal(200, read(c).status)
+        assert.is_true(proc.now() - t_start > 0.6)
+        local t0 = proc.now()
+        assert.is_true(c:closed(6))
+        local took = proc.now() - t0
+        assert.is_true(took >= 2.8 and took < 5, "closed after " .. took .. " s")
+    end)
+
+    it("times out a head that stalls on a kept-alive connection (408)", function()
+        local c = connect(gw.port)
+        assert.is_true(c:request({ path = "/first" }))
+        assert.equal(200, read(c).status)
+        socket.sleep(0.1) -- the keep-alive deadline (3000) is set
+        assert.is_true(c:send("GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n"))
+        local t0 = proc.now()
+        local res = read(c, { timeout = 5 })
+        local took = proc.now() - t0
+        assert.equal(408, res.status)
+        -- the header timeout from the head's first byte, not the idle one
+        assert.is_true(took >= 0.4 and took < 2, "took " .. took .. " s")
+        assert.is_true(c:closed(2))
+    end)
+end)
