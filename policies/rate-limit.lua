@@ -26,6 +26,7 @@
 -- another part or another source's key.
 local mg = require("moongate")
 
+local tobit = require("bit").tobit
 local ceil = math.ceil
 local floor = math.floor
 local concat = table.concat
@@ -447,13 +448,25 @@ end
 -- Decisions
 ---------------------------------------------------------------------------
 
--- Header values: tostring compiles (IR_TOSTR); %.14g prints every
--- integer up to the schema's maxima (1e12) in full.
+-- An integer as header text. Below 2^31 through bit.tobit: LuaJIT then
+-- formats an int (a few instructions a digit) rather than a double with
+-- %.14g (which prints every integer up to the schema's maxima, 1e12, in
+-- full: the path for the rest). n >= 0.
+local function int_text(n)
+  local s
+  if n < 2147483648 then
+    s = tostring(tobit(n))
+  else
+    s = tostring(n)
+  end
+  return s -- (not `return tostring(...)`: a trace cannot return through it)
+end
+
 local function set_headers(ctx, limit, remaining, reset)
   local resp = ctx.resp
-  resp:set_header("RateLimit-Limit", tostring(floor(limit)))
-  resp:set_header("RateLimit-Remaining", tostring(remaining > 0 and floor(remaining) or 0))
-  resp:set_header("RateLimit-Reset", tostring(ceil(reset)))
+  resp:set_header("RateLimit-Limit", int_text(floor(limit)))
+  resp:set_header("RateLimit-Remaining", int_text(remaining > 0 and floor(remaining) or 0))
+  resp:set_header("RateLimit-Reset", int_text(ceil(reset)))
 end
 
 -- retry_after < 0 (the request can never pass this level): the time until

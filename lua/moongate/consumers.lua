@@ -25,8 +25,13 @@ end
 -- The consumer whose credentials[policy][field] equals value (a field may
 -- also hold a list of values, e.g. several keys of one consumer).
 function _M:find(policy, field, value)
-  local key = policy .. "\0" .. field
-  local idx = self.idx[key]
+  -- by policy, then field: no key string made per lookup
+  local by_field = self.idx[policy]
+  if not by_field then
+    by_field = {}
+    self.idx[policy] = by_field
+  end
+  local idx = by_field[field]
   if not idx then
     idx = {}
     for _, c in ipairs(self.list) do
@@ -40,7 +45,7 @@ function _M:find(policy, field, value)
         idx[v] = c
       end
     end
-    self.idx[key] = idx
+    by_field[field] = idx
   end
   return idx[value]
 end

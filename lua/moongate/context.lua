@@ -9,8 +9,11 @@ local _M = {}
 
 local current = setmetatable({}, { __mode = "k" })
 
-function _M.set(r)
-  current[coroutine_running()] = r
+-- co: the running coroutine when the caller has it (C passes it to the
+-- entry points: coroutine.running is not compiled by LuaJIT, it would
+-- stitch the request's trace)
+function _M.set(r, co)
+  current[co or coroutine_running()] = r
 end
 
 -- co serves the request of the running coroutine too (moongate.sandbox

@@ -225,7 +225,10 @@ end
 local req_fields = {
   method = function(v) return ffi_string(v.method, v.method_len) end,
   path = function(v) return ffi_string(v.path, v.path_len) end,
-  query = function(v) return ffi_string(v.query, v.query_len) end,
+  query = function(v)
+    local n = v.query_len
+    return n == 0 and "" or ffi_string(v.query, n)
+  end,
   remote_addr = function(v) return ffi_string(v.remote_addr) end,
   remote_port = function(v) return v.remote_port end,
   request_id = function(v) return ffi_string(v.request_id, v.request_id_len) end,
@@ -249,8 +252,11 @@ local req_mt = {
   end,
 }
 
+-- (not `return setmetatable(...)`: a trace that starts here could not
+-- return through that tail call: "leaving loop in root trace")
 function _M.new_req(r, v)
-  return setmetatable({ _r = r, _v = v }, req_mt)
+  local req = setmetatable({ _r = r, _v = v }, req_mt)
+  return req
 end
 
 -- ---- ctx.resp --------------------------------------------------------------
@@ -286,7 +292,8 @@ local resp_mt = {
 }
 
 function _M.new_resp(r, v)
-  return setmetatable({ _r = r, _v = v }, resp_mt)
+  local resp = setmetatable({ _r = r, _v = v }, resp_mt)
+  return resp
 end
 
 -- The C request of the running coroutine (for yielding helpers).

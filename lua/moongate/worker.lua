@@ -33,6 +33,8 @@ local ffi_gc = ffi.gc
 local ffi_string = ffi.string
 local type = type
 local pcall = pcall
+local rawset = rawset
+local setmetatable = setmetatable
 local ipairs = ipairs
 local tostring = tostring
 local lower = string.lower
@@ -157,12 +159,6 @@ local function answer(ctx, r, v, status, body)
   C.mg_resp_send(r, status, body, #body) -- a status set by a filter wins (C)
 end
 
-local function policy_failed(ctx, r, v, route, p, err)
-  log_failure(route, p, nil, err, v)
-  answer(ctx, r, v, 500, { error = "internal error", request_id = ffi_string(v.request_id,
-                                                                              v.request_id_len) })
-end
-
 -- ---- building config versions -----------------------------------------------
 
 -- A C upstream handle for the validated upstream u (config_version.lua
@@ -263,6 +259,11 @@ function _M.init(path, wid, _, from_files)
   if jitv and jitv ~= "" then
     require("jit.v").start(jitv .. "." .. tostring(wid))
   end
+  -- A request's trace (router, pipeline, policies) is long, and a worker
+  -- serves many routes and policies: LuaJIT's defaults (1000 traces,
+  -- 4000 IR instructions recorded, 512 KiB of machine code) would abort
+  -- the longest and flush everything when full. OpenResty raises the same.
+  jit.opt.start("maxtrace=8000", "maxrecord=16000", "maxmcode=40960")
   if from_files then
     local doc, err = doc_from_files()
     local v
@@ -375,33 +376,82 @@ local function request_host(r)
   return match(h, "^%[[^%]]*%]") or match(h, "^[^:]+") or h
 end
 
-local function run_phase(list, ctx, r, v, route)
-  for i = 1, #list do
-    local p = list[i]
-    local fn = p.mod[ctx.phase]
-    local ok, status, body = pcall(fn, p.conf, ctx)
-    if not ok then
-      policy_failed(ctx, r, v, route, p, status)
-      return true
-    end
-    if status then
-      answer(ctx, r, v, status, body)
-      return true
-    end
-  end
-  return false
+-- The policy each access coroutine is running and its ctx (weak keys:
+-- C drops a coroutine that raised or was left waiting): access_error
+-- (below) names the policy when one raised. By coroutine, not request
+-- handle: C reuses a handle whose coroutine was left waiting.
+local running = setmetatable({}, { __mode = "k" })
+local running_ctx = setmetatable({}, { __mode = "k" })
+
+-- One policy's phase function. No pcall per policy: LuaJIT cannot compile
+-- a trace that starts in a policy (a side exit) and returns through a
+-- pcall frame ("NYI: return to lower frame"), so an error ends the
+-- coroutine instead and C hands it to access_error.
+local function call(p, phase, ctx, co)
+  running[co] = p
+  return p.mod[phase](p.conf, ctx)
 end
 
-function _M.access(rp)
-  local r = ffi_cast(req_ptr, rp)
-  local v = ffi_cast(view_ptr, rp)
-  local cfg = current
-  local route, entry, params = router.match(cfg.router, v, request_host, r)
-  if not route then
-    respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
-                                                                           v.request_id_len) })
-    return
+-- The phase functions of list in order until one answers (returns a
+-- status): that status and body. Unrolled for the first four: a `for`
+-- over a route's one to three policies is an inner loop entered per
+-- request and left after a turn or two, which LuaJIT gives up on (and
+-- with it the trace of the whole request).
+local function pipeline(list, phase, ctx, co)
+  local n = #list
+  local status, body = call(list[1], phase, ctx, co)
+  if status or n == 1 then
+    return status, body
   end
+  status, body = call(list[2], phase, ctx, co)
+  if status or n == 2 then
+    return status, body
+  end
+  status, body = call(list[3], phase, ctx, co)
+  if status or n == 3 then
+    return status, body
+  end
+  status, body = call(list[4], phase, ctx, co)
+  if status or n == 4 then
+    return status, body
+  end
+  for i = 5, n do
+    status, body = call(list[i], phase, ctx, co)
+    if status then
+      return status, body
+    end
+  end
+  return nil
+end
+
+-- ctx fields made on their first read: most requests never read them
+local ctx_lazy = {
+  params = function() return {} end,
+  vars = function() return {} end,
+  request_id = function(ctx)
+    local v = ctx.req._v
+    return ffi_string(v.request_id, v.request_id_len)
+  end,
+}
+
+local ctx_mt = {
+  __index = function(ctx, k)
+    local make = ctx_lazy[k]
+    if make then
+      local val = make(ctx)
+      rawset(ctx, k, val)
+      return val
+    end
+  end,
+}
+
+-- A request of route (router.match's route, entry and params), from the
+-- route's path rewriting to the upstream chosen. Its own function, so that
+-- LuaJIT compiles it as one trace that starts here: the router's walk is a
+-- loop (one turn per byte of the path), and a trace that starts before a
+-- loop which has a trace of its own aborts ("inner loop in root trace"),
+-- so access's trace never forms; this one starts after that loop.
+local function routed(rp, co, r, v, cfg, route, entry, params)
   local id = route.id
   C.mg_req_set_route(r, id, #id)
   -- strip_prefix drops the route's prefix; rewrite replaces the path (and
@@ -423,34 +473,44 @@ function _M.access(rp)
     C.mg_req_set_uri(r, up_path, #up_path, nil, 0)
   end
   if route.has_access or route.phase_flags ~= 0 then
-    context.set(r)
-    local ctx = {
+    context.set(r, co)
+    -- The keys given nil size the table for what the kit and the usual
+    -- policies set later (a constructor counts them), so setting them
+    -- adds a key without growing the table; params, vars and request_id
+    -- are made on their first read (ctx_mt).
+    local ctx = setmetatable({
       req = request.new_req(r, v),
       resp = request.new_resp(r, v),
       route = route,
-      params = params or {},
-      vars = {},
-      request_id = ffi_string(v.request_id, v.request_id_len),
+      params = params,
       consumers = cfg.consumers,
-    }
-    -- before rewrite/access run: a request they end still gets its log
-    -- phase (a logging policy sees the 401s and 500s too)
+      phase = "access",
+      vars = nil, request_id = nil, consumer = nil, tenant = nil, upstream = nil,
+      answered = nil,
+    }, ctx_mt)
+    -- for access_error while the access policies run; and until the log
+    -- phase when a later phase needs it, from before they run: a request
+    -- they end still gets its log phase (a logging policy sees the 401s
+    -- and 500s too)
+    running_ctx[co] = ctx
     if route.phase_flags ~= 0 then
       ctxs[rp] = ctx
       C.mg_req_set_phases(r, route.phase_flags)
     end
     local phases = route.phases
+    local status, body
     if phases.rewrite then
       ctx.phase = "rewrite"
-      if run_phase(phases.rewrite, ctx, r, v, route) then
-        return
-      end
+      status, body = pipeline(phases.rewrite, "rewrite", ctx, co)
     end
-    if phases.access then
+    if not status and phases.access then
       ctx.phase = "access"
-      if run_phase(phases.access, ctx, r, v, route) then
-        return
-      end
+      status, body = pipeline(phases.access, "access", ctx, co)
+    end
+    running[co], running_ctx[co] = nil, nil
+    if status then
+      answer(ctx, r, v, status, body)
+      return
     end
     if ctx.upstream then -- a policy chose another upstream
       local h = cfg.upstreams[ctx.upstream]
@@ -468,12 +528,46 @@ function _M.access(rp)
   end
 end
 
-function _M.header_filter(rp)
+-- co: the coroutine C resumes (lua.c), for moongate.context. LuaJIT gives
+-- up compiling this part (see routed), so it does as little as it can.
+function _M.access(rp, co)
+  co = co or coroutine.running() -- C passes it (lua.c)
+  local r = ffi_cast(req_ptr, rp)
+  local v = ffi_cast(view_ptr, rp)
+  local cfg = current
+  local route, entry, params = router.match(cfg.router, v, request_host, r)
+  if not route then
+    respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
+                                                                           v.request_id_len) })
+    return
+  end
+  return routed(rp, co, r, v, cfg, route, entry, params)
+end
+
+-- C calls this in a fresh coroutine when the access coroutine raised
+-- (lua.c): a policy's error is logged with the route, the policy and the
+-- request id, and answered with a 500 carrying the id (through the
+-- route's header_filter and body_filter policies). An error outside the
+-- policies is raised again: C logs it and answers its own 500.
+function _M.access_error(rp, err, failed, co)
+  local ctx, p = running_ctx[failed], running[failed]
+  if not p then
+    error(err, 0)
+  end
+  running[failed], running_ctx[failed] = nil, nil
+  local r = ffi_cast(req_ptr, rp)
+  local v = ffi_cast(view_ptr, rp)
+  context.set(r, co)
+  log_failure(ctx.route, p, nil, err, v)
+  answer(ctx, r, v, 500, { error = "internal error", request_id = ctx.request_id })
+end
+
+function _M.header_filter(rp, co)
   local ctx = ctxs[rp]
   if not ctx then
     return
   end
-  context.set(ffi_cast(req_ptr, rp))
+  context.set(ffi_cast(req_ptr, rp), co)
   local list = ctx.route.phases.header_filter
   if not list then
     return
@@ -516,7 +610,7 @@ function _M.body_filter(rp, ptr, len, eof)
   return chunk
 end
 
-function _M.log(rp)
+function _M.log(rp, co)
   local ctx = ctxs[rp]
   ctxs[rp] = nil
   if not ctx then
@@ -526,7 +620,7 @@ function _M.log(rp)
   if not list then
     return
   end
-  context.set(ffi_cast(req_ptr, rp))
+  context.set(ffi_cast(req_ptr, rp), co)
   ctx.phase = "log"
   for i = 1, #list do
     local p = list[i]

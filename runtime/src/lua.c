@@ -72,6 +72,7 @@ int mg__lua_init(mg_worker_t *w)
     w->ref_body_filter = get_ref(L, m, "body_filter");
     w->ref_reload = get_ref(L, m, "reload");
     w->ref_peer = get_ref(L, m, "peer");
+    w->ref_access_error = get_ref(L, m, "access_error");
     lua_settop(L, 0);
     if (w->ref_access < 0) {
         mg_log(MG_LOG_ERROR, "%s has no access function", mod);
@@ -120,6 +121,12 @@ static void co_put(mg_worker_t *w, co_slot_t *s, int reusable)
     free(s);
 }
 
+/* r->lua_phase while the handler's access_error runs: an access phase
+ * that raised, answered by Lua (lua.c only; it ends as MG_LUA_ACCESS). */
+#define LUA_ACCESS_ERROR 100
+
+static void start_access_error(mg_req_t *r, co_slot_t *dead);
+
 static void resume(mg_req_t *r, int nargs)
 {
     mg_worker_t *w = r->conn->w;
@@ -129,6 +136,7 @@ static void resume(mg_req_t *r, int nargs)
     int rc = lua_resume(co, nargs);
     if (rc == LUA_YIELD) {
         if (r->wait != MG_WAIT_NONE) return; /* C resumes it when the wait ends */
+        if (phase == LUA_ACCESS_ERROR) phase = MG_LUA_ACCESS;
         /* A bare coroutine.yield() from a policy: nothing would wake it. */
         lua_settop(co, 0);
         r->lua_busy = 0;
@@ -141,12 +149,23 @@ static void resume(mg_req_t *r, int nargs)
     }
     r->lua_busy = 0;
     r->co_slot = NULL;
+    if (phase == LUA_ACCESS_ERROR && rc == 0) phase = MG_LUA_ACCESS;
     if (rc == 0) {
         lua_settop(co, 0);
         co_put(w, s, 1);
         mg__req_phase_done(r, phase, 0);
         return;
     }
+    if (phase == MG_LUA_ACCESS && w->ref_access_error >= 0) {
+        /* The handler runs its access policies without a pcall each (a
+         * pcall frame stops LuaJIT from compiling the traces that start
+         * in a policy: "NYI: return to lower frame"), so their errors end
+         * here: its access_error answers them (the 500 with the request
+         * id, the route's filters) in a fresh coroutine. */
+        start_access_error(r, s);
+        return;
+    }
+    if (phase == LUA_ACCESS_ERROR) phase = MG_LUA_ACCESS;
     const char *msg = lua_tostring(co, -1);
     luaL_traceback(w->L, co, msg ? msg : "(error object is not a string)", 0);
     mg_log(MG_LOG_ERROR, "request %s: %s", r->v.request_id, lua_tostring(w->L, -1));
@@ -178,7 +197,35 @@ void mg__lua_start(mg_req_t *r, int phase)
      * number to a pointer but not from a lightuserdata (NYI), and the
      * request path must stay compiled. x86-64 addresses fit a double. */
     lua_pushnumber(s->co, (lua_Number)(uintptr_t)r);
-    resume(r, 1);
+    /* and the coroutine itself: moongate.context maps it to r without
+     * coroutine.running, which LuaJIT does not compile (a trace stitch
+     * per phase) */
+    lua_pushthread(s->co);
+    resume(r, 2);
+}
+
+/* The access coroutine of r died of an error (on its stack top): a new
+ * one runs access_error(rp, err, dead, co); the dead one is dropped. */
+static void start_access_error(mg_req_t *r, co_slot_t *dead)
+{
+    mg_worker_t *w = r->conn->w;
+    co_slot_t *s = co_get(w);
+    if (!s) {
+        co_put(w, dead, 0);
+        mg__req_phase_done(r, MG_LUA_ACCESS, -1);
+        return;
+    }
+    r->co_slot = s;
+    r->lua_phase = LUA_ACCESS_ERROR;
+    r->lua_busy = 1;
+    lua_rawgeti(s->co, LUA_REGISTRYINDEX, w->ref_access_error);
+    lua_pushnumber(s->co, (lua_Number)(uintptr_t)r);
+    lua_xmove(dead->co, s->co, 1); /* the error value */
+    lua_pushthread(dead->co);
+    lua_xmove(dead->co, s->co, 1); /* the coroutine that raised */
+    lua_pushthread(s->co);
+    co_put(w, dead, 0); /* a dead coroutine cannot run again */
+    resume(r, 4);
 }
 
 void mg__lua_resume(mg_req_t *r)

@@ -335,6 +335,7 @@ struct mg_worker_s {
     uint64_t rid_seed, rid_counter;
     struct lua_State *L;
     int ref_access, ref_header_filter, ref_body_filter, ref_log, ref_reload, ref_peer;
+    int ref_access_error; /* the handler's access_error(rp, err), or -1 (lua.c) */
     mg_link_t free_cos;
     llhttp_settings_t req_settings, resp_settings;
     int reload_pending;

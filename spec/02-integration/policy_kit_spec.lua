@@ -124,6 +124,13 @@ describe("policy kit", function()
                     p("it-inspect", { arg = "q" }), p("it-vars", { value = "shared" }),
                 }),
                 route("raise", "/raise/*", "a", { p("it-raise", { when_header = true }) }),
+                route("raise-late", "/raise-late/*", "a", {
+                    p("it-vars", { value = "v" }), p("it-raise", { sleep_ms = 20 }),
+                }),
+                route("raise-table", "/raise-table/*", "a", {
+                    p("it-raise", { table_error = true }),
+                }),
+                route("ctx", "/ctx/*", "trap", { p("it-ctx") }),
                 route("raise-rewrite", "/raise-rewrite/*", "a", {
                     p("it-raise", { phase = "rewrite" }),
                 }),
@@ -584,6 +591,29 @@ describe("policy kit", function()
         end)
     end)
 
+    describe("ctx", function()
+        it("carries no field from one request to the next", function()
+            local c = assert(client.connect(gw.port))
+            local ids = {}
+            for i = 1, 6 do
+                -- every other request sets consumer, tenant, vars, params and
+                -- a field of its own; the next one, on the same connection
+                -- and worker, must see none of them
+                assert(c:request({ path = "/ctx/x", headers = { ["X-Set"] = i % 2 == 1 and "1"
+                                                                 or "0" } }))
+                local res = assert(c:read_response())
+                assert.equal(200, res.status)
+                local got = cjson.decode(res.body)
+                local null = cjson.null
+                assert.same({ consumer = null, tenant = null, upstream = null, answered = null,
+                              mark = null, param_mark = null, extra = null, phase = "access",
+                              request_id = res.headers["x-request-id"] }, got)
+                assert.is_nil(ids[got.request_id])
+                ids[got.request_id] = true
+            end
+        end)
+    end)
+
     describe("a policy that raises", function()
         it("gives a 500 with the request id, logs route and policy, and the worker serves on",
             function()
@@ -618,6 +648,41 @@ describe("policy kit", function()
             assert.equal(500, assert(c:read_response()).status)
             assert(c:request({ path = "/raise/y" }))
             assert.equal("/y", echo_of(assert(c:read_response())).path)
+        end)
+
+        it("after its coroutine yielded (mg.sleep) gives the same 500 and log line", function()
+            local pid = gw:workers()[1]
+            for _ = 1, 3 do
+                local res = get("/raise-late/x")
+                assert.equal(500, res.status)
+                local got = cjson.decode(res.body)
+                assert.same({ error = "internal error", request_id = res.headers["x-request-id"] },
+                            got)
+                assert.is_truthy(eventually(function()
+                    for l in gw:log():gmatch("[^\n]+") do
+                        if l:find(got.request_id, 1, true) then
+                            return l:find("route raise-late policy it-raise failed: ", 1, true)
+                                and l:find("went boom in access", 1, true)
+                        end
+                    end
+                end, 2), gw:log_tail())
+            end
+            assert.equal(200, get("/raise/x").status)
+            assert.same({ pid }, gw:workers())
+        end)
+
+        it("with a table for its error gives the 500 with the request id", function()
+            local res = get("/raise-table/x")
+            assert.equal(500, res.status)
+            local got = cjson.decode(res.body)
+            assert.equal(res.headers["x-request-id"], got.request_id)
+            assert.is_truthy(eventually(function()
+                for l in gw:log():gmatch("[^\n]+") do
+                    if l:find(got.request_id, 1, true) then
+                        return l:find("route raise-table policy it-raise failed: table", 1, true)
+                    end
+                end
+            end, 2), gw:log_tail())
         end)
 
         it("in rewrite gives a 500 too", function()
