@@ -225,10 +225,7 @@ end
 local req_fields = {
   method = function(v) return ffi_string(v.method, v.method_len) end,
   path = function(v) return ffi_string(v.path, v.path_len) end,
-  query = function(v)
-    local n = v.query_len
-    return n == 0 and "" or ffi_string(v.query, n)
-  end,
+  query = function(v) return ffi_string(v.query, v.query_len) end,
   remote_addr = function(v) return ffi_string(v.remote_addr) end,
   remote_port = function(v) return v.remote_port end,
   request_id = function(v) return ffi_string(v.request_id, v.request_id_len) end,
@@ -241,6 +238,11 @@ local req_mt = {
     local m = req_methods[k]
     if m then
       return m
+    end
+    -- an empty query is not kept in the object: no key added (and the
+    -- table not grown) for the usual request without one
+    if k == "query" and self._v.query_len == 0 then
+      return ""
     end
     local f = req_fields[k]
     if f then

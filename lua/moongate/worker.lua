@@ -474,10 +474,11 @@ local function routed(rp, co, r, v, cfg, route, entry, params)
   end
   if route.has_access or route.phase_flags ~= 0 then
     context.set(r, co)
-    -- The keys given nil size the table for what the kit and the usual
-    -- policies set later (a constructor counts them), so setting them
-    -- adds a key without growing the table; params, vars and request_id
-    -- are made on their first read (ctx_mt).
+    -- Eight keys, eight slots: the keys given nil size the table for what
+    -- auth policies set (a constructor counts them), so setting those
+    -- adds a key without growing it; params, vars and request_id are made
+    -- on their first read (ctx_mt). Every byte made per request is work
+    -- for the GC later, the largest part of the request's Lua cost.
     local ctx = setmetatable({
       req = request.new_req(r, v),
       resp = request.new_resp(r, v),
@@ -485,8 +486,7 @@ local function routed(rp, co, r, v, cfg, route, entry, params)
       params = params,
       consumers = cfg.consumers,
       phase = "access",
-      vars = nil, request_id = nil, consumer = nil, tenant = nil, upstream = nil,
-      answered = nil,
+      consumer = nil, tenant = nil,
     }, ctx_mt)
     -- for access_error while the access policies run; and until the log
     -- phase when a later phase needs it, from before they run: a request
