@@ -1,0 +1,83 @@
+-- The request path stays JIT-compiled: key-auth + rate-limit (the bench
+-- row "moongate-ratelimit") on a real gateway with MOONGATE_JITV, and the
+-- worker's trace log after a few thousand requests. A change that brings
+-- back a pcall per policy, a coroutine.running per phase, a tail call into
+-- a builtin or a per-request loop shows here as an abort in a request-path
+-- file; the gateway would still answer, only slower (README
+-- "Performance").
+local cjson = require("cjson")
+local client = require("helpers.client")
+local gateway = require("helpers.gateway")
+local proc = require("helpers.proc")
+
+-- the files of the request path (config building has loops of its own)
+local REQUEST_PATH = { "worker%.lua", "request%.lua", "context%.lua", "consumers%.lua",
+                       "limit%.lua", "key%-auth%.lua", "rate%-limit%.lua", "moongate/init%.lua" }
+
+-- The router's walk is a loop (a turn per byte of the path): LuaJIT gives
+-- up the traces that start before it until it blacklists their start,
+-- which is what it is meant to do; the route's own trace starts after it.
+local function expected(line)
+    return line:find("inner loop in root trace at router.lua", 1, true)
+        or line:find("blacklisted at router.lua", 1, true)
+end
+
+describe("JIT", function()
+    local gw, jitv
+
+    setup(function()
+        local mock = gateway.mock()
+        jitv = proc.tmpdir() .. "/jitv"
+        gw = gateway.start{
+            workers = 1,
+            env = { MOONGATE_JITV = jitv },
+            routes = {
+                upstreams = { gateway.upstream("a", mock) },
+                routes = { { id = "bench", paths = { "/*" }, upstream = "a", policies = {
+                    { name = "key-auth" },
+                    { name = "rate-limit", conf = { rate = 1e6, burst = 1e6, key = "consumer" } },
+                } } },
+                consumers = { { id = "bench", credentials = { ["key-auth"] = { key = "k" } } } },
+            },
+        }
+    end)
+
+    teardown(function()
+        client.close_all()
+        gateway.stop_all()
+    end)
+
+    it("key-auth + rate-limit run compiled: no aborts on the request path", function()
+        local c = assert(client.connect(gw.port))
+        for i = 1, 3000 do
+            assert(c:request({ path = "/x", headers = { apikey = "k" } }))
+            local res = assert(c:read_response())
+            assert.equal(200, res.status)
+            if i == 1 then
+                assert.equal("1000000", res.headers["ratelimit-limit"])
+                assert.equal("/x", cjson.decode(res.body).path)
+            end
+        end
+        -- a refused key and an error in between change nothing
+        assert(c:request({ path = "/x", headers = { apikey = "nope" } }))
+        assert.equal(401, assert(c:read_response()).status)
+        local f = assert(io.open(jitv .. ".0", "rb"))
+        local log = f:read("*a")
+        f:close()
+        local aborts, route_trace = {}, false
+        for line in log:gmatch("[^\n]+") do
+            if line:find("^%[TRACE %-%-%-") and not expected(line) then
+                for _, file in ipairs(REQUEST_PATH) do
+                    if line:find(file) then
+                        aborts[#aborts + 1] = line
+                        break
+                    end
+                end
+            elseif line:find("^%[TRACE +%d+ worker%.lua:%d+ return%]") then
+                route_trace = true
+            end
+        end
+        assert.same({}, aborts)
+        assert.is_true(route_trace, "no trace of the route's request path:\n" .. log)
+    end)
+end)
