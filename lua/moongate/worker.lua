@@ -34,6 +34,8 @@ local ffi_string = ffi.string
 local type = type
 local pcall = pcall
 local rawset = rawset
+local clear = require("table.clear")
+local new_tab = require("table.new")
 local setmetatable = setmetatable
 local ipairs = ipairs
 local tostring = tostring
@@ -445,13 +447,42 @@ local ctx_mt = {
   end,
 }
 
+-- Per request handle: its two cdata views, and the ctx, ctx.req and
+-- ctx.resp tables, emptied and reused by the next request on that handle
+-- (C pools its requests, so handles repeat). C reuses a handle only once
+-- its request is over (its log phase run, a coroutine still waiting
+-- dropped), so nothing of that request runs any more; what it left in
+-- them goes with the emptying (a policy must not keep ctx past its
+-- request). A request that makes no table leaves the GC nothing to
+-- collect, and collecting was the largest part of its Lua cost. A ctx
+-- has eight hash slots: what the gateway sets and an auth policy's
+-- consumer and tenant; params, vars and request_id are made on their
+-- first read (ctx_mt).
+local slots, nslots = {}, 0
+-- a handle C freed may come back at a new address (req.c keeps 4096
+-- free ones): past this many, the map starts again
+local MAX_SLOTS = 8192
+
+local function new_slot(rp)
+  if nslots >= MAX_SLOTS then
+    slots, nslots = {}, 0
+  end
+  local r, v = ffi_cast(req_ptr, rp), ffi_cast(view_ptr, rp)
+  local slot = { r = r, v = v, req = request.new_req(r, v), resp = request.new_resp(r, v),
+                 ctx = setmetatable(new_tab(0, 8), ctx_mt) }
+  slots[rp] = slot
+  nslots = nslots + 1
+  return slot
+end
+
 -- A request of route (router.match's route, entry and params), from the
 -- route's path rewriting to the upstream chosen. Its own function, so that
 -- LuaJIT compiles it as one trace that starts here: the router's walk is a
 -- loop (one turn per byte of the path), and a trace that starts before a
 -- loop which has a trace of its own aborts ("inner loop in root trace"),
 -- so access's trace never forms; this one starts after that loop.
-local function routed(rp, co, r, v, cfg, route, entry, params)
+local function routed(rp, co, slot, cfg, route, entry, params)
+  local r, v = slot.r, slot.v
   local id = route.id
   C.mg_req_set_route(r, id, #id)
   -- strip_prefix drops the route's prefix; rewrite replaces the path (and
@@ -474,20 +505,15 @@ local function routed(rp, co, r, v, cfg, route, entry, params)
   end
   if route.has_access or route.phase_flags ~= 0 then
     context.set(r, co)
-    -- Eight keys, eight slots: the keys given nil size the table for what
-    -- auth policies set (a constructor counts them), so setting those
-    -- adds a key without growing it; params, vars and request_id are made
-    -- on their first read (ctx_mt). Every byte made per request is work
-    -- for the GC later, the largest part of the request's Lua cost.
-    local ctx = setmetatable({
-      req = request.new_req(r, v),
-      resp = request.new_resp(r, v),
-      route = route,
-      params = params,
-      consumers = cfg.consumers,
-      phase = "access",
-      consumer = nil, tenant = nil,
-    }, ctx_mt)
+    -- the handle's tables, emptied of the last request's fields (slots)
+    local req, resp, ctx = slot.req, slot.resp, slot.ctx
+    clear(req)
+    req._r, req._v = r, v
+    clear(resp)
+    resp._r, resp._v = r, v
+    clear(ctx)
+    ctx.req, ctx.resp, ctx.route, ctx.params = req, resp, route, params
+    ctx.consumers, ctx.phase = cfg.consumers, "access"
     -- for access_error while the access policies run; and until the log
     -- phase when a later phase needs it, from before they run: a request
     -- they end still gets its log phase (a logging policy sees the 401s
@@ -532,8 +558,8 @@ end
 -- up compiling this part (see routed), so it does as little as it can.
 function _M.access(rp, co)
   co = co or coroutine.running() -- C passes it (lua.c)
-  local r = ffi_cast(req_ptr, rp)
-  local v = ffi_cast(view_ptr, rp)
+  local slot = slots[rp] or new_slot(rp)
+  local r, v = slot.r, slot.v
   local cfg = current
   local route, entry, params = router.match(cfg.router, v, request_host, r)
   if not route then
@@ -541,7 +567,7 @@ function _M.access(rp, co)
                                                                            v.request_id_len) })
     return
   end
-  return routed(rp, co, r, v, cfg, route, entry, params)
+  return routed(rp, co, slot, cfg, route, entry, params)
 end
 
 -- C calls this in a fresh coroutine when the access coroutine raised
