@@ -463,6 +463,14 @@ local slots, nslots = {}, 0
 -- free ones): past this many, the map starts again
 local MAX_SLOTS = 8192
 
+-- The request's Lua work is over: what it left in the tables goes now
+-- (a body read, a policy's vars), not when the handle serves again.
+local function release(slot)
+  clear(slot.ctx)
+  clear(slot.req)
+  clear(slot.resp)
+end
+
 local function new_slot(rp)
   if nslots >= MAX_SLOTS then
     slots, nslots = {}, 0
@@ -534,19 +542,26 @@ local function routed(rp, co, slot, cfg, route, entry, params)
       status, body = pipeline(phases.access, "access", ctx, co)
     end
     running[co], running_ctx[co] = nil, nil
+    local up = ctx.upstream -- a policy chose another upstream
     if status then
       answer(ctx, r, v, status, body)
-      return
-    end
-    if ctx.upstream then -- a policy chose another upstream
-      local h = cfg.upstreams[ctx.upstream]
-      if not h then
-        answer(ctx, r, v, 502, { error = "unknown upstream " .. tostring(ctx.upstream) })
-        return
+    elseif up then
+      local h = cfg.upstreams[up]
+      if h then
+        C.mg_req_set_upstream(r, h)
+      else
+        answer(ctx, r, v, 502, { error = "unknown upstream " .. tostring(up) })
       end
-      C.mg_req_set_upstream(r, h)
-      return
+    else
+      local u = route.upstream_handle
+      if u then
+        C.mg_req_set_upstream(r, u)
+      end
     end
+    if route.phase_flags == 0 then
+      release(slot)
+    end
+    return
   end
   local u = route.upstream_handle
   if u then
@@ -586,6 +601,10 @@ function _M.access_error(rp, err, failed, co)
   context.set(r, co)
   log_failure(ctx.route, p, nil, err, v)
   answer(ctx, r, v, 500, { error = "internal error", request_id = ctx.request_id })
+  local slot = slots[rp]
+  if ctx.route.phase_flags == 0 and slot and slot.ctx == ctx then
+    release(slot)
+  end
 end
 
 function _M.header_filter(rp, co)
@@ -643,17 +662,20 @@ function _M.log(rp, co)
     return
   end
   local list = ctx.route.phases.log
-  if not list then
-    return
-  end
-  context.set(ffi_cast(req_ptr, rp), co)
-  ctx.phase = "log"
-  for i = 1, #list do
-    local p = list[i]
-    local ok, err = pcall(p.mod.log, p.conf, ctx)
-    if not ok then
-      mg.log.err("route ", ctx.route.id, " policy ", p.name, " log failed: ", err)
+  if list then
+    context.set(ffi_cast(req_ptr, rp), co)
+    ctx.phase = "log"
+    for i = 1, #list do
+      local p = list[i]
+      local ok, err = pcall(p.mod.log, p.conf, ctx)
+      if not ok then
+        mg.log.err("route ", ctx.route.id, " policy ", p.name, " log failed: ", err)
+      end
     end
+  end
+  local slot = slots[rp]
+  if slot and slot.ctx == ctx then
+    release(slot)
   end
 end
 
