@@ -436,10 +436,21 @@ local function level_key(lv, scope, ctx)
   return scope .. lv.sig .. concat(parts_buf, "|", 1, lv.nparts)
 end
 
+-- Unrolled for up to three levels: a loop of one to three turns entered
+-- per request is one LuaJIT gives up on, and with it the request's trace.
 local function fill_keys(c, ctx)
   local scope = scope_of(c, ctx)
-  local keys, levels = c.keys, c.levels
-  for i = 1, c.count do
+  local keys, levels, count = c.keys, c.levels, c.count
+  keys[1] = level_key(levels[1], scope, ctx)
+  if count == 1 then
+    return
+  end
+  keys[2] = level_key(levels[2], scope, ctx)
+  if count == 2 then
+    return
+  end
+  keys[3] = level_key(levels[3], scope, ctx)
+  for i = 4, count do
     keys[i] = level_key(levels[i], scope, ctx)
   end
 end
