@@ -5,7 +5,8 @@
 --   local e = etcd.start()            -- waits until it answers
 --   e:put("/moongate/routes/a", json) -- through etcdctl (v3 API)
 --   e:get("/moongate/routes/a")       -- value or nil
---   e:stop() / e:kill() / e:restart() -- restart keeps its ports and data
+--   e:stop() / e:kill() / e:restart() -- restart keeps its ports and data;
+--                                     -- stop removes the data dir it made
 --
 -- Keys and values go through etcdctl, a separate client, so a spec never
 -- checks the gateway's etcd client with itself.
@@ -56,6 +57,7 @@ local function start(opts)
     opts = opts or {}
     local self = setmetatable({
         dir = opts.dir or proc.tmpdir(),
+        own_dir = opts.dir == nil, -- removed by stop(): etcd preallocates ~60 MB of WAL
         client_port = ports.free(),
         peer_port = ports.free(),
     }, Etcd)
@@ -151,6 +153,9 @@ function Etcd:stop()
         end
     end
     self.pid = nil
+    if self.own_dir then
+        proc.cleanup(self.dir)
+    end
 end
 
 return { start = start }
