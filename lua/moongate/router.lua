@@ -69,7 +69,9 @@ local ffi_copy = ffi.copy
 local ffi_string = ffi.string
 local tobit = bit.tobit
 local band = bit.band
+local bor = bit.bor
 local bxor = bit.bxor
+local lshift = bit.lshift
 local rshift = bit.rshift
 local ipairs = ipairs
 local pairs = pairs
@@ -451,6 +453,7 @@ local function build_tries(t, mult)
   -- kids: the children while building; multi: node -> its children's
   -- (hash, child) pairs, for the nodes with more than one
   local kids, label_of, hashes, multi = {}, {}, {}, {}
+  local xseen, xlist = {}, {}
   local count, loff = 0, 0
   local buckets = { exact = {}, suffix = {}, prefix = {}, none = {} }
 
@@ -529,7 +532,13 @@ local function build_tries(t, mult)
       end
       node = child
     end
-    chain_entry(nodes, ranks, next_entry, node, i, rank, t.kinds[i] == "prefix")
+    local kind = t.kinds[i]
+    chain_entry(nodes, ranks, next_entry, node, i, rank, kind == "prefix")
+    if kind == "exact" and not xseen[node] then
+      -- the exact path's record (see x_build): its node, trie and path
+      xseen[node] = true
+      xlist[#xlist + 1], xlist[#xlist + 2], xlist[#xlist + 3] = node, set[key], t.paths[i]
+    end
   end
   -- the children's tables, and room for updates
   local kuse = 0
@@ -554,8 +563,188 @@ local function build_tries(t, mult)
   local used8 = ffi_cast(uint8_ptr, used_p) + (skew == 0 and 0 or 64 - skew)
   ffi_copy(used8, nodes8, (count + 1) * NODE * 4)
   return ffi_cast(int32_ptr, used8), labels,
-         { karr = karr, karr_mem = karr_mem, kuse = kuse, kcap = kcap + 1, mapped = mapped + kmapped },
+         { karr = karr, karr_mem = karr_mem, kuse = kuse, kcap = kcap + 1, mapped = mapped + kmapped,
+           xlist = xlist },
          buckets, next_entry, count, used, cap, loff
+end
+
+-- ---- exact paths ------------------------------------------------------------
+
+-- In a large router nearly every node a lookup meets is a cache miss: the
+-- slot of a wide node's children's table, the node it names, the nodes of
+-- the route's own part of the path, then its entry. An exact path skips
+-- the walk: one table of records keyed by (trie root, whole path), 64
+-- bytes each, the path inline (up to X_INLINE_MAX bytes, else in labels),
+-- holding what the trie's node holds of its exact chain (head and its
+-- rank code, kept equal to N_EXACT / N_EXACT_RANK). A lookup hashes the
+-- path once (one multiply-add per byte, as a segment's hash), asks a
+-- filter bitmap (X_BITS_PER bits a record: small enough to stay in the
+-- CPU's caches, so a path that is no exact route's rarely costs a miss
+-- there), then reads the record's line. When the head passes its
+-- predicates and beats the best so far, and no entry of another kind in
+-- that trie can beat it on this path (X_BEAT, worked out by beaten() when
+-- the record or the trie changes), the trie is decided without a walk;
+-- otherwise the walk runs as without the table (it meets the same node,
+-- and the rank already taken prunes it). The table is at most a third
+-- full and a lookup reads the home slot and the next only (no loop in the
+-- walk's trace): a record further away is not found there, and the walk
+-- finds its node. Memory: ~64 * 3 + X_BITS_PER / 8 bytes per exact path.
+local XREC = 16        -- int32 slots of a record
+local X_KEY = 0        -- the mixed hash of (root, path): xmix
+local X_ROOT = 1       -- the trie's root node; 0: the slot is empty
+local X_HEAD = 2       -- the node's exact chain head (N_EXACT), or 0
+local X_RANK = 3       -- its rank code (N_EXACT_RANK)
+local X_LEN = 4        -- the path's length
+local X_OFF = 5        -- where the path is in labels, when not inline
+local X_BEAT = 6       -- 1: an entry of another kind in the trie may beat the head
+local X_NODE = 7       -- the trie node of the path
+local X_INLINE_AT = 32 -- byte offset of the inline path in a record
+local X_INLINE_MAX = 32
+local X_SPARE_MIN = 64 -- records kept for updates; an update needing more rebuilds
+local X_BITS_PER = 16
+
+-- (path hash, root) -> the record key; its low bits (the home slot, the
+-- filter bit) depend on every bit of both. Products stay below 2^51,
+-- where tobit is exact.
+local function xmix(h, root)
+  local k = bxor(h, tobit(root * 40503))
+  k = tobit(bxor(k, rshift(k, 15)) * 113171)
+  return bxor(k, rshift(k, 16))
+end
+
+-- the path bytes of the record at base
+local function x_path(rt, base)
+  local xr = rt.xrec
+  local n = xr[base + X_LEN]
+  if n <= X_INLINE_MAX then
+    return ffi_string(rt.xrec8 + (base * 4 + X_INLINE_AT), n)
+  end
+  return ffi_string(rt.labels + xr[base + X_OFF], n)
+end
+
+-- the label of node k
+local function label_at(rt, k)
+  local base = k * NODE
+  local n = rt.nodes[base + N_LEN]
+  if n <= INLINE_MAX then
+    return ffi_string(rt.nodes8 + (base * 4 + INLINE_AT), n)
+  end
+  return ffi_string(rt.labels + rt.nodes[base + N_OFF], n)
+end
+
+-- The slot (int32 offset) of the record of (root, path), or nil; with
+-- make, the record is made when missing (the room was checked: x_build's
+-- capacity, plan's count). Not on the request path.
+local function x_slot(rt, root, path, make)
+  local m = xmix(hash(path, rt.mult), root)
+  local xr, mask = rt.xrec, rt.xmask
+  local s = band(m, mask)
+  while true do
+    local base = s * XREC
+    local r = xr[base + X_ROOT]
+    if r == 0 then
+      if not make then
+        return nil
+      end
+      local n = #path
+      xr[base + X_KEY], xr[base + X_ROOT], xr[base + X_LEN] = m, root, n
+      if n <= X_INLINE_MAX then
+        ffi_copy(rt.xrec8 + (base * 4 + X_INLINE_AT), path, n)
+      else
+        xr[base + X_OFF] = rt.loff
+        ffi_copy(rt.labels + rt.loff, path, n)
+        rt.loff = rt.loff + n
+      end
+      local b = band(m, rt.xbmask)
+      local w = rshift(b, 5)
+      rt.xbits[w] = bor(rt.xbits[w], lshift(1, b))
+      rt.xn = rt.xn + 1
+      return base
+    end
+    if r == root and xr[base + X_KEY] == m and x_path(rt, base) == path then
+      return base
+    end
+    s = band(s + 1, mask)
+  end
+end
+
+-- Whether an entry of rank code below R, other than the exact chain of
+-- the path's own node, matches the path (segments segs[idx..] from node
+-- on): a prefix on the way (a prefix ending at a node matches a path that
+-- ends there or goes on with "/"), or a parameter pattern through a
+-- parameter child. Predicates are ignored (they may pass on another
+-- request); N_MIN prunes what cannot beat R. Not on the request path.
+local function beaten(rt, node, segs, idx, R, via_param)
+  local nodes = rt.nodes
+  local base = node * NODE
+  if nodes[base + N_MIN] >= R then
+    return false
+  end
+  if nodes[base + N_PREFIX] ~= 0 and nodes[base + N_PREFIX_RANK] < R then
+    return true
+  end
+  local seg = segs[idx]
+  if seg == nil then
+    return via_param and nodes[base + N_EXACT] ~= 0 and nodes[base + N_EXACT_RANK] < R
+  end
+  local c = child_of(nodes, rt.karr, node, hash(seg, rt.mult))
+  if c ~= 0 and label_at(rt, c) == seg and beaten(rt, c, segs, idx + 1, R, via_param) then
+    return true
+  end
+  local pc = nodes[base + N_PARAM]
+  return seg ~= "" and pc ~= 0 and beaten(rt, pc, segs, idx + 1, R, true)
+end
+
+-- Sets the record at base from its node: head, rank and X_BEAT; and the
+-- worst head rank of its trie (what an update compares a new entry with).
+local function x_refresh(rt, base)
+  local xr, nodes = rt.xrec, rt.nodes
+  local node, root = xr[base + X_NODE], xr[base + X_ROOT]
+  local head = nodes[node * NODE + N_EXACT]
+  local rank = head ~= 0 and nodes[node * NODE + N_EXACT_RANK] or 0
+  xr[base + X_HEAD], xr[base + X_RANK] = head, rank
+  local _, segs = parse_path_cached(x_path(rt, base))
+  xr[base + X_BEAT] = head ~= 0 and beaten(rt, root, segs, 1, rank, false) and 1 or 0
+  if rank > (rt.x_worst[root] or 0) then
+    rt.x_worst[root] = rank
+  end
+end
+
+-- an int32 array of n zeroed slots starting on a 64-byte line; returns
+-- it, what keeps it alive and the bytes mapped outside the GC's heap
+local function aligned_int32(n)
+  local p, owner, mapped = big_int32(n + 16)
+  local skew = tonumber(ffi_cast("uintptr_t", p) % 64)
+  return p + (skew == 0 and 0 or (64 - skew) / 4), owner, mapped
+end
+
+-- Makes rt's exact records from xlist (node, root, path triples), with
+-- room for X_SPARE_MIN or an eighth more.
+local function x_build(rt, xlist)
+  local count = #xlist / 3
+  local cap = count + max(X_SPARE_MIN, floor(count / 8))
+  local slots = 4
+  while slots < 3 * cap do
+    slots = slots * 2
+  end
+  local bits = 32
+  while bits < X_BITS_PER * cap do
+    bits = bits * 2
+  end
+  local xr, xr_mem, mapped = aligned_int32(slots * XREC)
+  rt.xrec, rt.xrec_mem, rt.xrec8 = xr, xr_mem, ffi_cast(uint8_ptr, xr)
+  rt.xmask, rt.xcap, rt.xn = slots - 1, cap, 0
+  rt.xbits, rt.xbmask = int32_arr(bits / 32), bits - 1
+  rt.x_worst = {}
+  rt.mapped_bytes = rt.mapped_bytes + mapped
+  for k = 1, #xlist, 3 do
+    if k % 768 == 1 then
+      slice_check()
+    end
+    local base = x_slot(rt, xlist[k + 1], xlist[k + 2], true)
+    xr[base + X_NODE] = xlist[k]
+    x_refresh(rt, base)
+  end
 end
 
 local DEFAULT_PATHS = { "/*" }
@@ -648,6 +837,9 @@ function _M.new(routes, opts)
           hclass[n], bkind[n] = 2, "none"
         end
         max_nodes = max_nodes + 1 + #segs
+        if kind == "exact" and #p > X_INLINE_MAX then
+          label_bytes = label_bytes + #p -- its exact record's path
+        end
         for _, seg in ipairs(segs) do
           if seg and #seg > INLINE_MAX then
             label_bytes = label_bytes + #seg
@@ -660,7 +852,7 @@ function _M.new(routes, opts)
   local ranks = int32_arr(entry_cap + 1)
   local meta = ranks_of(ranks, n, prio, hclass, prank, has_preds, has_params)
 
-  local t = { n = n, ranks = ranks, kinds = kinds, segs = segments, bkind = bkind,
+  local t = { n = n, ranks = ranks, kinds = kinds, paths = paths, segs = segments, bkind = bkind,
               bkey = bkey, max_nodes = max_nodes, label_bytes = label_bytes,
               entry_cap = entry_cap, label_spare = LABEL_SPARE }
   local nodes, labels, kids, buckets, next_entry, count, mem, mult, node_cap, loff
@@ -682,7 +874,7 @@ function _M.new(routes, opts)
   for key in pairs(buckets.prefix) do
     prefix_lens[#key] = (prefix_lens[#key] or 0) + 1
   end
-  return {
+  local rt = {
     none = buckets.none[""],
     exact_hosts = buckets.exact,
     suffix_hosts = next(buckets.suffix) and buckets.suffix or nil,
@@ -722,6 +914,8 @@ function _M.new(routes, opts)
     label_cap = t.label_bytes + LABEL_SPARE,
     meta = incremental and meta or nil,
   }
+  x_build(rt, kids.xlist)
+  return rt
 end
 
 -- ---- updating -----------------------------------------------------------------
@@ -760,16 +954,6 @@ end
 -- the listing position of entry e (see ranks_of)
 local function pos_of(rt, e)
   return floor(rt.ranks[e] / 4) % rt.meta.W
-end
-
--- the label of node k
-local function label_at(rt, k)
-  local base = k * NODE
-  local n = rt.nodes[base + N_LEN]
-  if n <= INLINE_MAX then
-    return ffi_string(rt.nodes8 + (base * 4 + INLINE_AT), n)
-  end
-  return ffi_string(rt.labels + rt.nodes[base + N_OFF], n)
 end
 
 -- The entries of route, as new() makes them: a list of descriptors.
@@ -962,8 +1146,19 @@ finish_plan = function(rt, removed, runs, changed)
     end
   end
   plan.grow = nil
+  -- the exact records the new entries may make, and their long paths
+  local xnew = 0
+  for _, d in ipairs(plan.entries) do
+    if d.kind == "exact" then
+      xnew = xnew + 1
+      if #d.path > X_INLINE_MAX then
+        plan.label_bytes = plan.label_bytes + #d.path
+      end
+    end
+  end
   if rt.n + #plan.entries > rt.entry_cap or rt.node_count + plan.nodes > rt.node_cap
-     or rt.loff + plan.label_bytes > rt.label_cap or rt.kuse + kid_ints > rt.kcap then
+     or rt.loff + plan.label_bytes > rt.label_cap or rt.kuse + kid_ints > rt.kcap
+     or rt.xn + xnew > rt.xcap then
     return nil
   end
   return plan
@@ -1097,7 +1292,8 @@ local function add_entry(rt, d)
   rt.paths[e], rt.kinds[e], rt.lens[e] = d.path, d.kind, d.len
   ranks[e] = rank
   next_entry[e] = 0
-  local node = rt.buckets[d.bkind][d.bkey] or add_root(rt, d, rank)
+  local root = rt.buckets[d.bkind][d.bkey] or add_root(rt, d, rank)
+  local node = root
   if rank < nodes[node * NODE + N_MIN] then
     nodes[node * NODE + N_MIN] = rank
   end
@@ -1124,6 +1320,21 @@ local function add_entry(rt, d)
   end
   chain_entry(nodes, ranks, next_entry, node, e, rank, d.kind == "prefix")
   rt.size = rt.size + 1
+  local xr, dirty = rt.xrec, rt.x_dirty
+  if d.kind == "exact" then
+    local base = x_slot(rt, root, d.path, true)
+    xr[base + X_NODE] = node
+    dirty[base] = true
+  elseif rank < (rt.x_worst[root] or 0) then
+    -- it may beat the head of an exact record of its trie: those with a
+    -- worse head are worked out again (O(records): only when a new entry
+    -- outranks an exact one of its trie, i.e. has a higher priority)
+    for base = 0, rt.xmask * XREC, XREC do
+      if xr[base + X_ROOT] == root and xr[base + X_HEAD] ~= 0 and xr[base + X_RANK] > rank then
+        dirty[base] = true
+      end
+    end
+  end
 end
 
 -- unlinks entry e (the d of route's entry) from its chain
@@ -1139,6 +1350,10 @@ local function remove_entry(rt, e, d)
   end
   local is_prefix = d.kind == "prefix"
   local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
+  if d.kind == "exact" then
+    -- its record's head may change (to a worse one, or none)
+    rt.x_dirty[x_slot(rt, rt.buckets[d.bkind][d.bkey], d.path, false)] = true
+  end
   local head = nodes[slot]
   if head == e then
     local nxt = next_entry[e]
@@ -1161,6 +1376,8 @@ end
 
 function _M.apply(rt, plan)
   local first = rt.route_first
+  local dirty = {} -- the exact records to work out again, once all is changed
+  rt.x_dirty = dirty
   for _, route in ipairs(plan.removed) do
     local e = first[route]
     for k, d in ipairs(describe(route)) do
@@ -1176,6 +1393,10 @@ function _M.apply(rt, plan)
       add_entry(rt, plan.entries[k])
     end
   end
+  for base in pairs(dirty) do
+    x_refresh(rt, base)
+  end
+  rt.x_dirty = nil
 end
 
 -- ---- matching ---------------------------------------------------------------
@@ -1277,6 +1498,44 @@ local function consider(e, rp, i)
   consider_chain(e, i)
 end
 
+-- The exact records decide the trie of root (see "exact paths"): true
+-- when its head won and nothing else in that trie can beat it on this
+-- path. hp: the path's hash. Reads the home slot and the next only.
+local function exact_first(rt, v, len, root, hp)
+  local m = xmix(hp, root)
+  local b = band(m, rt.xbmask)
+  if band(rt.xbits[rshift(b, 5)], lshift(1, b)) == 0 then
+    return false
+  end
+  local xr, mask = rt.xrec, rt.xmask
+  local s = band(m, mask)
+  local base = s * XREC
+  if xr[base + X_KEY] ~= m or xr[base + X_ROOT] ~= root then
+    base = band(s + 1, mask) * XREC
+    if xr[base + X_KEY] ~= m or xr[base + X_ROOT] ~= root then
+      return false
+    end
+  end
+  local head, rank = xr[base + X_HEAD], xr[base + X_RANK]
+  if head == 0 or rank >= best_rank or xr[base + X_LEN] ~= len
+     or C.memcmp(v.path, len <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
+                 or rt.labels + xr[base + X_OFF], len) ~= 0 then
+    return false
+  end
+  consider(head, rank, len)
+  return best == head and xr[base + X_BEAT] == 0
+end
+
+-- the hash of the whole path (as hash() gives a string's): what the exact
+-- records are keyed by
+local function path_hash(v, len, mult)
+  local h = 0
+  for i = 0, len - 1 do
+    h = tobit(h * mult + v.path[i])
+  end
+  return h
+end
+
 -- Walks roots[1..nroots] along the path of v: depth first, the literal
 -- child before the parameter child (kept on a stack). One loop: an
 -- iteration either arrives at a node (candidates), or hashes one byte of
@@ -1284,8 +1543,9 @@ end
 -- next slot of a children's table. Pointers are read from v and rt at
 -- each use rather than kept in locals: a cdata pointer live at a trace
 -- exit is boxed there (an allocation).
-local function walk(rt, v, len, nroots)
+local function walk(rt, v, len, nroots, hp)
   local nodes, karr, mult = rt.nodes, rt.karr, rt.mult
+  local xon = rt.xn > 0
   local k, i, d = roots[1], 0, 0
   local ri, sp = 1, 0
   local j, h = 0, 0
@@ -1300,7 +1560,8 @@ local function walk(rt, v, len, nroots)
     if arrived == 1 then
       arrived = 0
       local base = k * NODE
-      if nodes[base + N_MIN] < best_rank then
+      -- a root (i == 0): its exact record may decide its trie
+      if not (i == 0 and xon and exact_first(rt, v, len, k, hp)) and nodes[base + N_MIN] < best_rank then
         local pre = nodes[base + N_PREFIX]
         if pre ~= 0 and nodes[base + N_PREFIX_RANK] < best_rank then
           consider(pre, nodes[base + N_PREFIX_RANK], i)
@@ -1493,7 +1754,8 @@ function _M.match(rt, v, host_fn, r)
   end
   best, best_rank, best_end = 0, huge, 0
   req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
-  walk(rt, v, v.path_len, nroots)
+  local len = v.path_len
+  walk(rt, v, len, nroots, rt.xn > 0 and path_hash(v, len, rt.mult) or 0)
   local route, e, params
   if best ~= 0 then
     local ents = rt.ents

@@ -85,6 +85,17 @@ describe("router", function()
       local _, entry = lookup(rt, "/a/b")
       assert.equal("exact", entry.kind)
       assert.equal("/a/b", entry.path)
+      -- paths longer than what a record holds inline (32 bytes), one added in place
+      local long = "/" .. string.rep("x", 40) .. "/y"
+      local routes = { { id = "long", paths = { long } }, { id = "long2", paths = { long .. "z" } } }
+      rt = build(routes)
+      assert.equal("long", lookup(rt, long))
+      assert.equal("long2", lookup(rt, long .. "z"))
+      assert.is_nil(lookup(rt, long:sub(1, -2) .. "z"))
+      local new = { routes[1], routes[2], { id = "long3", paths = { long .. "/w" } } }
+      router.apply(rt, assert(router.plan(rt, routes, new)))
+      assert.equal("long3", lookup(rt, long .. "/w"))
+      assert.is_nil(lookup(rt, long .. "/v"))
     end)
 
     it("keeps the trailing slash significant", function()
@@ -481,6 +492,31 @@ describe("router", function()
         list[#list + 1] = { id = "c", paths = { "/p" } }
       end)
       assert.equal("b", (lookup(rt, "/p")))
+    end)
+
+    it("gives an exact path to a new higher-priority prefix or parameter route that covers it", function()
+      -- the exact path is found without a walk until something may beat it
+      local function routes()
+        return { { id = "e", paths = { "/a/b" } }, { id = "hi", paths = { "/zzz/*" }, priority = 10 },
+                 { id = "k", paths = { "/k/:y" } } }
+      end
+      local rt, plan = update(routes(), function(list)
+        list[#list + 1] = { id = "new", paths = { "/a/*" }, priority = 10 }
+      end)
+      assert.is_table(plan)
+      assert.equal("new", (lookup(rt, "/a/b")))
+      rt, plan = update(routes(), function(list)
+        list[#list + 1] = { id = "newp", paths = { "/a/:x" }, priority = 10 }
+      end)
+      assert.is_table(plan)
+      assert.equal("newp", (lookup(rt, "/a/b")))
+      -- at the same priority the exact path keeps it
+      rt, plan = update(routes(), function(list)
+        list[#list + 1] = { id = "low", paths = { "/a/*" } }
+      end)
+      assert.is_table(plan)
+      assert.equal("e", (lookup(rt, "/a/b")))
+      assert.equal("low", (lookup(rt, "/a/c")))
     end)
 
     it("declines what it cannot do in place: reordered routes, a new priority or path shape", function()
