@@ -120,6 +120,28 @@ local N_KOFF = 10      -- the children's table (N_KMASK >= 0)
 local N_KMASK = 11     -- its slot count - 1, or -1: at most one child, in the node
 local INLINE_AT = 48   -- the byte offset of the inline segment in a node
 local INLINE_MAX = 16  -- the longest inline segment
+-- a record (see "records")
+local XREC = 16        -- int32 slots of a record
+local X_KEY = 0        -- the mixed hash of (tag, path): xmix
+local X_TAG = 1        -- root * 2 + kind (X_EXACT, X_PREFIX); 0: the slot is empty
+local X_HEAD = 2       -- the node's chain head (N_EXACT or N_PREFIX), or 0
+local X_RANK = 3       -- its rank code
+local X_LEN = 4        -- the path's length
+local X_OFF = 5        -- where the path is in labels, when not inline
+local X_BEAT = 6       -- 1: the head is not decisive
+local X_NODE = 7       -- the trie node of the path
+local X_FAR = 8        -- 1: a record whose home is this slot lies past the next
+local X_INLINE_AT = 36 -- byte offset of the inline path in a record
+local X_INLINE_MAX = 28
+local X_EXACT, X_PREFIX = 0, 1
+local X_SPARE_MIN = 64 -- records kept for updates; an update needing more rebuilds
+-- A router of fewer nodes has no records (router.new's opts.records):
+-- its nodes (64 bytes each: 512 KiB, a core's L2 cache here) stay in the
+-- CPU's caches, a walk misses little, and looking records up first costs
+-- more instructions than it saves misses (bench/router.lua: 100 and 1,000
+-- routes were ~20% slower with them, 10,000 ~15% faster)
+local RECORDS_MIN_NODES = 8192
+local X_BITS_PER = 16
 
 local ID_STEP = 2 ^ 32 -- a child's key while building: parent * ID_STEP + segment hash
 -- room kept for updates (plan/apply) past what a build used; an update
@@ -453,7 +475,7 @@ local function build_tries(t, mult)
   -- kids: the children while building; multi: node -> its children's
   -- (hash, child) pairs, for the nodes with more than one
   local kids, label_of, hashes, multi = {}, {}, {}, {}
-  local xseen, xlist = {}, {}
+  local xseen, xlist, pmin = {}, {}, {}
   local count, loff = 0, 0
   local buckets = { exact = {}, suffix = {}, prefix = {}, none = {} }
 
@@ -502,7 +524,15 @@ local function build_tries(t, mult)
       nodes[node * NODE + N_MIN] = rank
     end
     local segs = t.segs[i]
+    local pdepth = t.pdepth[i] -- its first parameter segment, or false
     for k = 1, #segs do
+      if pdepth and k <= pdepth then
+        -- at or above where its parameter child hangs (see pmin)
+        local pm = pmin[node]
+        if not pm or rank < pm then
+          pmin[node] = rank
+        end
+      end
       local seg = segs[k]
       local child
       if seg then
@@ -534,10 +564,14 @@ local function build_tries(t, mult)
     end
     local kind = t.kinds[i]
     chain_entry(nodes, ranks, next_entry, node, i, rank, kind == "prefix")
-    if kind == "exact" and not xseen[node] then
-      -- the exact path's record (see x_build): its node, trie and path
-      xseen[node] = true
-      xlist[#xlist + 1], xlist[#xlist + 2], xlist[#xlist + 3] = node, set[key], t.paths[i]
+    local xk = kind == "exact" and X_EXACT or (kind == "prefix" and not pdepth and X_PREFIX)
+    if xk and not xseen[2 * node + xk] then
+      -- the node's record (see x_build): node, trie, kind, path or body
+      xseen[2 * node + xk] = true
+      local n5 = #xlist
+      xlist[n5 + 1], xlist[n5 + 2], xlist[n5 + 3] = node, set[key], xk
+      xlist[n5 + 4] = xk == X_EXACT and t.paths[i] or sub(t.paths[i], 1, t.lens[i])
+      xlist[n5 + 5] = segs -- a literal prefix's body has the pattern's segments
     end
   end
   -- the children's tables, and room for updates
@@ -564,52 +598,70 @@ local function build_tries(t, mult)
   ffi_copy(used8, nodes8, (count + 1) * NODE * 4)
   return ffi_cast(int32_ptr, used8), labels,
          { karr = karr, karr_mem = karr_mem, kuse = kuse, kcap = kcap + 1, mapped = mapped + kmapped,
-           xlist = xlist },
+           xlist = xlist, pmin = pmin },
          buckets, next_entry, count, used, cap, loff
 end
 
--- ---- exact paths ------------------------------------------------------------
+-- ---- records: exact paths and literal prefixes ---------------------------------
 
 -- In a large router nearly every node a lookup meets is a cache miss: the
 -- slot of a wide node's children's table, the node it names, the nodes of
--- the route's own part of the path, then its entry. An exact path skips
--- the walk: one table of records keyed by (trie root, whole path), 64
--- bytes each, the path inline (up to X_INLINE_MAX bytes, else in labels),
--- holding what the trie's node holds of its exact chain (head and its
--- rank code, kept equal to N_EXACT / N_EXACT_RANK). A lookup hashes the
--- path once (one multiply-add per byte, as a segment's hash), asks a
--- filter bitmap (X_BITS_PER bits a record: small enough to stay in the
--- CPU's caches, so a path that is no exact route's rarely costs a miss
--- there), then reads the record's line. When the head passes its
--- predicates and beats the best so far, and no entry of another kind in
--- that trie can beat it on this path (X_BEAT, worked out by beaten() when
--- the record or the trie changes), the trie is decided without a walk;
--- otherwise the walk runs as without the table (it meets the same node,
--- and the rank already taken prunes it). The table is at most a third
--- full and a lookup reads the home slot and the next only (no loop in the
--- walk's trace): a record further away is not found there, and the walk
--- finds its node. Memory: ~64 * 3 + X_BITS_PER / 8 bytes per exact path.
-local XREC = 16        -- int32 slots of a record
-local X_KEY = 0        -- the mixed hash of (root, path): xmix
-local X_ROOT = 1       -- the trie's root node; 0: the slot is empty
-local X_HEAD = 2       -- the node's exact chain head (N_EXACT), or 0
-local X_RANK = 3       -- its rank code (N_EXACT_RANK)
-local X_LEN = 4        -- the path's length
-local X_OFF = 5        -- where the path is in labels, when not inline
-local X_BEAT = 6       -- 1: an entry of another kind in the trie may beat the head
-local X_NODE = 7       -- the trie node of the path
-local X_INLINE_AT = 32 -- byte offset of the inline path in a record
-local X_INLINE_MAX = 32
-local X_SPARE_MIN = 64 -- records kept for updates; an update needing more rebuilds
-local X_BITS_PER = 16
+-- the route's own part of the path, then its entry. Records let most
+-- lookups skip the walk. A record is kept for each node where exact
+-- entries end (keyed by trie root and the whole path) and each node where
+-- prefix entries without parameters end (keyed by root and the prefix's
+-- body: "/a/*" -> "/a"): 64 bytes, the path inline (up to X_INLINE_MAX
+-- bytes, else in labels), holding what the node holds of that chain (head
+-- and its rank code, kept equal to N_EXACT / N_PREFIX and their ranks) and
+-- whether the head is decisive: nothing else in the trie that could match
+-- a path it matches has a better rank (X_BEAT 0, worked out by
+-- x_refresh when the record or the trie changes; predicates ignored).
+--
+-- A lookup hashes the path once (one multiply-add per byte, as a
+-- segment's hash), keeping the hash at each "/" (the prefixes' bodies).
+-- For each trie, the exact record of the path is looked up, then, when
+-- there is none, the prefix records from the longest body to the shortest:
+-- a filter bitmap first (X_BITS_PER bits a record: small enough to stay in
+-- the CPU's caches, so a body that is no record's rarely costs a miss),
+-- then the record's line. A decisive head that passes its predicates (or
+-- a decisive record whose rank cannot beat the best so far) decides the
+-- trie without a walk; anything else walks it as without records (the
+-- walk meets the same nodes; the rank already taken prunes it).
+--
+-- Why a decisive head wins: an exact head is beaten only by a prefix on
+-- the path's way or a parameter pattern (X_BEAT: beaten()). A prefix
+-- record P is looked at only once the path has no exact record and no
+-- longer prefix record; then what could beat P's head is a prefix of a
+-- higher priority on the way to P, or a parameter pattern: one through a
+-- parameter child on the way, or one below P's node (pmin[node]: the best
+-- rank of an entry with parameters whose parameter child hangs at or
+-- below node along literal segments).
+--
+-- The table is at most half full. A lookup reads the home slot and the
+-- next only (no loop in the walk's trace); a record placed further away
+-- sets X_FAR in its home slot, and a lookup seeing it walks the trie.
+-- Memory: 2-4 slots of 64 bytes and X_BITS_PER / 8 bytes per record.
 
--- (path hash, root) -> the record key; its low bits (the home slot, the
+-- (path hash, tag) -> the record key; its low bits (the home slot, the
 -- filter bit) depend on every bit of both. Products stay below 2^51,
 -- where tobit is exact.
-local function xmix(h, root)
-  local k = bxor(h, tobit(root * 40503))
+local function xmix(h, tag)
+  local k = bxor(h, tobit(tag * 40503))
   k = tobit(bxor(k, rshift(k, 15)) * 113171)
   return bxor(k, rshift(k, 16))
+end
+
+-- The key of a path (or prefix body) of literal segments segs: one
+-- multiply-add per segment over the segments' hashes, so that a lookup
+-- gets the key of each body of the path from its segments' (walk).
+-- Products stay below 2^51.
+local GMULT = 999331
+local function body_key(segs, mult)
+  local g = 0
+  for k = 1, #segs do
+    g = tobit(g * GMULT + hash(segs[k], mult) + 1)
+  end
+  return g
 end
 
 -- the path bytes of the record at base
@@ -632,22 +684,26 @@ local function label_at(rt, k)
   return ffi_string(rt.labels + rt.nodes[base + N_OFF], n)
 end
 
--- The slot (int32 offset) of the record of (root, path), or nil; with
+-- The slot (int32 offset) of the record (root, kind, path: its literal
+-- segments segs), or nil; with
 -- make, the record is made when missing (the room was checked: x_build's
 -- capacity, plan's count). Not on the request path.
-local function x_slot(rt, root, path, make)
-  local m = xmix(hash(path, rt.mult), root)
+local function x_slot(rt, root, kind, path, segs, make)
+  local tag = root * 2 + kind
+  local m = xmix(body_key(segs, rt.mult), tag)
   local xr, mask = rt.xrec, rt.xmask
   local s = band(m, mask)
+  local home_base = s * XREC
+  local dist = 0
   while true do
     local base = s * XREC
-    local r = xr[base + X_ROOT]
-    if r == 0 then
+    local t = xr[base + X_TAG]
+    if t == 0 then
       if not make then
         return nil
       end
       local n = #path
-      xr[base + X_KEY], xr[base + X_ROOT], xr[base + X_LEN] = m, root, n
+      xr[base + X_KEY], xr[base + X_TAG], xr[base + X_LEN] = m, tag, n
       if n <= X_INLINE_MAX then
         ffi_copy(rt.xrec8 + (base * 4 + X_INLINE_AT), path, n)
       else
@@ -655,16 +711,23 @@ local function x_slot(rt, root, path, make)
         ffi_copy(rt.labels + rt.loff, path, n)
         rt.loff = rt.loff + n
       end
+      if dist > 1 then
+        xr[home_base + X_FAR] = 1
+      end
+      if kind == X_PREFIX and #segs + 1 > (rt.x_depth[root] or 0) then
+        rt.x_depth[root] = #segs + 1
+      end
       local b = band(m, rt.xbmask)
       local w = rshift(b, 5)
       rt.xbits[w] = bor(rt.xbits[w], lshift(1, b))
       rt.xn = rt.xn + 1
       return base
     end
-    if r == root and xr[base + X_KEY] == m and x_path(rt, base) == path then
+    if t == tag and xr[base + X_KEY] == m and x_path(rt, base) == path then
       return base
     end
     s = band(s + 1, mask)
+    dist = dist + 1
   end
 end
 
@@ -695,16 +758,52 @@ local function beaten(rt, node, segs, idx, R, via_param)
   return seg ~= "" and pc ~= 0 and beaten(rt, pc, segs, idx + 1, R, true)
 end
 
+-- Whether the head (rank code R) of the prefix record of node (the body's
+-- literal segments segs from root) may be beaten (see above).
+local function prefix_beaten(rt, root, segs, node, R)
+  local nodes = rt.nodes
+  local a = root
+  for idx = 1, #segs do
+    local base = a * NODE
+    if nodes[base + N_PREFIX] ~= 0 and nodes[base + N_PREFIX_RANK] < R then
+      return true
+    end
+    local pc = nodes[base + N_PARAM]
+    if pc ~= 0 and nodes[pc * NODE + N_MIN] < R then
+      return true
+    end
+    a = child_of(nodes, rt.karr, a, hash(segs[idx], rt.mult))
+  end
+  assert(a == node, "router: a prefix record's node is not its body's")
+  local pm = rt.pmin[node]
+  return pm ~= nil and pm < R
+end
+
 -- Sets the record at base from its node: head, rank and X_BEAT; and the
 -- worst head rank of its trie (what an update compares a new entry with).
-local function x_refresh(rt, base)
+-- segs: the path's literal segments (true: parsed again)
+local function x_refresh(rt, base, segs)
   local xr, nodes = rt.xrec, rt.nodes
-  local node, root = xr[base + X_NODE], xr[base + X_ROOT]
-  local head = nodes[node * NODE + N_EXACT]
-  local rank = head ~= 0 and nodes[node * NODE + N_EXACT_RANK] or 0
+  local node, tag = xr[base + X_NODE], xr[base + X_TAG]
+  local root, kind = floor(tag / 2), tag % 2
+  local nb = node * NODE
+  local head = nodes[nb + (kind == X_EXACT and N_EXACT or N_PREFIX)]
+  local rank = head ~= 0 and nodes[nb + (kind == X_EXACT and N_EXACT_RANK or N_PREFIX_RANK)] or 0
   xr[base + X_HEAD], xr[base + X_RANK] = head, rank
-  local _, segs = parse_path_cached(x_path(rt, base))
-  xr[base + X_BEAT] = head ~= 0 and beaten(rt, root, segs, 1, rank, false) and 1 or 0
+  if segs == true then
+    -- the pattern was parsed when its entry was made: no new cache entry
+    local _
+    _, segs = parse_path_cached(x_path(rt, base) .. (kind == X_PREFIX and "/*" or ""))
+  end
+  local beat = false
+  if head ~= 0 then
+    if kind == X_EXACT then
+      beat = beaten(rt, root, segs, 1, rank, false)
+    else
+      beat = prefix_beaten(rt, root, segs, node, rank)
+    end
+  end
+  xr[base + X_BEAT] = beat and 1 or 0
   if rank > (rt.x_worst[root] or 0) then
     rt.x_worst[root] = rank
   end
@@ -718,13 +817,13 @@ local function aligned_int32(n)
   return p + (skew == 0 and 0 or (64 - skew) / 4), owner, mapped
 end
 
--- Makes rt's exact records from xlist (node, root, path triples), with
--- room for X_SPARE_MIN or an eighth more.
+-- Makes rt's records from xlist (node, root, kind, path, segments: five
+-- slots a record), with room for X_SPARE_MIN or an eighth more.
 local function x_build(rt, xlist)
-  local count = #xlist / 3
+  local count = #xlist / 5
   local cap = count + max(X_SPARE_MIN, floor(count / 8))
   local slots = 4
-  while slots < 3 * cap do
+  while slots < 2 * cap do
     slots = slots * 2
   end
   local bits = 32
@@ -735,15 +834,18 @@ local function x_build(rt, xlist)
   rt.xrec, rt.xrec_mem, rt.xrec8 = xr, xr_mem, ffi_cast(uint8_ptr, xr)
   rt.xmask, rt.xcap, rt.xn = slots - 1, cap, 0
   rt.xbits, rt.xbmask = int32_arr(bits / 32), bits - 1
-  rt.x_worst = {}
+  -- per root: the worst head rank of its records; the bnd_i index of its
+  -- deepest prefix record's body (the walk looks at no deeper one)
+  rt.x_worst, rt.x_depth = {}, {}
   rt.mapped_bytes = rt.mapped_bytes + mapped
-  for k = 1, #xlist, 3 do
-    if k % 768 == 1 then
+  for k = 1, #xlist, 5 do
+    if k % 1280 == 1 then
       slice_check()
     end
-    local base = x_slot(rt, xlist[k + 1], xlist[k + 2], true)
+    local segs = xlist[k + 4]
+    local base = x_slot(rt, xlist[k + 1], xlist[k + 2], xlist[k + 3], segs, true)
     xr[base + X_NODE] = xlist[k]
-    x_refresh(rt, base)
+    x_refresh(rt, base, segs)
   end
 end
 
@@ -756,7 +858,9 @@ end
 
 -- routes: the validated routes list (not changed). opts.header: function(r,
 -- name) giving a request header's value (default: the request's, as
--- ctx.req:header gives it).
+-- ctx.req:header gives it). opts.records: true or false to have records
+-- (see "records") or not whatever the size (default: from
+-- RECORDS_MIN_NODES nodes on).
 function _M.new(routes, opts)
   if type(routes) ~= "table" then
     error("routes must be a list", 2)
@@ -774,7 +878,7 @@ function _M.new(routes, opts)
   local paths, kinds, lens = {}, {}, {}
   -- what ranks and places the entries (dropped after the build)
   local prio, hclass, prank, segments, bkind, bkey = {}, {}, {}, {}, {}, {}
-  local has_preds, has_params = {}, {}
+  local has_preds, has_params, pdepth = {}, {}, {}
   local max_nodes, label_bytes = 0, 0
   local route_first = {} -- route -> its first entry (its entries follow it)
   local incremental = true
@@ -837,9 +941,13 @@ function _M.new(routes, opts)
           hclass[n], bkind[n] = 2, "none"
         end
         max_nodes = max_nodes + 1 + #segs
+        -- its record's path (exact) or body (prefix), when not inline
         if kind == "exact" and #p > X_INLINE_MAX then
-          label_bytes = label_bytes + #p -- its exact record's path
+          label_bytes = label_bytes + #p
+        elseif kind == "prefix" and body and #body > X_INLINE_MAX then
+          label_bytes = label_bytes + #body
         end
+        pdepth[n] = not body and psegs[1]
         for _, seg in ipairs(segs) do
           if seg and #seg > INLINE_MAX then
             label_bytes = label_bytes + #seg
@@ -852,7 +960,8 @@ function _M.new(routes, opts)
   local ranks = int32_arr(entry_cap + 1)
   local meta = ranks_of(ranks, n, prio, hclass, prank, has_preds, has_params)
 
-  local t = { n = n, ranks = ranks, kinds = kinds, paths = paths, segs = segments, bkind = bkind,
+  local t = { n = n, ranks = ranks, kinds = kinds, paths = paths, lens = lens, pdepth = pdepth,
+              segs = segments, bkind = bkind,
               bkey = bkey, max_nodes = max_nodes, label_bytes = label_bytes,
               entry_cap = entry_cap, label_spare = LABEL_SPARE }
   local nodes, labels, kids, buckets, next_entry, count, mem, mult, node_cap, loff
@@ -913,8 +1022,18 @@ function _M.new(routes, opts)
     loff = loff,
     label_cap = t.label_bytes + LABEL_SPARE,
     meta = incremental and meta or nil,
+    -- node -> the best rank of an entry with parameters whose parameter
+    -- child hangs at or below it along literal segments (see "records")
+    pmin = kids.pmin,
   }
-  x_build(rt, kids.xlist)
+  local records = opts.records
+  if records == nil then
+    records = count >= RECORDS_MIN_NODES
+  end
+  rt.xon = records
+  if records then
+    x_build(rt, kids.xlist)
+  end
   return rt
 end
 
@@ -954,6 +1073,22 @@ end
 -- the listing position of entry e (see ranks_of)
 local function pos_of(rt, e)
   return floor(rt.ranks[e] / 4) % rt.meta.W
+end
+
+-- the record kind and path (exact) or body (prefix) of the entry d, or
+-- nil (a pattern with parameters has none)
+local function record_of(d)
+  if d.kind == "exact" then
+    return X_EXACT, d.path
+  elseif d.kind == "prefix" and d.len then
+    return X_PREFIX, sub(d.path, 1, d.len)
+  end
+end
+
+-- "/" .. segs[1..n] joined by "/", "" for n = 0: where a prefix ends, or
+-- the node where a pattern's first parameter child hangs
+local function literal_body(segs, n)
+  return n == 0 and "" or "/" .. concat(segs, "/", 1, n)
 end
 
 -- The entries of route, as new() makes them: a list of descriptors.
@@ -1146,19 +1281,20 @@ finish_plan = function(rt, removed, runs, changed)
     end
   end
   plan.grow = nil
-  -- the exact records the new entries may make, and their long paths
+  -- the records the new entries may make, and their long paths
   local xnew = 0
   for _, d in ipairs(plan.entries) do
-    if d.kind == "exact" then
+    local xk, xpath = record_of(d)
+    if xk and rt.xon then
       xnew = xnew + 1
-      if #d.path > X_INLINE_MAX then
-        plan.label_bytes = plan.label_bytes + #d.path
+      if #xpath > X_INLINE_MAX then
+        plan.label_bytes = plan.label_bytes + #xpath
       end
     end
   end
   if rt.n + #plan.entries > rt.entry_cap or rt.node_count + plan.nodes > rt.node_cap
      or rt.loff + plan.label_bytes > rt.label_cap or rt.kuse + kid_ints > rt.kcap
-     or rt.xn + xnew > rt.xcap then
+     or rt.xon and rt.xn + xnew > rt.xcap then
     return nil
   end
   return plan
@@ -1200,6 +1336,40 @@ end
 -- plan_hunks of one hunk: old[at .. at+del-1] replaced by ins
 function _M.plan_splice(rt, old, at, del, ins)
   return _M.plan_hunks(rt, old, { { at = at, del = del, ins = ins } })
+end
+
+-- whether the n bytes at p start with the path a, ending at a "/" or at
+-- the end (a is p's prefix on segment bounds)
+local function starts_with_path(p, n, a)
+  local la = #a
+  return la <= n and C.memcmp(p, a, la) == 0 and (la == n or p[la] == SLASH)
+end
+
+-- The records an update may have made beaten: for each new entry X of
+-- x_new (not exact, in a trie where some head ranks below it), the
+-- records of that trie with a worse head whose path X could match (X's
+-- literal body starts it) or, for a prefix record, whose body starts X's
+-- (X is then below it: pmin). O(records) per trie with such entries.
+local function x_settle(rt)
+  local xr, dirty = rt.xrec, rt.x_dirty
+  for root, list in pairs(rt.x_new) do
+    for base = 0, rt.xmask * XREC, XREC do
+      local tag = xr[base + X_TAG]
+      if tag ~= 0 and floor(tag / 2) == root and xr[base + X_HEAD] ~= 0 and not dirty[base] then
+        local R, n = xr[base + X_RANK], xr[base + X_LEN]
+        local p = n <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
+                  or rt.labels + xr[base + X_OFF]
+        for k = 1, #list, 2 do
+          local a = list[k]
+          if list[k + 1] < R and (starts_with_path(p, n, a)
+              or tag % 2 == X_PREFIX and starts_with_path(ffi_cast(uint8_ptr, a), #a, ffi_string(p, n))) then
+            dirty[base] = true
+            break
+          end
+        end
+      end
+    end
+  end
 end
 
 -- a new node of rt (apply: the room was checked by plan)
@@ -1297,7 +1467,12 @@ local function add_entry(rt, d)
   if rank < nodes[node * NODE + N_MIN] then
     nodes[node * NODE + N_MIN] = rank
   end
-  for _, seg in ipairs(d.segs) do
+  local pdepth = d.info and d.info.psegs[1]
+  local pmin = rt.pmin
+  for k, seg in ipairs(d.segs) do
+    if pdepth and k <= pdepth and (pmin[node] or huge) > rank then
+      pmin[node] = rank
+    end
     local child
     if seg then
       local h = hash(seg, rt.mult)
@@ -1320,20 +1495,22 @@ local function add_entry(rt, d)
   end
   chain_entry(nodes, ranks, next_entry, node, e, rank, d.kind == "prefix")
   rt.size = rt.size + 1
-  local xr, dirty = rt.xrec, rt.x_dirty
-  if d.kind == "exact" then
-    local base = x_slot(rt, root, d.path, true)
-    xr[base + X_NODE] = node
-    dirty[base] = true
-  elseif rank < (rt.x_worst[root] or 0) then
-    -- it may beat the head of an exact record of its trie: those with a
-    -- worse head are worked out again (O(records): only when a new entry
-    -- outranks an exact one of its trie, i.e. has a higher priority)
-    for base = 0, rt.xmask * XREC, XREC do
-      if xr[base + X_ROOT] == root and xr[base + X_HEAD] ~= 0 and xr[base + X_RANK] > rank then
-        dirty[base] = true
-      end
-    end
+  if not rt.xon then
+    return
+  end
+  local xk, xpath = record_of(d)
+  if xk then
+    local base = x_slot(rt, root, xk, xpath, d.segs, true)
+    rt.xrec[base + X_NODE] = node
+    rt.x_dirty[base] = d.segs
+  end
+  if d.kind ~= "exact" and rank < (rt.x_worst[root] or 0) then
+    -- it may beat the head of some record of its trie: x_settle looks
+    -- for those once all is added
+    local list = rt.x_new[root] or {}
+    rt.x_new[root] = list
+    list[#list + 1] = literal_body(d.segs, pdepth and pdepth - 1 or #d.segs)
+    list[#list + 1] = rank
   end
 end
 
@@ -1350,9 +1527,10 @@ local function remove_entry(rt, e, d)
   end
   local is_prefix = d.kind == "prefix"
   local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
-  if d.kind == "exact" then
+  local xk, xpath = record_of(d)
+  if xk and rt.xon then
     -- its record's head may change (to a worse one, or none)
-    rt.x_dirty[x_slot(rt, rt.buckets[d.bkind][d.bkey], d.path, false)] = true
+    rt.x_dirty[assert(x_slot(rt, rt.buckets[d.bkind][d.bkey], xk, xpath, d.segs, false))] = d.segs
   end
   local head = nodes[slot]
   if head == e then
@@ -1376,8 +1554,10 @@ end
 
 function _M.apply(rt, plan)
   local first = rt.route_first
-  local dirty = {} -- the exact records to work out again, once all is changed
-  rt.x_dirty = dirty
+  -- the records to work out again once all is changed, and per trie the
+  -- literal bodies and ranks of the new entries that may beat some head
+  local dirty = {}
+  rt.x_dirty, rt.x_new = dirty, {}
   for _, route in ipairs(plan.removed) do
     local e = first[route]
     for k, d in ipairs(describe(route)) do
@@ -1393,10 +1573,13 @@ function _M.apply(rt, plan)
       add_entry(rt, plan.entries[k])
     end
   end
-  for base in pairs(dirty) do
-    x_refresh(rt, base)
+  if rt.xon then
+    x_settle(rt)
+    for base, segs in pairs(dirty) do
+      x_refresh(rt, base, segs)
+    end
   end
-  rt.x_dirty = nil
+  rt.x_dirty, rt.x_new = nil, nil
 end
 
 -- ---- matching ---------------------------------------------------------------
@@ -1498,77 +1681,128 @@ local function consider(e, rp, i)
   consider_chain(e, i)
 end
 
--- The exact records decide the trie of root (see "exact paths"): true
--- when its head won and nothing else in that trie can beat it on this
--- path. hp: the path's hash. Reads the home slot and the next only.
-local function exact_first(rt, v, len, root, hp)
-  local m = xmix(hp, root)
+-- The path read once, at the start of walk: bnd_i[k] is the offset of its
+-- k-th "/" (bnd_i[1] = 0) and, past the last one, its length; bnd_g[k]
+-- the key of the path's bytes before bnd_i[k] (a prefix's body ending
+-- there; bnd_g[nb] the whole path's: body_key); seg_h[k] the hash of the
+-- segment after the k-th "/" (what the walk looks children up by: a
+-- trie level is a segment, so the segment at a depth is the same on
+-- every branch, and each byte is hashed once whatever the tries walked).
+local bnd_i, bnd_g, seg_h = {}, {}, {}
+
+-- what a record tells of its trie (x_look)
+local X_NONE, X_DECIDED, X_WALK = 0, 1, 2
+
+-- Looks up the record (tag, the first len bytes of the path, whose hash
+-- is h): X_NONE when there is none with a head (for sure), X_DECIDED when
+-- its head is decisive and won (or cannot beat the best so far: nothing
+-- else in the trie can then), X_WALK otherwise. Reads the home slot and
+-- the next only (see X_FAR).
+local function x_look(rt, v, tag, len, h)
+  local m = xmix(h, tag)
   local b = band(m, rt.xbmask)
   if band(rt.xbits[rshift(b, 5)], lshift(1, b)) == 0 then
-    return false
+    return X_NONE
   end
   local xr, mask = rt.xrec, rt.xmask
   local s = band(m, mask)
   local base = s * XREC
-  if xr[base + X_KEY] ~= m or xr[base + X_ROOT] ~= root then
-    base = band(s + 1, mask) * XREC
-    if xr[base + X_KEY] ~= m or xr[base + X_ROOT] ~= root then
-      return false
-    end
-  end
-  local head, rank = xr[base + X_HEAD], xr[base + X_RANK]
-  if head == 0 or rank >= best_rank or xr[base + X_LEN] ~= len
+  local far = xr[base + X_FAR]
+  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_LEN] ~= len
      or C.memcmp(v.path, len <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
                  or rt.labels + xr[base + X_OFF], len) ~= 0 then
-    return false
+    base = band(s + 1, mask) * XREC
+    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_LEN] ~= len
+       or C.memcmp(v.path, len <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
+                   or rt.labels + xr[base + X_OFF], len) ~= 0 then
+      return far == 0 and X_NONE or X_WALK
+    end
   end
-  consider(head, rank, len)
-  return best == head and xr[base + X_BEAT] == 0
+  local head = xr[base + X_HEAD]
+  if head == 0 then
+    return X_NONE
+  end
+  local rank = xr[base + X_RANK]
+  if rank < best_rank then
+    consider(head, rank, len)
+    if best ~= head then
+      return X_WALK
+    end
+  end
+  return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
 end
 
--- the hash of the whole path (as hash() gives a string's): what the exact
--- records are keyed by
-local function path_hash(v, len, mult)
-  local h = 0
-  for i = 0, len - 1 do
-    h = tobit(h * mult + v.path[i])
-  end
-  return h
-end
-
--- Walks roots[1..nroots] along the path of v: depth first, the literal
--- child before the parameter child (kept on a stack). One loop: an
--- iteration either arrives at a node (candidates), or hashes one byte of
--- the segment being read, or ends that segment (children), or probes the
+-- Reads the path (bnd_i: one loop over its bytes, a multiply-add each),
+-- then walks roots[1..nroots] along it: at each root, its records first
+-- (see "records"); then, unless they decided the trie, depth first, the
+-- literal child before the parameter child (kept on a stack). One loop:
+-- an iteration either arrives at a node (candidates), or looks at a
+-- prefix record of a root, or ends a segment (children), or probes the
 -- next slot of a children's table. Pointers are read from v and rt at
 -- each use rather than kept in locals: a cdata pointer live at a trace
 -- exit is boxed there (an allocation).
-local function walk(rt, v, len, nroots, hp)
-  local nodes, karr, mult = rt.nodes, rt.karr, rt.mult
-  local xon = rt.xn > 0
+local function walk(rt, v, len, nroots)
+  local nodes, karr = rt.nodes, rt.karr
+  local xon = rt.xon
+  local xroot, kb = 0, 0 -- the root whose records were looked at; a body of the path
+  local nb, g, sh = 0, 0, 0 -- the count of bnd_i, a body key, a segment hash
   local k, i, d = roots[1], 0, 0
   local ri, sp = 1, 0
   local j, h = 0, 0
   local ks, koff, kmask = 0, 0, 0 -- a probe of a children's table
   -- a number from the start, as arrived below
   local child = 0 -- luacheck: ignore 311
-  -- 1: at node k, 0: reading a segment, 2: probing (a number: true and
-  -- false are two types to the JIT, and a loop variable changing type
-  -- breaks the trace)
+  -- 1: at node k, 0: a segment read, 2: probing, 3: at root k, looking
+  -- at its prefix records (a number: true and false are two types to the
+  -- JIT, and a loop variable changing type breaks the trace)
   local arrived = 1
+  if len > 0 and v.path[0] == SLASH then
+    -- read the path first (a path not starting with "/" has no segment)
+    nb = 1
+    bnd_i[1], bnd_g[1] = 0, 0
+    local mult = rt.mult
+    for jj = 1, len - 1 do
+      local c = v.path[jj]
+      if c == SLASH then
+        seg_h[nb] = sh
+        g = tobit(g * GMULT + sh + 1)
+        nb = nb + 1
+        bnd_i[nb], bnd_g[nb] = jj, g
+        sh = 0
+      else
+        sh = tobit(sh * mult + c)
+      end
+    end
+    seg_h[nb] = sh
+    nb = nb + 1
+    bnd_i[nb], bnd_g[nb] = len, tobit(g * GMULT + sh + 1)
+  end
   while true do
     if arrived == 1 then
       arrived = 0
       local base = k * NODE
-      -- a root (i == 0): its exact record may decide its trie
-      if not (i == 0 and xon and exact_first(rt, v, len, k, hp)) and nodes[base + N_MIN] < best_rank then
+      local x = X_WALK
+      if i == 0 and xon and nb > 0 and k ~= xroot then
+        -- a root: the path's exact record, or else its prefix records,
+        -- may decide the trie
+        xroot = k
+        x = x_look(rt, v, 2 * k + X_EXACT, len, bnd_g[nb])
+        if x == X_NONE then
+          kb = rt.x_depth[k] or 0
+          if kb > 0 then
+            kb, arrived = kb < nb and kb or nb, 3
+            goto continue
+          end
+        end
+      end
+      if x ~= X_DECIDED and nodes[base + N_MIN] < best_rank then
         local pre = nodes[base + N_PREFIX]
         if pre ~= 0 and nodes[base + N_PREFIX_RANK] < best_rank then
           consider(pre, nodes[base + N_PREFIX_RANK], i)
         end
         if i < len then
           if v.path[i] == SLASH then
-            j, h = i + 1, 0 -- read the next segment
+            j, h = bnd_i[d + 2], seg_h[d + 1] -- the next segment (read above)
             goto continue
           end
         else
@@ -1578,15 +1812,20 @@ local function walk(rt, v, len, nroots, hp)
           end
         end
       end
+    elseif arrived == 3 then
+      -- the prefix record of body kb of root k (the longest first)
+      local x = x_look(rt, v, 2 * k + X_PREFIX, bnd_i[kb], bnd_g[kb])
+      if x == X_NONE and kb > 1 then
+        kb = kb - 1
+        goto continue
+      end
+      if x ~= X_DECIDED then
+        arrived = 1 -- walk the trie (its records were looked at)
+        goto continue
+      end
     else
       if arrived == 0 then
-        local c = j < len and v.path[j] or SLASH
-        if c ~= SLASH then
-          h = tobit(h * mult + c)
-          j = j + 1
-          goto continue
-        end
-        -- the segment (i, j) ends: the children of node k
+        -- the segment (i, j) is read: the children of node k
         d = d + 1
         seg_s[d], seg_e[d] = i + 1, j
         local base = k * NODE
@@ -1755,7 +1994,7 @@ function _M.match(rt, v, host_fn, r)
   best, best_rank, best_end = 0, huge, 0
   req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
   local len = v.path_len
-  walk(rt, v, len, nroots, rt.xn > 0 and path_hash(v, len, rt.mult) or 0)
+  walk(rt, v, len, nroots)
   local route, e, params
   if best ~= 0 then
     local ents = rt.ents
