@@ -1735,9 +1735,11 @@ end
 -- Reads the path (bnd_i: one loop over its bytes, a multiply-add each),
 -- then walks roots[1..nroots] along it: at each root, its records first
 -- (see "records"); then, unless they decided the trie, depth first, the
--- literal child before the parameter child (kept on a stack). One loop:
--- an iteration either arrives at a node (candidates), or looks at a
--- prefix record of a root, or ends a segment (children), or probes the
+-- literal child before the parameter child (kept on a stack). Without
+-- records, the segments' bytes are hashed as the walk meets them. One
+-- loop: an iteration either arrives at a node (candidates), or looks at a
+-- prefix record of a root, or hashes a byte of the segment being read
+-- (without records), or ends a segment (children), or probes the
 -- next slot of a children's table. Pointers are read from v and rt at
 -- each use rather than kept in locals: a cdata pointer live at a trace
 -- exit is boxed there (an allocation).
@@ -1752,12 +1754,14 @@ local function walk(rt, v, len, nroots)
   local ks, koff, kmask = 0, 0, 0 -- a probe of a children's table
   -- a number from the start, as arrived below
   local child = 0 -- luacheck: ignore 311
-  -- 1: at node k, 0: a segment read, 2: probing, 3: at root k, looking
+  -- 1: at node k, 0: reading a segment, 2: probing, 3: at root k, looking
   -- at its prefix records (a number: true and false are two types to the
   -- JIT, and a loop variable changing type breaks the trace)
   local arrived = 1
-  if len > 0 and v.path[0] == SLASH then
-    -- read the path first (a path not starting with "/" has no segment)
+  if xon and len > 0 and v.path[0] == SLASH then
+    -- read the path first (a path not starting with "/" has no segment;
+    -- without records, segments are read as the walk goes: what a walk
+    -- does not reach is not read)
     nb = 1
     bnd_i[1], bnd_g[1] = 0, 0
     local mult = rt.mult
@@ -1782,7 +1786,7 @@ local function walk(rt, v, len, nroots)
       arrived = 0
       local base = k * NODE
       local x = X_WALK
-      if i == 0 and xon and nb > 0 and k ~= xroot then
+      if i == 0 and nb > 0 and k ~= xroot then
         -- a root: the path's exact record, or else its prefix records,
         -- may decide the trie
         xroot = k
@@ -1802,7 +1806,11 @@ local function walk(rt, v, len, nroots)
         end
         if i < len then
           if v.path[i] == SLASH then
-            j, h = bnd_i[d + 2], seg_h[d + 1] -- the next segment (read above)
+            if nb > 0 then
+              j, h = bnd_i[d + 2], seg_h[d + 1] -- the next segment (read above)
+            else
+              j, h = i + 1, 0 -- read the next segment
+            end
             goto continue
           end
         else
@@ -1825,6 +1833,12 @@ local function walk(rt, v, len, nroots)
       end
     else
       if arrived == 0 then
+        local c = j < len and v.path[j] or SLASH
+        if c ~= SLASH then
+          h = tobit(h * rt.mult + c)
+          j = j + 1
+          goto continue
+        end
         -- the segment (i, j) is read: the children of node k
         d = d + 1
         seg_s[d], seg_e[d] = i + 1, j
