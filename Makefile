@@ -147,6 +147,7 @@ bench-ir: build
 	bench/ir-per-request --row $(or $(ROW),moongate-ratelimit) --seconds $(or $(SECONDS),5)
 
 ### bench-reload: change speed at 5,000 routes: one-route reload per worker, p99 during 20 changes/s vs steady (PASS/FAIL)
+### bench-churn: CPU per config change at 5,000 routes, no load: the control's read, check, diff and copy; a worker's sliced build (PASS/FAIL)
 ### bench-sandbox: cost of a sandboxed phase call vs a trusted one, and time to stop a runaway policy at the budget
 ### bench-admin: the Admin API handler at 5,000 routes: index a version, a page, one by id, PUT/DELETE against a real etcd
 ### bench-etcd: 10,000 routes in a real etcd: start to the last route served (< 1 s), one change applied per worker (< 5 ms) (PASS/FAIL)
@@ -154,7 +155,7 @@ bench-ir: build
 ### bench-prims: ns per call of mg.limit takes (one key, 10k keys), take_all and breaker acquire+report from Lua (PASS/FAIL vs 100 ns)
 ### bench-redis: mg.redis round trip: µs per INCR through the gateway vs without Redis vs direct, and wrk on both routes
 # Each runs `luajit bench/<name>.lua $(BENCH_<NAME>_ARGS)` after a build.
-BENCH_LUA := reload sandbox admin etcd router prims redis
+BENCH_LUA := reload churn sandbox admin etcd router prims redis
 .PHONY: $(BENCH_LUA:%=bench-%) bench-ir
 $(BENCH_LUA:%=bench-%): bench-%: build
 	luajit bench/$*.lua $(BENCH_$(shell echo $* | tr a-z A-Z)_ARGS)

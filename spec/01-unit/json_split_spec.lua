@@ -183,6 +183,14 @@ describe("json_split", function()
             assert.is_table(doc, text)
             for _ = 1, 15 do
                 local next_text = edit(text, doc)
+                if rand(2) == 1 then
+                    -- a second edit, anywhere: two changes far apart, as
+                    -- a reload that folded two writes sees them
+                    local mid = json_split.split(next_text, ARRAYS)
+                    if mid then
+                        next_text = edit(next_text, mid)
+                    end
+                end
                 local alone = json_split.split(next_text, ARRAYS)
                 local from_prev = json_split.split(next_text, ARRAYS, doc)
                 if alone then
