@@ -4,7 +4,7 @@
 #   libluajit2-5.1-dev luajit2   the Lua VM and its FFI (policies, framework)
 #   libuv1-dev                   the event loop (sockets, timers, signals)
 #   node-llhttp                  HTTP/1.1 parser sources, compiled in
-#   libssl-dev                   sha256 now; TLS and JWT later
+#   libssl-dev                   sha256, base64; TLS of the HTTP client (etcd, mg.http.request)
 #   libhiredis-dev               Redis client (cluster rate limits)
 #   lua-cjson                    JSON for config and the policy kit
 #   lua-busted lua-socket        specs, and their raw-socket HTTP client
@@ -36,7 +36,7 @@ SAN        ?=
 CFLAGS_ALL := $(OPT) $(SAN) -std=gnu11 -Wall -Wextra -fPIC \
 	-Iruntime/include -Iruntime/src -I$(LLHTTP_INC) $(LUAJIT_INC) \
 	-DMG_VERSION='"$(VERSION)"' $(if $(MG_LUA_DIR_FLAG),-DMG_LUA_DIR='"$(MG_LUA_DIR_FLAG)"') $(CFLAGS)
-LDLIBS_ALL := $(LUAJIT_LIB) -luv -lhiredis -lcrypto -lm -ldl -lpthread
+LDLIBS_ALL := $(LUAJIT_LIB) -luv -lhiredis -lssl -lcrypto -lm -ldl -lpthread
 
 RUNTIME_SRC := $(filter-out runtime/src/main.c,$(wildcard runtime/src/*.c))
 RUNTIME_OBJ := $(RUNTIME_SRC:runtime/src/%.c=$(BUILD)/obj/%.o)

@@ -5,7 +5,7 @@
 --     mode = "file" | "etcd",          -- node.config_source.type
 --     view = function() return doc end, -- the version in force (see below)
 --     api_key = node.admin.api_key,    -- nil: no key asked (loopback only)
---     etcd = {endpoints =, prefix =, timeout_ms =, user =, password =}, -- etcd mode
+--     etcd = {endpoints =, prefix =, timeout_ms =, user =, password =, tls =}, -- etcd mode
 --     request = mg.http.request,       -- how etcd is called (yields)
 --     lua_path = node.lua_path,        -- policy modules, as the workers
 --     sandbox = {policies_dir =, max_instructions =},
@@ -183,7 +183,7 @@ function _M.new(opts)
     end
     self.prefix = (e.prefix or "/moongate"):gsub("/+$", "")
     self.kv = etcd_kv.new({ endpoints = e.endpoints, timeout_ms = e.timeout_ms,
-                            user = e.user, password = e.password,
+                            user = e.user, password = e.password, tls = e.tls,
                             request = opts.request or require("moongate.http").request })
   end
   for kind in pairs(KINDS) do
@@ -609,7 +609,7 @@ function _M.from_node(node, view)
     api_key = node.admin.api_key,
     etcd = src.type == "etcd" and { endpoints = src.endpoints, prefix = src.prefix,
                                     timeout_ms = src.timeout_ms, user = src.user,
-                                    password = src.password } or nil,
+                                    password = src.password, tls = src.tls } or nil,
     lua_path = node.lua_path,
     sandbox = node.sandbox,
     routes_path = src.path,

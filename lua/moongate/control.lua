@@ -429,14 +429,32 @@ init_etcd = function(node_text, node)
   local auth = cs.user and json_encode({ name = cs.user, password = cs.password or "" }) or ""
   local eps = concat(cs.endpoints, "\n")
   local src = etcd.src
+  -- once per process (start): the strings stay referenced by cs meanwhile
+  local tls, t = nil, cs.tls
+  if t then
+    tls = ffi.new("mg_tls_opts_t")
+    tls.ca, tls.ca_len = t.ca, t.ca and #t.ca or 0
+    tls.cert, tls.cert_len = t.cert, t.cert and #t.cert or 0
+    tls.key, tls.key_len = t.key, t.key and #t.key or 0
+    tls.server_name, tls.server_name_len = t.server_name, t.server_name and #t.server_name or 0
+    tls.verify = t.verify == false and 0 or 1
+  end
+  local errbuf = ffi.new("char[512]")
   local rc = C.mg_ctl_etcd_start(eps, #eps, src.key_b64, #src.key_b64, src.end_b64, #src.end_b64,
-                                 auth, #auth, cs.timeout_ms)
+                                 auth, #auth, cs.timeout_ms, tls, errbuf, 512)
   if rc ~= 0 then
-    return nil, "cannot start the etcd client for " .. concat(cs.endpoints, ", ") .. " (error "
-                .. tostring(rc) .. ")"
+    local why = ffi_string(errbuf)
+    return nil, "cannot start the etcd client for " .. concat(cs.endpoints, ", ") .. ": "
+                .. (why ~= "" and why or ("error " .. tostring(rc)))
+  end
+  local https = eps:find("https://", 1, true) ~= nil
+  if https and t and t.verify == false then
+    mg.log.warn("config_source.tls.verify is false: etcd's certificate is not checked")
   end
   mg.log.info("config source: etcd ", concat(cs.endpoints, ", "), " prefix ", cs.prefix,
-              cs.user and (" as " .. cs.user) or "", "; reading it")
+              cs.user and (" as " .. cs.user) or "",
+              https and ((t and t.cert) and " over TLS with a client certificate" or " over TLS")
+              or "", "; reading it")
   return true
 end
 
@@ -445,8 +463,8 @@ end
 local function etcd_restart_needed(a, b)
   local out = {}
   local x, y = a.config_source, b.config_source
-  if not same({ x.endpoints, x.prefix, x.user, x.password, x.timeout_ms, x.cache },
-              { y.endpoints, y.prefix, y.user, y.password, y.timeout_ms, y.cache }) then
+  if not same({ x.endpoints, x.prefix, x.user, x.password, x.timeout_ms, x.cache, x.tls or false },
+              { y.endpoints, y.prefix, y.user, y.password, y.timeout_ms, y.cache, y.tls or false }) then
     out[1] = "config_source"
   end
   if not same(a.lua_path, b.lua_path) or not same(a.sandbox, b.sandbox) then

@@ -3,6 +3,8 @@
 --
 --   local kv = etcd_kv.new{ endpoints = {"http://127.0.0.1:2379"}, timeout_ms = 5000,
 --                           user = "u", password = "p",  -- optional: etcd auth
+--                           tls = {ca =, cert =, key =, server_name =, verify =}, -- optional:
+--                                                        -- https:// endpoints (mg.http.request's tls)
 --                           request = mg.http.request }
 --   local rev, err, status = kv:put(key, value)
 --   local rev, err, status = kv:delete(key)           -- rev, deleted count
@@ -31,6 +33,7 @@ local tostring = tostring
 local byte = string.byte
 local char = string.char
 local sub = string.sub
+local find = string.find
 local concat = table.concat
 local bit = require("bit")
 local band = bit.band
@@ -97,7 +100,7 @@ function _M.new(opts)
   end
   return setmetatable({ endpoints = endpoints, request = opts.request,
                         timeout_ms = opts.timeout_ms or 5000,
-                        user = opts.user, password = opts.password }, KV)
+                        user = opts.user, password = opts.password, tls = opts.tls }, KV)
 end
 
 local UNREACHED = { ["connection refused"] = true, ["connect failed"] = true,
@@ -110,12 +113,14 @@ local function post(self, path, text, token)
   local headers = { ["Content-Type"] = "application/json", Authorization = token }
   for _, base in ipairs(self.endpoints) do
     local res, err = self.request({ method = "POST", url = base .. path, body = text,
-                                    headers = headers, timeout_ms = self.timeout_ms })
+                                    headers = headers, timeout_ms = self.timeout_ms,
+                                    tls = sub(base, 1, 8) == "https://" and self.tls or nil })
     if res then
       return res.status, cjson.decode(res.body), base, res.body
     end
     last = "etcd: " .. base .. ": " .. tostring(err)
-    if not UNREACHED[err] then
+    -- a failed TLS handshake sent nothing either
+    if not UNREACHED[err] and not find(tostring(err), "^TLS handshake") then
       -- a timeout or a broken answer: the write may have been applied;
       -- another endpoint must not apply it again
       return nil, last, 503

@@ -94,6 +94,17 @@ mg_upstream_t *mg_upstream_new(const char *id, size_t id_len, uint32_t connect_m
 int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, int port,
                            int weight);
 void mg_upstream_release(mg_upstream_t *u);
+typedef struct mg_tls_opts_s {
+    const char *ca;
+    const char *cert;
+    const char *key;
+    const char *server_name;
+    size_t ca_len;
+    size_t cert_len;
+    size_t key_len;
+    size_t server_name_len;
+    int32_t verify;
+} mg_tls_opts_t;
 typedef struct mg_http_opts_s {
     const char *method;
     const char *url;
@@ -105,6 +116,7 @@ typedef struct mg_http_opts_s {
     uint64_t max_body;
     uint32_t nheaders;
     uint32_t timeout_ms;
+    const mg_tls_opts_t *tls;
 } mg_http_opts_t;
 typedef struct mg_http_res_s {
     int32_t status;
@@ -206,7 +218,8 @@ double mg_ctl_version_get(void);
 void mg_ctl_version_set(double version);
 int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *key_b64,
                       size_t key_len, const char *end_b64, size_t end_len, const char *auth_body,
-                      size_t auth_len, uint32_t timeout_ms);
+                      size_t auth_len, uint32_t timeout_ms, const mg_tls_opts_t *tls, char *err,
+                      size_t errlen);
 int mg_ctl_etcd_rerange(void);
 ]]
 

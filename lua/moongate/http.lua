@@ -10,6 +10,17 @@
 -- res.headers: lower-case names; a repeated header's values joined with
 -- ", " (RFC 9110 5.3, as ctx.req:header does), except Set-Cookie, which
 -- cannot be joined and is a list of strings when repeated.
+--
+-- https:// URLs: TLS 1.2/1.3, the server's certificate checked against the
+-- system CA store and its name against the URL's host, unless the call
+-- says otherwise with tls = {
+--   ca = "/path/ca.pem",          -- trust this CA file instead of the system store
+--   cert = "/path/client.pem",    -- a client certificate (mTLS), with
+--   key = "/path/client-key.pem", --   its key (both or neither)
+--   server_name = "api.internal", -- SNI and the name checked (default: the URL's host)
+--   verify = false,               -- no check at all: an explicit, logged opt-out
+-- }. One OpenSSL context per distinct (ca, cert, key, verify) is built on
+-- first use in each worker and kept (files are read then, not per call).
 
 local ffi = require("ffi")
 local binding = require("moongate.ffi")
@@ -33,6 +44,7 @@ local DEFAULT_TIMEOUT_MS = 10000
 -- allocated once (lua-resty-core's rule); filled per call, read by C
 -- before mg_http_request returns
 local opts = ffi_new("mg_http_opts_t")
+local tls_opts = ffi_new("mg_tls_opts_t")
 local hdrs = ffi_new("mg_header_t[?]", MAX_HEADERS)
 -- the strings hdrs points into (tostring of a number makes a new one the GC
 -- could take before C copies it): kept here until mg_http_request returned
@@ -68,6 +80,34 @@ local function fill_headers(headers)
     end
   end
   return n
+end
+
+local TLS_KEYS = { ca = "string", cert = "string", key = "string", server_name = "string",
+                   verify = "boolean" }
+
+-- Fills tls_opts from t.tls (the strings stay referenced by t during the call).
+local function fill_tls(tls)
+  for k, v in pairs(tls) do
+    local want = TLS_KEYS[k]
+    if not want then
+      error("mg.http.request: tls." .. tostring(k) .. " is not a TLS setting (ca, cert, key, "
+            .. "server_name, verify)", 3)
+    end
+    if type(v) ~= want or (want == "string" and v == "") then
+      error("mg.http.request: tls." .. k .. " must be a " .. (want == "string" and
+            "non-empty string" or want), 3)
+    end
+  end
+  if (tls.cert == nil) ~= (tls.key == nil) then
+    error("mg.http.request: tls.cert and tls.key go together", 3)
+  end
+  local ca, cert, key, sn = tls.ca, tls.cert, tls.key, tls.server_name
+  tls_opts.ca, tls_opts.ca_len = ca, ca and #ca or 0
+  tls_opts.cert, tls_opts.cert_len = cert, cert and #cert or 0
+  tls_opts.key, tls_opts.key_len = key, key and #key or 0
+  tls_opts.server_name, tls_opts.server_name_len = sn, sn and #sn or 0
+  tls_opts.verify = tls.verify == false and 0 or 1
+  return tls_opts
 end
 
 local function response(res)
@@ -122,6 +162,10 @@ function _M.request(t)
   if max_body ~= nil and (type(max_body) ~= "number" or max_body < 1) then
     error("mg.http.request: max_body must be a positive number of bytes", 2)
   end
+  local tls = t.tls
+  if tls ~= nil and type(tls) ~= "table" then
+    error("mg.http.request: tls must be a table {ca =, cert =, key =, server_name =, verify =}", 2)
+  end
   local headers = t.headers
   local nh = 0
   if headers ~= nil then
@@ -141,11 +185,15 @@ function _M.request(t)
   opts.body_len = body and #body or 0
   opts.timeout_ms = timeout
   opts.max_body = max_body or 0
+  opts.tls = tls and fill_tls(tls) or nil
   local rc = C.mg_http_request(r, opts)
   for i = 1, 2 * nh do
     anchor[i] = nil
   end
-  opts.method, opts.url, opts.body = nil, nil, nil
+  opts.method, opts.url, opts.body, opts.tls = nil, nil, nil, nil
+  if tls then
+    tls_opts.ca, tls_opts.cert, tls_opts.key, tls_opts.server_name = nil, nil, nil, nil
+  end
   if rc == MG_AGAIN then
     co_yield()
   end

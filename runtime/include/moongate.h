@@ -120,9 +120,29 @@ int mg_upstream_add_target(mg_upstream_t *u, const char *host, size_t host_len, 
                            int weight);
 void mg_upstream_release(mg_upstream_t *u);
 
+/* TLS settings of https:// calls (mg.http.request's tls = {...}, etcd's
+ * config_source.tls). ca, cert, key: PEM file paths (length 0: the system
+ * CA store; no client certificate); server_name: the name sent as SNI and
+ * checked against the certificate (length 0: the URL's host); verify: 1
+ * checks the chain and the name, 0 does not (an explicit opt-out). One
+ * OpenSSL context is built per distinct (ca, cert, key, verify) and kept
+ * for the process's life (at most 32 per client). */
+typedef struct mg_tls_opts_s {
+    const char *ca;
+    const char *cert;
+    const char *key;
+    const char *server_name;
+    size_t ca_len;
+    size_t cert_len;
+    size_t key_len;
+    size_t server_name_len;
+    int32_t verify;
+} mg_tls_opts_t;
+
 /* HTTP client (mg.http.request). The strings are copied before the call
  * returns. max_body caps the response body (0: 10 MiB); timeout_ms bounds
- * the whole exchange (0: none). */
+ * the whole exchange (0: none); tls: for an https:// url (NULL: the system
+ * CA store, verify on). */
 typedef struct mg_http_opts_s {
     const char *method;
     const char *url;
@@ -134,6 +154,7 @@ typedef struct mg_http_opts_s {
     uint64_t max_body;
     uint32_t nheaders;
     uint32_t timeout_ms;
+    const mg_tls_opts_t *tls;
 } mg_http_opts_t;
 
 /* The outcome of the request's last mg_http_request, valid until its next
@@ -326,13 +347,16 @@ void mg_ctl_version_set(double version);
 /* The etcd config source of the control process (control_etcd.c): starts
  * the driver (one per process: MG_EINVAL when started already, outside
  * the control process, or given no endpoint; endpoints "\n"-separated,
- * http:// only). key/end: the watched range, base64. auth_body: the
- * /v3/auth/authenticate JSON body, or length 0 (no auth). Its events go to
- * control.source_event(ev, data) from the loop. rerange: read the prefix
- * again (SIGHUP); MG_DECLINED when no driver runs. */
+ * http:// or https://). key/end: the watched range, base64. auth_body: the
+ * /v3/auth/authenticate JSON body, or length 0 (no auth). tls: for the
+ * https:// endpoints (NULL: the system CA store, verify on). On failure
+ * err (errlen bytes) says why (a TLS file that cannot be read...). Its
+ * events go to control.source_event(ev, data) from the loop. rerange:
+ * read the prefix again (SIGHUP); MG_DECLINED when no driver runs. */
 int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *key_b64,
                       size_t key_len, const char *end_b64, size_t end_len, const char *auth_body,
-                      size_t auth_len, uint32_t timeout_ms);
+                      size_t auth_len, uint32_t timeout_ms, const mg_tls_opts_t *tls, char *err,
+                      size_t errlen);
 int mg_ctl_etcd_rerange(void);
 /* MG_CDEF_END */
 

@@ -96,13 +96,15 @@ static int64_t sink(void *ud, int ev, const char *data, size_t len, char *tok, s
 
 int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *key_b64,
                       size_t key_len, const char *end_b64, size_t end_len, const char *auth_body,
-                      size_t auth_len, uint32_t timeout_ms)
+                      size_t auth_len, uint32_t timeout_ms, const mg_tls_opts_t *tls, char *err,
+                      size_t errlen)
 {
     char *eps = NULL, *key = NULL, *end = NULL, *auth = NULL;
     const char *list[MAX_ENDPOINTS];
     int n = 0, rc = MG_EINVAL;
     mg_etcd_sink_t s = {sink, mg__worker};
 
+    if (errlen) err[0] = 0;
     if (etcd != NULL || mg__worker == NULL || mg__worker->role != MG_ROLE_CONTROL) return MG_EINVAL;
     eps = strndup(endpoints, endpoints_len);
     key = strndup(key_b64, key_len);
@@ -113,7 +115,10 @@ int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *k
         goto out;
     }
     for (char *p = eps, *save = NULL, *t; (t = strtok_r(p, "\n", &save)) != NULL; p = NULL) {
-        if (n == MAX_ENDPOINTS) goto out;
+        if (n == MAX_ENDPOINTS) {
+            snprintf(err, errlen, "more than %d endpoints", MAX_ENDPOINTS);
+            goto out;
+        }
         list[n++] = t;
     }
     if (n == 0) goto out;
@@ -122,7 +127,10 @@ int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *k
                         .key_b64 = key,
                         .end_b64 = end,
                         .auth_body = auth,
-                        .timeout_ms = timeout_ms};
+                        .timeout_ms = timeout_ms,
+                        .tls = tls,
+                        .err = err,
+                        .errlen = errlen};
     etcd = mg__etcd_start(mg__worker->loop, &o, &s); /* copies what it keeps */
     rc = etcd ? MG_OK : MG_EINVAL;
 out:

@@ -1,7 +1,8 @@
 /* etcd.c: the control process's etcd driver (etcd.h has the state machine
  * and the sink contract). One HTTP client with one pooled connection: the
  * range's connection is reused by the watch, so a node holds one TCP
- * connection to etcd while it watches.
+ * connection to etcd while it watches (with TLS: one session, whose
+ * handshake is paid once per connection, not per call).
  *
  * Costs: a range body is kept whole until the sink took it (bounded by
  * MAX_BODY: ~3 MB at 10,000 routes); watch pieces are handed on as they
@@ -34,6 +35,8 @@ struct mg_etcd_s {
     int tried; /* endpoints tried (and failed) in this round */
     int round; /* rounds failed in a row: the backoff's exponent */
     char *key_b64, *end_b64, *auth_body;
+    SSL_CTX *tls;      /* for https:// endpoints: owned by cl (its context cache) */
+    char *server_name; /* NULL: each endpoint's host */
     uint32_t timeout_ms, backoff_min_ms, backoff_max_ms;
 
     int state;
@@ -272,6 +275,9 @@ static void start_call(mg_etcd_t *e, int state, const char *path, const char *bo
     s.connect_ms = e->timeout_ms;
     s.idle_ms = idle_ms;
     s.retry = 1; /* auth, range and watch create are all safe to send twice */
+    s.tls = e->tls;
+    s.server_name = e->server_name;
+    s.server_name_len = e->server_name ? strlen(e->server_name) : 0;
     e->state = state;
     e->status = 0;
     e->len = 0;
@@ -324,6 +330,7 @@ static void etcd_free(mg_etcd_t *e)
     free(e->key_b64);
     free(e->end_b64);
     free(e->auth_body);
+    free(e->server_name);
     free(e->buf);
     free(e);
 }
@@ -332,15 +339,35 @@ mg_etcd_t *mg__etcd_start(uv_loop_t *loop, const mg_etcd_opts_t *o, const mg_etc
 {
     mg_http_client_opts_t copts = {.max_idle_per_host = 1};
     mg_etcd_t *e;
+    char scratch[8];
+    char *err = o->err ? o->err : scratch;
+    size_t errlen = o->err ? o->errlen : sizeof(scratch);
+    int https = 0;
 
-    if (o->nendpoints < 1 || !o->key_b64 || !o->end_b64) return NULL;
+    if (errlen) err[0] = 0;
+    if (o->nendpoints < 1 || !o->key_b64 || !o->end_b64) {
+        snprintf(err, errlen, "no endpoint, or no key");
+        return NULL;
+    }
     /* the key and range end are base64 of the prefix: bounded by the body buffer */
-    if (strlen(o->key_b64) + strlen(o->end_b64) > 800) return NULL;
-    for (int i = 0; i < o->nendpoints; i++)
-        if (strncmp(o->endpoints[i], "http://", 7) != 0 || strlen(o->endpoints[i]) > 900)
+    if (strlen(o->key_b64) + strlen(o->end_b64) > 800) {
+        snprintf(err, errlen, "the prefix is too long");
+        return NULL;
+    }
+    for (int i = 0; i < o->nendpoints; i++) {
+        int h = strncmp(o->endpoints[i], "https://", 8) == 0;
+        if ((!h && strncmp(o->endpoints[i], "http://", 7) != 0) || strlen(o->endpoints[i]) > 900) {
+            snprintf(err, errlen, "endpoint %.100s: not an http:// or https:// URL",
+                     o->endpoints[i]);
             return NULL;
+        }
+        https |= h;
+    }
     e = calloc(1, sizeof(*e));
-    if (!e) return NULL;
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
     e->loop = loop;
     e->sink = *sink;
     e->endpoints = calloc((size_t)o->nendpoints, sizeof(char *));
@@ -348,15 +375,32 @@ mg_etcd_t *mg__etcd_start(uv_loop_t *loop, const mg_etcd_opts_t *o, const mg_etc
     e->key_b64 = dup_str(o->key_b64);
     e->end_b64 = dup_str(o->end_b64);
     e->auth_body = dup_str(o->auth_body);
-    if (!e->endpoints || !e->cl || !e->key_b64 || !e->end_b64 || (o->auth_body && !e->auth_body))
+    if (!e->endpoints || !e->cl || !e->key_b64 || !e->end_b64 || (o->auth_body && !e->auth_body)) {
+        snprintf(err, errlen, "out of memory");
         goto fail;
+    }
+    /* one context for every https:// endpoint, built now: a CA file that
+     * does not load stops the start with its reason, not each call later */
+    if (https) {
+        if (mg__http_tls_ctx(e->cl, o->tls, &e->tls, err, errlen) < 0) goto fail;
+        if (o->tls && o->tls->server_name_len) {
+            e->server_name = strndup(o->tls->server_name, o->tls->server_name_len);
+            if (!e->server_name) {
+                snprintf(err, errlen, "out of memory");
+                goto fail;
+            }
+        }
+    }
     for (int i = 0; i < o->nendpoints; i++) {
         /* a trailing "/" would double in "<endpoint>/v3/..." */
         size_t n = strlen(o->endpoints[i]);
         while (n > 7 && o->endpoints[i][n - 1] == '/')
             n--;
         e->endpoints[i] = strndup(o->endpoints[i], n);
-        if (!e->endpoints[i]) goto fail;
+        if (!e->endpoints[i]) {
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
         e->nendpoints++;
     }
     e->timeout_ms = o->timeout_ms ? o->timeout_ms : 5000;

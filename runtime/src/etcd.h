@@ -32,6 +32,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "moongate.h"
+
 typedef struct mg_etcd_s mg_etcd_t;
 
 /* What the sink is told. */
@@ -65,18 +67,23 @@ typedef struct mg_etcd_sink_s {
 } mg_etcd_sink_t;
 
 typedef struct mg_etcd_opts_s {
-    const char *const *endpoints; /* "http://host:port" each (https is refused) */
+    const char *const *endpoints; /* "http://host:port" or "https://host:port" each */
     int nendpoints;
     const char *key_b64; /* the range [key, range_end), base64 as the gateway wants */
     const char *end_b64;
-    const char *auth_body;   /* {"name":..,"password":..} as JSON text, or NULL: no auth */
-    uint32_t timeout_ms;     /* connect and silence limit of one call; the start deadline */
-    uint32_t backoff_min_ms; /* 0: 100 */
-    uint32_t backoff_max_ms; /* 0: 5000 */
+    const char *auth_body;    /* {"name":..,"password":..} as JSON text, or NULL: no auth */
+    uint32_t timeout_ms;      /* connect and silence limit of one call; the start deadline */
+    uint32_t backoff_min_ms;  /* 0: 100 */
+    uint32_t backoff_max_ms;  /* 0: 5000 */
+    const mg_tls_opts_t *tls; /* for https:// endpoints; NULL: system CA store, verify on.
+                                 Its context is built at start, once */
+    char *err;                /* out: why mg__etcd_start returned NULL (errlen bytes) */
+    size_t errlen;
 } mg_etcd_opts_t;
 
 /* Starts the driver on loop: the first call goes out at once. Copies what
- * it keeps of opts. NULL: no memory, or an endpoint that is not http://. */
+ * it keeps of opts. NULL (opts->err says why): no memory, an endpoint
+ * that is not http:// or https://, a TLS setting that does not load. */
 mg_etcd_t *mg__etcd_start(uv_loop_t *loop, const mg_etcd_opts_t *opts, const mg_etcd_sink_t *sink);
 /* Reads everything again (a SIGHUP): the call in flight is dropped and a
  * range starts on the next loop turn. Safe from inside the sink. */

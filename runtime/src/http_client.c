@@ -11,6 +11,14 @@
  * Reentrancy: user callbacks run inside llhttp's callbacks. They may cancel
  * the call (call->busy defers the teardown until llhttp returns) or, from
  * on_done, start new calls (the connection was released before on_done).
+ *
+ * TLS (https://): a connection carries an mg_tls_t (tls_client.h) between
+ * the socket and the parser. After the TCP connect the handshake runs
+ * under the same connect timer; ciphertext is read into a second buffer
+ * behind the plaintext one, fed to OpenSSL, and the plaintext goes through
+ * the same parse path as http://. Output (handshake records, the request)
+ * is flushed from the write BIO through one uv_write at a time into a
+ * per-connection buffer, kept while the connection lives.
  */
 #include <assert.h>
 #include <stdio.h>
@@ -26,6 +34,8 @@
 #define FREE_CALLS 64   /* calls kept for reuse */
 #define HOST_MAX 255    /* DNS name length limit */
 #define CONNECT_MS 5000 /* default connect timeout */
+#define TLS_IN 17408    /* one TLS record (16 KiB + overhead) per read */
+#define MAX_TLS_CTX 32  /* TLS configurations per client */
 
 #ifndef MG_VERSION
 #define MG_VERSION "dev"
@@ -37,8 +47,11 @@ typedef struct hhost_s {
     uint32_t nidle;
     uint32_t refs; /* connections pointing here; freed at 0 */
     int port;
+    SSL_CTX *tls; /* NULL: http:// */
     size_t name_len;
     char name[HOST_MAX + 1];
+    size_t sni_len;
+    char sni[HOST_MAX + 1]; /* https://: the server name (SNI, verified) */
 } hhost_t;
 
 typedef struct hconn_s {
@@ -68,6 +81,11 @@ typedef struct hconn_s {
     int closing;
     int handles_open;
     uint32_t nrequests;
+    int is_tls;
+    int writing; /* TLS: a uv_write of wbuf in flight */
+    mg_tls_t tls;
+    char *wbuf; /* TLS: ciphertext being written */
+    size_t wcap;
 } hconn_t;
 
 struct mg_http_call_s {
@@ -83,6 +101,10 @@ struct mg_http_call_s {
     char host[HOST_MAX + 1];
     size_t host_len;
     int port;
+    int https;
+    SSL_CTX *tls;
+    char sni[HOST_MAX + 1];
+    size_t sni_len;
     char *out; /* the request bytes: head then body */
     size_t out_len, out_cap;
     uint32_t connect_ms, idle_ms;
@@ -94,8 +116,16 @@ struct mg_http_call_s {
     int cancelled;
     int done;
     int orphan; /* the client is gone: release frees, touching nothing else */
-    char msg[192];
+    char msg[320];
 };
+
+/* A TLS configuration and its context (the strings are the lookup key). */
+typedef struct tls_entry_s {
+    char *ca, *cert, *key;
+    size_t ca_len, cert_len, key_len;
+    int verify;
+    SSL_CTX *ctx;
+} tls_entry_t;
 
 struct mg_http_client_s {
     uv_loop_t *loop;
@@ -107,9 +137,13 @@ struct mg_http_client_s {
     uint64_t connects, reused;
     uint32_t nidle, nactive;
     llhttp_settings_t settings;
+    SSL_CTX *tls_default; /* system store, verify on: made on the first https:// call */
+    tls_entry_t tls[MAX_TLS_CTX];
+    int ntls;
 };
 
 static void conn_close(hconn_t *c);
+static void conn_send(hconn_t *c, mg_http_call_t *call);
 static int attach(mg_http_call_t *call);
 static void call_finish(mg_http_call_t *call, int err, const char *msg);
 
@@ -130,25 +164,37 @@ const char *mg__http_strerror(int err)
     case MG_HTTP_ENOMEM: return "out of memory";
     case MG_HTTP_ETOOLARGE: return "response too large";
     case MG_HTTP_ECLIENT: return "client closed";
+    case MG_HTTP_ETLS: return "TLS failed";
     default: return "aborted";
     }
 }
 
 /* ---- hosts ------------------------------------------------------------------ */
 
-/* O(hosts): a client talks to a handful (etcd endpoints, a few APIs). */
-static hhost_t *host_find(mg_http_client_t *cl, const char *name, size_t nl, int port, int create)
+/* O(hosts): a client talks to a handful (etcd endpoints, a few APIs). The
+ * key is what the connection was made with: host, port, and for https://
+ * the TLS context and server name. */
+static hhost_t *host_find(mg_http_client_t *cl, const mg_http_call_t *call, int create)
 {
+    const char *name = call->host;
+    size_t nl = call->host_len;
     for (mg_link_t *l = cl->hosts.next; l != &cl->hosts; l = l->next) {
         hhost_t *h = mg_container_of(l, hhost_t, link);
-        if (h->port == port && h->name_len == nl && memcmp(h->name, name, nl) == 0) return h;
+        if (h->port == call->port && h->name_len == nl && memcmp(h->name, name, nl) == 0 &&
+            h->tls == call->tls &&
+            (!h->tls ||
+             (h->sni_len == call->sni_len && memcmp(h->sni, call->sni, h->sni_len) == 0)))
+            return h;
     }
     if (!create) return NULL;
     hhost_t *h = calloc(1, sizeof(*h));
     if (!h) return NULL;
     memcpy(h->name, name, nl);
     h->name_len = nl;
-    h->port = port;
+    h->port = call->port;
+    h->tls = call->tls;
+    memcpy(h->sni, call->sni, call->sni_len);
+    h->sni_len = call->sni_len;
     mg_list_init(&h->idle);
     mg_list_insert_head(&cl->hosts, &h->link);
     return h;
@@ -273,6 +319,8 @@ static void on_conn_closed(uv_handle_t *h)
 {
     hconn_t *c = h->data;
     if (--c->handles_open > 0) return;
+    if (c->tls.ssl) mg__tls_free(&c->tls);
+    free(c->wbuf);
     free(c->buf);
     free(c);
 }
@@ -299,7 +347,12 @@ static void on_conn_timer(uv_timer_t *t)
 {
     hconn_t *c = t->data;
     if (c->call) {
-        call_finish(c->call, MG_HTTP_ETIMEDOUT, "timeout");
+        /* a TLS connection's connect timer covers its handshake too */
+        int hs = c->is_tls && !c->tls.up && c->tls.ssl;
+        call_finish(c->call, MG_HTTP_ETIMEDOUT,
+                    hs ? "TLS handshake timeout (the server accepted the connection but did not "
+                         "complete a handshake: is it speaking TLS?)"
+                       : "timeout");
         return;
     }
     conn_close(c); /* idle in the pool for too long */
@@ -309,6 +362,11 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
     (void)hint;
     hconn_t *c = h->data;
+    if (c->is_tls) { /* ciphertext: behind the plaintext buffer */
+        b->base = c->buf + CONN_BUF;
+        b->len = TLS_IN;
+        return;
+    }
     b->base = c->buf + c->len;
     b->len = CONN_BUF - c->len;
 }
@@ -338,6 +396,7 @@ static void exchange_done(hconn_t *c, int extra_bytes)
     mg_http_client_t *cl = c->cl;
     detach(call);
     hhost_t *h = c->host;
+    if (c->is_tls && mg__tls_has_input(&c->tls)) extra_bytes = 1;
     if (c->keepalive && !extra_bytes && c->nrequests < cl->o.max_requests &&
         h->nidle < cl->o.max_idle_per_host) {
         c->len = 0;
@@ -390,48 +449,204 @@ static void conn_parse(hconn_t *c, size_t n)
     }
 }
 
+/* The stream ended (UV_EOF, or a TLS close_notify) or failed while call
+ * waits for its response. */
+static void conn_read_end(hconn_t *c, mg_http_call_t *call, ssize_t n)
+{
+    if (n == UV_EOF && c->head_done && !c->msg_done) {
+        /* a close-delimited body ends here; any other framing is cut */
+        call->busy++;
+        llhttp_finish(&c->parser);
+        call->busy--;
+        if (call->cancelled) {
+            detach(call);
+            conn_close(c);
+            call_maybe_release(call);
+            return;
+        }
+        if (c->msg_done) {
+            c->keepalive = 0;
+            exchange_done(c, 0);
+            return;
+        }
+        call_finish(call, MG_HTTP_ECLOSED, "bad response: connection closed mid-body");
+        return;
+    }
+    if (n == UV_EOF) {
+        exchange_failed(c, MG_HTTP_ECLOSED, "connection closed before the response");
+        return;
+    }
+    snprintf(call->msg, sizeof(call->msg), "read failed: %s", uv_strerror((int)n));
+    exchange_failed(c, MG_HTTP_EIO, call->msg);
+}
+
+/* n response bytes (plaintext) arrived at c->buf + c->len. */
+static void conn_input(hconn_t *c, mg_http_call_t *call, size_t n)
+{
+    c->got_bytes = 1;
+    c->len += (uint32_t)n;
+    if (call->idle_ms) uv_timer_start(&c->timer, on_conn_timer, call->idle_ms, 0);
+    conn_parse(c, n);
+}
+
+/* ---- TLS --------------------------------------------------------------------------- */
+
+static void on_tls_written(uv_write_t *w, int status);
+
+/* A TLS connection's transport failed: the call (if any) fails, or the
+ * idle connection closes. */
+static void tls_fail(hconn_t *c, int err, const char *msg)
+{
+    if (c->call) {
+        if (msg != c->call->msg) snprintf(c->call->msg, sizeof(c->call->msg), "%s", msg);
+        exchange_failed(c, err, c->call->msg);
+    } else {
+        conn_close(c);
+    }
+}
+
+/* Sends what OpenSSL queued in the write BIO: one uv_write at a time (its
+ * callback flushes again). 0, or -1 after failing the connection. */
+static int tls_flush(hconn_t *c)
+{
+    if (c->writing || c->closing) return 0;
+    size_t n = mg__tls_out_pending(&c->tls);
+    if (n == 0) return 0;
+    if (n > c->wcap) {
+        size_t cap = c->wcap ? c->wcap : 16384;
+        while (cap < n)
+            cap *= 2;
+        char *b = realloc(c->wbuf, cap);
+        if (!b) {
+            tls_fail(c, MG_HTTP_ENOMEM, "out of memory");
+            return -1;
+        }
+        c->wbuf = b;
+        c->wcap = cap;
+    }
+    n = mg__tls_out(&c->tls, c->wbuf, n);
+    uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)n);
+    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_tls_written);
+    if (rc < 0) {
+        char m[128];
+        snprintf(m, sizeof(m), "write failed: %s", uv_strerror(rc));
+        tls_fail(c, MG_HTTP_EIO, m);
+        return -1;
+    }
+    c->writing = 1;
+    return 0;
+}
+
+static void on_tls_written(uv_write_t *w, int status)
+{
+    hconn_t *c = w->data;
+    c->writing = 0;
+    if (c->closing) return;
+    if (status < 0) {
+        char m[128];
+        snprintf(m, sizeof(m), "write failed: %s", uv_strerror(status));
+        tls_fail(c, MG_HTTP_EIO, m);
+        return;
+    }
+    tls_flush(c);
+}
+
+/* Takes the plaintext OpenSSL has to the parser, until it wants more
+ * ciphertext. A parse may end the exchange (the connection goes idle or
+ * closes; on_done may even start a new call on it): re-read c each turn. */
+static void tls_pump(hconn_t *c)
+{
+    char m[256];
+    while (!c->closing) {
+        mg_http_call_t *call = c->call;
+        assert(c->len < CONN_BUF); /* a full head buffer ended the call in conn_parse */
+        int r = mg__tls_read(&c->tls, c->buf + c->len, CONN_BUF - c->len, m, sizeof(m));
+        if (r > 0) {
+            if (!call) { /* idle: bytes nobody asked for */
+                conn_close(c);
+                return;
+            }
+            conn_input(c, call, (size_t)r);
+            continue;
+        }
+        if (r == 0) { /* wants more: send what it has (a key update answer...) */
+            tls_flush(c);
+            return;
+        }
+        if (!call) {
+            conn_close(c);
+            return;
+        }
+        if (r == -1) {
+            conn_read_end(c, call, UV_EOF);
+            return;
+        }
+        tls_fail(c, MG_HTTP_ETLS, m);
+        return;
+    }
+}
+
+static void tls_on_read(hconn_t *c, ssize_t n)
+{
+    mg_http_call_t *call = c->call;
+    if (n < 0) {
+        if (!call) {
+            conn_close(c);
+            return;
+        }
+        if (!c->tls.up) {
+            if (n == UV_EOF)
+                snprintf(call->msg, sizeof(call->msg),
+                         "TLS handshake failed: the server closed the connection%s",
+                         c->tls.seen ? ""
+                                     : " without answering (not a TLS server, or it refused "
+                                       "our certificate?)");
+            else
+                snprintf(call->msg, sizeof(call->msg), "TLS handshake failed: read failed: %s",
+                         uv_strerror((int)n));
+            call_finish(call, MG_HTTP_ETLS, call->msg);
+            return;
+        }
+        conn_read_end(c, call, n);
+        return;
+    }
+    if (mg__tls_feed(&c->tls, c->buf + CONN_BUF, (size_t)n) < 0) {
+        tls_fail(c, MG_HTTP_ENOMEM, "out of memory");
+        return;
+    }
+    if (!c->tls.up) {
+        assert(call); /* a handshaking connection is never idle */
+        int rc = mg__tls_handshake(&c->tls, call->msg, sizeof(call->msg));
+        if (rc < 0) {
+            call_finish(call, MG_HTTP_ETLS, call->msg);
+            return;
+        }
+        if (tls_flush(c) < 0 || rc == 0) return;
+        conn_send(c, call); /* the handshake is done: the connect timer ends here */
+        if (c->closing || c->call != call) return;
+    }
+    tls_pump(c);
+}
+
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b)
 {
     (void)b;
     hconn_t *c = s->data;
     mg_http_call_t *call = c->call;
     if (n == 0 || c->closing) return;
+    if (c->is_tls) {
+        tls_on_read(c, n);
+        return;
+    }
     if (!call) { /* idle: the server closed it, or sent what nobody asked for */
         conn_close(c);
         return;
     }
     if (n < 0) {
-        if (n == UV_EOF && c->head_done && !c->msg_done) {
-            /* a close-delimited body ends here; any other framing is cut */
-            call->busy++;
-            llhttp_finish(&c->parser);
-            call->busy--;
-            if (call->cancelled) {
-                detach(call);
-                conn_close(c);
-                call_maybe_release(call);
-                return;
-            }
-            if (c->msg_done) {
-                c->keepalive = 0;
-                exchange_done(c, 0);
-                return;
-            }
-            call_finish(call, MG_HTTP_ECLOSED, "bad response: connection closed mid-body");
-            return;
-        }
-        if (n == UV_EOF) {
-            exchange_failed(c, MG_HTTP_ECLOSED, "connection closed before the response");
-            return;
-        }
-        snprintf(call->msg, sizeof(call->msg), "read failed: %s", uv_strerror((int)n));
-        exchange_failed(c, MG_HTTP_EIO, call->msg);
+        conn_read_end(c, call, n);
         return;
     }
-    c->got_bytes = 1;
-    c->len += (uint32_t)n;
-    if (call->idle_ms) uv_timer_start(&c->timer, on_conn_timer, call->idle_ms, 0);
-    conn_parse(c, (size_t)n);
+    conn_input(c, call, (size_t)n);
 }
 
 static void on_written(uv_write_t *w, int status)
@@ -454,12 +669,20 @@ static void conn_send(hconn_t *c, mg_http_call_t *call)
     c->nrequests++;
     llhttp_init(&c->parser, HTTP_RESPONSE, &c->cl->settings);
     c->parser.data = c;
-    uv_buf_t b = uv_buf_init(call->out, (unsigned)call->out_len);
-    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
-    if (rc < 0) {
-        snprintf(call->msg, sizeof(call->msg), "write failed: %s", uv_strerror(rc));
-        exchange_failed(c, MG_HTTP_EIO, call->msg);
-        return;
+    if (c->is_tls) {
+        if (mg__tls_write(&c->tls, call->out, call->out_len, call->msg, sizeof(call->msg)) < 0) {
+            exchange_failed(c, MG_HTTP_ETLS, call->msg);
+            return;
+        }
+        if (tls_flush(c) < 0) return;
+    } else {
+        uv_buf_t b = uv_buf_init(call->out, (unsigned)call->out_len);
+        int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_written);
+        if (rc < 0) {
+            snprintf(call->msg, sizeof(call->msg), "write failed: %s", uv_strerror(rc));
+            exchange_failed(c, MG_HTTP_EIO, call->msg);
+            return;
+        }
     }
     if (call->idle_ms)
         uv_timer_start(&c->timer, on_conn_timer, call->idle_ms, 0);
@@ -489,6 +712,15 @@ static void on_connect(uv_connect_t *cr, int status)
         call_finish(call, MG_HTTP_EIO, call->msg);
         return;
     }
+    if (c->is_tls) { /* the ClientHello; the connect timer keeps running */
+        if (mg__tls_init(&c->tls, call->tls, call->sni, call->msg, sizeof(call->msg)) < 0 ||
+            mg__tls_handshake(&c->tls, call->msg, sizeof(call->msg)) < 0) {
+            call_finish(call, MG_HTTP_ETLS, call->msg);
+            return;
+        }
+        tls_flush(c);
+        return;
+    }
     conn_send(c, call);
 }
 
@@ -496,10 +728,10 @@ static void on_connect(uv_connect_t *cr, int status)
 static int connect_new(mg_http_call_t *call)
 {
     mg_http_client_t *cl = call->cl;
-    hhost_t *h = host_find(cl, call->host, call->host_len, call->port, 1);
+    hhost_t *h = host_find(cl, call, 1);
     if (!h) return MG_HTTP_ENOMEM;
     hconn_t *c = calloc(1, sizeof(*c));
-    char *buf = c ? malloc(CONN_BUF) : NULL;
+    char *buf = c ? malloc(CONN_BUF + (call->tls ? TLS_IN : 0)) : NULL;
     if (!buf) {
         free(c);
         if (h->refs == 0) { /* just created: nothing else holds it */
@@ -509,6 +741,7 @@ static int connect_new(mg_http_call_t *call)
         return MG_HTTP_ENOMEM;
     }
     c->buf = buf;
+    c->is_tls = call->tls != NULL;
     c->cl = cl;
     c->host = h;
     h->refs++;
@@ -561,7 +794,7 @@ static int attach(mg_http_call_t *call)
     mg_http_client_t *cl = call->cl;
     call->tries++;
     call->msg[0] = 0;
-    hhost_t *h = host_find(cl, call->host, call->host_len, call->port, 0);
+    hhost_t *h = host_find(cl, call, 0);
     if (h && !mg_list_empty(&h->idle)) {
         hconn_t *c = mg_container_of(h->idle.next, hconn_t, link);
         mg_list_remove(&c->link);
@@ -734,6 +967,14 @@ void mg__http_client_free(mg_http_client_t *cl)
         mg_list_remove(&call->link);
         uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
     }
+    /* connections still closing hold their own reference to their context */
+    for (int i = 0; i < cl->ntls; i++) {
+        SSL_CTX_free(cl->tls[i].ctx);
+        free(cl->tls[i].ca);
+        free(cl->tls[i].cert);
+        free(cl->tls[i].key);
+    }
+    SSL_CTX_free(cl->tls_default);
     free(cl);
 }
 
@@ -775,14 +1016,20 @@ static int out_header(mg_http_call_t *call, const char *n, size_t nl, const char
            out_add(call, "\r\n", 2);
 }
 
-/* Splits an http:// URL. host is NUL-terminated (without IPv6 brackets);
- * *target is the request-target to send ("/" when the URL has no path). */
+/* Splits an http:// or https:// URL. host is NUL-terminated (without IPv6
+ * brackets); *target is the request-target to send ("/" when the URL has
+ * no path). */
 static int parse_url(mg_http_call_t *call, const char *u, size_t n, const char **target, size_t *tl,
                      int *bracketed)
 {
-    size_t i;
-    if (n >= 8 && strncasecmp(u, "https://", 8) == 0) return MG_HTTP_ESCHEME;
-    if (n < 7 || strncasecmp(u, "http://", 7) != 0) {
+    size_t i, skip;
+    if (n >= 8 && strncasecmp(u, "https://", 8) == 0) {
+        call->https = 1;
+        skip = 8;
+    } else if (n >= 7 && strncasecmp(u, "http://", 7) == 0) {
+        call->https = 0;
+        skip = 7;
+    } else {
         for (i = 0; i + 2 < n; i++)
             if (u[i] == ':' && u[i + 1] == '/' && u[i + 2] == '/') return MG_HTTP_ESCHEME;
         return MG_HTTP_EURL;
@@ -791,7 +1038,7 @@ static int parse_url(mg_http_call_t *call, const char *u, size_t n, const char *
         unsigned char ch = (unsigned char)u[i];
         if (ch <= 0x20 || ch >= 0x7f) return MG_HTTP_EURL;
     }
-    const char *a = u + 7, *end = u + n;
+    const char *a = u + skip, *end = u + n;
     const char *ae = a;
     while (ae < end && *ae != '/' && *ae != '?' && *ae != '#')
         ae++;
@@ -819,7 +1066,7 @@ static int parse_url(mg_http_call_t *call, const char *u, size_t n, const char *
         }
     }
     if (he == h || (size_t)(he - h) > HOST_MAX) return MG_HTTP_EURL;
-    int port = 80;
+    int port = call->https ? 443 : 80;
     if (colon) {
         const char *q = colon + 1;
         if (q == ae || ae - q > 5) return MG_HTTP_EURL;
@@ -876,7 +1123,8 @@ static int build_request(mg_http_call_t *call, const mg_http_spec_t *s, const ch
     if (!has_host) {
         char hv[HOST_MAX + 16];
         int n = snprintf(hv, sizeof(hv), bracketed ? "[%s]" : "%s", call->host);
-        if (call->port != 80) n += snprintf(hv + n, sizeof(hv) - (size_t)n, ":%d", call->port);
+        if (call->port != (call->https ? 443 : 80))
+            n += snprintf(hv + n, sizeof(hv) - (size_t)n, ":%d", call->port);
         if (out_header(call, "Host", 4, hv, (size_t)n)) return MG_HTTP_ENOMEM;
     }
     for (uint32_t i = 0; i < s->nheaders; i++) {
@@ -913,6 +1161,101 @@ static int literal_addr(mg_http_call_t *call)
     return 0;
 }
 
+/* An https:// call's context and server name (the url's host unless
+ * given: what SNI carries and the certificate must name). */
+static int tls_setup(mg_http_call_t *call, const mg_http_spec_t *s)
+{
+    char err[256];
+    call->tls = s->tls;
+    if (!call->tls && mg__http_tls_ctx(call->cl, NULL, &call->tls, err, sizeof(err)) < 0) {
+        mg_log(MG_LOG_ERROR, "http client: %s", err);
+        return MG_HTTP_ETLS;
+    }
+    const char *sn = s->server_name && s->server_name_len ? s->server_name : call->host;
+    size_t sl = s->server_name && s->server_name_len ? s->server_name_len : call->host_len;
+    if (sl > HOST_MAX) return MG_HTTP_EARG;
+    for (size_t i = 0; i < sl; i++) { /* a DNS name or an IP literal */
+        char ch = sn[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '-' || ch == '.' || ch == '_' || ch == ':'))
+            return MG_HTTP_EARG;
+    }
+    memcpy(call->sni, sn, sl);
+    call->sni[sl] = 0;
+    call->sni_len = sl;
+    return 0;
+}
+
+static int same_str(const char *a, size_t al, const char *b, size_t bl)
+{
+    return al == bl && (al == 0 || memcmp(a, b, al) == 0);
+}
+
+static char *dup_len(const char *p, size_t n)
+{
+    char *d = malloc(n + 1);
+    if (d) {
+        if (n) memcpy(d, p, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out, char *err,
+                     size_t errlen)
+{
+    *out = NULL;
+    if (!o) {
+        if (!cl->tls_default) {
+            mg_tls_opts_t d = {.verify = 1};
+            cl->tls_default = mg__tls_ctx_new(&d, err, errlen);
+            if (!cl->tls_default) return MG_HTTP_ETLS;
+        }
+        *out = cl->tls_default;
+        return 0;
+    }
+    int verify = o->verify != 0;
+    for (int i = 0; i < cl->ntls; i++) { /* O(contexts): a handful of configurations */
+        tls_entry_t *e = &cl->tls[i];
+        if (e->verify == verify && same_str(e->ca, e->ca_len, o->ca, o->ca_len) &&
+            same_str(e->cert, e->cert_len, o->cert, o->cert_len) &&
+            same_str(e->key, e->key_len, o->key, o->key_len)) {
+            *out = e->ctx;
+            return 0;
+        }
+    }
+    if (cl->ntls == MAX_TLS_CTX) {
+        snprintf(err, errlen,
+                 "tls: more than %d TLS configurations (ca, cert, key, verify) in "
+                 "one process",
+                 MAX_TLS_CTX);
+        return MG_HTTP_ETLS;
+    }
+    SSL_CTX *ctx = mg__tls_ctx_new(o, err, errlen);
+    if (!ctx) return MG_HTTP_ETLS;
+    tls_entry_t *e = &cl->tls[cl->ntls];
+    e->ca = dup_len(o->ca, o->ca_len);
+    e->cert = dup_len(o->cert, o->cert_len);
+    e->key = dup_len(o->key, o->key_len);
+    if (!e->ca || !e->cert || !e->key) {
+        free(e->ca);
+        free(e->cert);
+        free(e->key);
+        memset(e, 0, sizeof(*e));
+        SSL_CTX_free(ctx);
+        snprintf(err, errlen, "out of memory");
+        return MG_HTTP_ENOMEM;
+    }
+    e->ca_len = o->ca_len;
+    e->cert_len = o->cert_len;
+    e->key_len = o->key_len;
+    e->verify = verify;
+    e->ctx = ctx;
+    cl->ntls++;
+    *out = ctx;
+    return 0;
+}
+
 int mg__http_start(mg_http_client_t *cl, const mg_http_spec_t *s, const mg_http_cbs_t *cbs,
                    void *ud, mg_http_call_t **out)
 {
@@ -933,6 +1276,7 @@ int mg__http_start(mg_http_client_t *cl, const mg_http_spec_t *s, const mg_http_
         call->have_addr = literal_addr(call);
         if (bracketed && !call->have_addr) rc = MG_HTTP_EURL;
     }
+    if (rc == 0 && call->https) rc = tls_setup(call, s);
     if (rc == 0) {
         call->idle_ms = s->idle_ms;
         call->connect_ms = s->connect_ms ? s->connect_ms : CONNECT_MS;

@@ -12,8 +12,10 @@
  *   ...  on_head once, on_body per piece, then on_done exactly once;
  *   mg__http_cancel(call) at any time before on_done: no callback after it.
  *
- * Scope: http:// only (https:// is refused with MG_HTTP_ESCHEME; TLS will
- * sit between the socket and the parser, the API does not change). Hosts:
+ * Scope: http:// and https:// (TLS 1.2/1.3 through tls_client.h, between
+ * the socket and the parser; the handshake is covered by connect_ms, and
+ * a connection is pooled per host, port, TLS context and server name, so
+ * a call never rides a connection made with other TLS settings). Hosts:
  * IP literals and "localhost" without DNS; any other name is resolved with
  * uv_getaddrinfo (async, on libuv's thread pool) each time a new connection
  * is opened, no cache. Responses are parsed by llhttp (strict: CL+TE,
@@ -29,6 +31,7 @@
 #include <uv.h>
 
 #include "moongate.h"
+#include "tls_client.h"
 
 typedef struct mg_http_client_s mg_http_client_t;
 typedef struct mg_http_call_s mg_http_call_t;
@@ -48,7 +51,8 @@ enum {
     MG_HTTP_EIO = -109,          /* "read or write failed" */
     MG_HTTP_ENOMEM = -110,       /* "out of memory" */
     MG_HTTP_ETOOLARGE = -111,    /* "response too large": for callbacks to return */
-    MG_HTTP_ECLIENT = -112       /* "client closed": mg__http_client_free ran */
+    MG_HTTP_ECLIENT = -112,      /* "client closed": mg__http_client_free ran */
+    MG_HTTP_ETLS = -113          /* "TLS failed": handshake, verification, a TLS alert */
 };
 
 /* What to send. Strings are pointer + length (no NUL needed) and are copied
@@ -56,17 +60,21 @@ enum {
 typedef struct mg_http_spec_s {
     const char *method; /* a token; NULL: "GET" */
     size_t method_len;
-    const char *url; /* "http://host[:port][/path][?query]"; a #fragment is dropped */
+    const char *url; /* "http[s]://host[:port][/path][?query]"; a #fragment is dropped */
     size_t url_len;
     const mg_header_t *headers; /* extra headers; Host overrides ours, Content-Length,
                                    Transfer-Encoding and hop-by-hop ones are refused */
     uint32_t nheaders;
     const char *body; /* sent with Content-Length (also 0 for POST/PUT/PATCH) */
     size_t body_len;
-    uint32_t timeout_ms; /* whole call, from start to the last byte; 0: none */
-    uint32_t idle_ms;    /* longest silence while waiting for response bytes; 0: none */
-    uint32_t connect_ms; /* TCP connect; 0: 5000 (bounded by timeout_ms too) */
-    int retry;           /* 1: may be sent twice (see below); -1: never; 0: by method */
+    uint32_t timeout_ms;     /* whole call, from start to the last byte; 0: none */
+    uint32_t idle_ms;        /* longest silence while waiting for response bytes; 0: none */
+    uint32_t connect_ms;     /* TCP connect; 0: 5000 (bounded by timeout_ms too) */
+    int retry;               /* 1: may be sent twice (see below); -1: never; 0: by method */
+    SSL_CTX *tls;            /* https://: from mg__http_tls_ctx; NULL: the client's default
+                                (system CA store, verify on); ignored for http:// */
+    const char *server_name; /* https://: SNI and the name checked; NULL: the url's host */
+    size_t server_name_len;
 } mg_http_spec_t;
 
 /* Callbacks. Header and body pointers are views into the connection's
@@ -119,6 +127,13 @@ int mg__http_start(mg_http_client_t *cl, const mg_http_spec_t *spec, const mg_ht
 void mg__http_cancel(mg_http_call_t *call);
 
 const char *mg__http_strerror(int err);
+
+/* The client's TLS context for o (NULL: the default one), built on first
+ * use and kept until mg__http_client_free: a lookup is O(contexts) string
+ * compares, no allocation. 0 and *out, or MG_HTTP_ETLS with err saying
+ * why (a file that cannot be read, more than 32 configurations). */
+int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out, char *err,
+                     size_t errlen);
 
 /* Counters, for tests and the status page. */
 typedef struct mg_http_client_stats_s {

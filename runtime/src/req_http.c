@@ -192,6 +192,19 @@ int mg_http_request(mg_req_t *r, const mg_http_opts_t *o)
     s.body = o->body;
     s.body_len = o->body_len;
     s.timeout_ms = o->timeout_ms;
+    if (o->tls) {
+        /* the context is built on the first call with these settings and
+         * cached in the worker's client (a lookup: a few string compares) */
+        int trc = mg__http_tls_ctx(cl, o->tls, &s.tls, op->err, sizeof(op->err));
+        if (trc < 0) {
+            char msg[sizeof(op->err)];
+            memcpy(msg, op->err, sizeof(msg));
+            set_error(op, msg);
+            return MG_ERROR;
+        }
+        s.server_name = o->tls->server_name;
+        s.server_name_len = o->tls->server_name_len;
+    }
     static const mg_http_cbs_t cbs = {on_head, on_body, on_done};
     int rc = mg__http_start(cl, &s, &cbs, op, &op->call);
     if (rc == 0) {
@@ -201,13 +214,13 @@ int mg_http_request(mg_req_t *r, const mg_http_opts_t *o)
     int ul = o->url_len > 200 ? 200 : (int)o->url_len;
     switch (rc) {
     case MG_HTTP_EARG:
-        set_error(op, "invalid method or header (a token name, no CR/LF/NUL in values; "
-                      "Content-Length, Transfer-Encoding and hop-by-hop headers are set by "
-                      "the client)");
+        set_error(op, "invalid method, header or tls.server_name (a token name, no CR/LF/NUL in "
+                      "values; Content-Length, Transfer-Encoding and hop-by-hop headers are set "
+                      "by the client; a server name is a DNS name or an IP address)");
         return MG_EINVAL;
     case MG_HTTP_EURL: snprintf(op->err, sizeof(op->err), "invalid url %.*s", ul, o->url); break;
     case MG_HTTP_ESCHEME:
-        snprintf(op->err, sizeof(op->err), "invalid url %.*s (only http:// is supported)", ul,
+        snprintf(op->err, sizeof(op->err), "invalid url %.*s (http:// or https:// only)", ul,
                  o->url);
         break;
     default: snprintf(op->err, sizeof(op->err), "%s", mg__http_strerror(rc)); break;
