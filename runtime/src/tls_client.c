@@ -92,7 +92,10 @@ SSL_CTX *mg__tls_ctx_new(const mg_tls_opts_t *o, char *err, size_t errlen)
             goto fail;
         }
         if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-            snprintf(err, errlen, "tls.key: %s: not a PEM private key: %s", key, ssl_reason());
+            if (strstr(ssl_reason(), "mismatch")) /* OpenSSL checks the pair as it loads */
+                snprintf(err, errlen, "tls.key: %s does not match the certificate %s", key, cert);
+            else
+                snprintf(err, errlen, "tls.key: %s: not a PEM private key: %s", key, ssl_reason());
             goto fail;
         }
         if (SSL_CTX_check_private_key(ctx) != 1) {

@@ -8,6 +8,12 @@
 --   e:stop() / e:kill() / e:restart() -- restart keeps its ports and data;
 --                                     -- stop removes the data dir it made
 --
+-- TLS: etcd.start{tls = pki} (helpers/tls.lua's certificates) serves
+-- https:// with pki.server_cert; client_cert_auth = true also wants a
+-- client certificate signed by pki.ca (mTLS). e.url is then https://...
+-- e:enable_auth(user, password) turns etcd's authentication on (a root
+-- user); etcdctl then logs in as that user.
+--
 -- Keys and values go through etcdctl, a separate client, so a spec never
 -- checks the gateway's etcd client with itself.
 local ports = require("helpers.ports")
@@ -23,25 +29,53 @@ local ETCDCTL = "etcdctl"
 local Etcd = {}
 Etcd.__index = Etcd
 
+-- etcdctl's connection flags: the endpoint, TLS files, the user
+local function ctl_argv(self, dial)
+    local argv = { ETCDCTL, "--endpoints", self.url, "--dial-timeout", dial }
+    local pki = self.tls
+    if pki then
+        argv[#argv + 1] = "--cacert=" .. pki.ca
+        argv[#argv + 1] = "--cert=" .. pki.client_cert
+        argv[#argv + 1] = "--key=" .. pki.client_key
+    end
+    if self.user then
+        argv[#argv + 1] = "--user=" .. self.user .. ":" .. self.password
+    end
+    return argv
+end
+
 local function launch(self)
     local peer = "http://127.0.0.1:" .. self.peer_port
-    self.pid = proc.spawn({
+    local argv = {
         ETCD, "--name", "spec", "--data-dir", self.dir .. "/data",
         "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
         "--initial-cluster", "spec=" .. peer,
         "--initial-cluster-state", self.started_once and "existing" or "new",
         "--log-level", "warn",
-    }, { log = self.dir .. "/etcd.log" })
+    }
+    local pki = self.tls
+    if pki then
+        argv[#argv + 1] = "--cert-file=" .. pki.server_cert
+        argv[#argv + 1] = "--key-file=" .. pki.server_key
+        if self.client_cert_auth then
+            -- etcd 3.4 asks every client for a certificate once it has a
+            -- trusted CA file: only with client_cert_auth
+            argv[#argv + 1] = "--trusted-ca-file=" .. pki.ca
+            argv[#argv + 1] = "--client-cert-auth"
+        end
+    end
+    self.pid = proc.spawn(argv, { log = self.dir .. "/etcd.log" })
     self.started_once = true
     local deadline = proc.now() + 15
     while proc.now() < deadline do
         if not proc.alive(self.pid) then
             break
         end
-        local rc = proc.run({ ETCDCTL, "--endpoints", self.url,
-                              "--dial-timeout", "1s", "endpoint", "health" },
-                            { stderr = true })
+        local health = ctl_argv(self, "1s")
+        health[#health + 1] = "endpoint"
+        health[#health + 1] = "health"
+        local rc = proc.run(health, { stderr = true })
         if rc == 0 then
             return self
         end
@@ -52,7 +86,8 @@ local function launch(self)
 end
 
 -- Starts a one-member etcd cluster. opts.dir: a directory to keep its data
--- in (default: a new proc.tmpdir()).
+-- in (default: a new proc.tmpdir()); opts.tls, opts.client_cert_auth: see
+-- the top.
 local function start(opts)
     opts = opts or {}
     local self = setmetatable({
@@ -60,16 +95,19 @@ local function start(opts)
         own_dir = opts.dir == nil, -- removed by stop(): etcd preallocates ~60 MB of WAL
         client_port = ports.free(),
         peer_port = ports.free(),
+        tls = opts.tls,
+        client_cert_auth = opts.client_cert_auth,
     }, Etcd)
-    self.url = "http://127.0.0.1:" .. self.client_port
+    self.url = (opts.tls and "https" or "http") .. "://127.0.0.1:" .. self.client_port
     self.endpoint = "127.0.0.1:" .. self.client_port
     return launch(self)
 end
 
 -- Runs etcdctl against this server; returns exit code and output.
 function Etcd:ctl(args, input)
-    local argv = { ETCDCTL, "--endpoints", self.url, "--dial-timeout", "2s",
-                   "--command-timeout", "5s" }
+    local argv = ctl_argv(self, "2s")
+    argv[#argv + 1] = "--command-timeout"
+    argv[#argv + 1] = "5s"
     for i = 1, #args do
         argv[#argv + 1] = args[i]
     end
@@ -115,6 +153,19 @@ end
 function Etcd:delete_prefix(prefix)
     must(self, { "del", "--prefix", prefix })
     return self:revision()
+end
+
+-- Turns authentication on, with user as root (etcd's v3 auth: the root
+-- user must exist first); etcdctl uses it from now on.
+function Etcd:enable_auth(user, password)
+    must(self, { "user", "add", user .. ":" .. password })
+    if user ~= "root" then
+        must(self, { "user", "add", "root:" .. password })
+        must(self, { "user", "grant-role", user, "root" })
+    end
+    must(self, { "user", "grant-role", "root", "root" })
+    must(self, { "auth", "enable" })
+    self.user, self.password = user, password
 end
 
 -- The store's current revision.

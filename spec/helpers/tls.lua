@@ -55,7 +55,9 @@ function _M.pki(dir)
     ca(dir, "ca")
     ca(dir, "other-ca")
     leaf(dir, "server", "localhost",
-         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+         -- clientAuth too: etcd's JSON gateway dials etcd's own gRPC port
+         -- with the server certificate when client certificates are required
+         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
     leaf(dir, "client", "moongate-spec", "extendedKeyUsage=clientAuth\n")
     return {
         dir = dir,
