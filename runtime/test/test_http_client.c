@@ -482,10 +482,8 @@ static void test_errors(void)
     mg_http_spec_t hs = {.url = "ftp://127.0.0.1/", .url_len = 16};
     CHECK(mg__http_start(cl, &hs, &cbs, &r, &c) == MG_HTTP_ESCHEME);
     /* a server name that is neither a DNS name nor an address */
-    mg_http_spec_t sn = {.url = "https://127.0.0.1/",
-                         .url_len = 18,
-                         .server_name = "a b",
-                         .server_name_len = 3};
+    mg_http_spec_t sn = {
+        .url = "https://127.0.0.1/", .url_len = 18, .server_name = "a b", .server_name_len = 3};
     CHECK(mg__http_start(cl, &sn, &cbs, &r, &c) == MG_HTTP_EARG);
     mg_header_t h = {"Content-Length", "1", 14, 1};
     mg_http_spec_t bh = {.url = url, .url_len = strlen(url), .headers = &h, .nheaders = 1};

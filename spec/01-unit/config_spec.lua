@@ -310,6 +310,28 @@ describe("config", function()
         assert.same({ "config_source: user and password go together" },
                     node_errors({ config_source = { type = "etcd", user = "u" } }))
       end)
+
+      it("reads etcd's TLS settings: paths resolve beside the node config, verify defaults to "
+         .. "true, files must be readable", function()
+        local etcd_json = FIXTURES .. "/etcd.json" -- any readable file stands for a PEM here
+        local node = assert(config.validate_node({ config_source = { type = "etcd",
+          endpoints = { "https://127.0.0.1:2379" },
+          tls = { ca = "etcd.json", cert = etcd_json, key = "./etcd.json",
+                  server_name = "etcd.internal" } } }, FIXTURES .. "/moongate.json"))
+        assert.same({ ca = etcd_json, cert = etcd_json, key = etcd_json,
+                      server_name = "etcd.internal", verify = true }, node.config_source.tls)
+        assert.is_nil(node_of({ config_source = { type = "etcd" } }).config_source.tls)
+        assert.same({ "config_source.tls.ca: cannot read /etc/moongate/no-ca.pem: No such file "
+                      .. "or directory" },
+                    node_errors({ config_source = { type = "etcd", tls = { ca = "no-ca.pem" } } }))
+        assert.same({ "config_source: tls.cert and tls.key go together (the client certificate "
+                      .. "for mTLS)" },
+                    node_errors({ config_source = { type = "etcd", tls = { cert = etcd_json } } }))
+        assert.same({ "config_source.tls.cafile: unknown field" },
+                    node_errors({ config_source = { type = "etcd", tls = { cafile = "x" } } }))
+        assert.same({ "config_source.tls.verify: expected boolean, got string" },
+                    node_errors({ config_source = { type = "etcd", tls = { verify = "no" } } }))
+      end)
     end)
 
     it("validates redis", function()

@@ -14,8 +14,8 @@ describe("config.unsupported", function()
                                        { upstreams = { { id = "a", balancer = "round_robin" } } }))
   end)
 
-  it("refuses TLS listeners, https etcd endpoints and other balancers, naming each path (watch is supported)",
-     function()
+  it("refuses TLS listeners and other balancers, naming each path (watch and https etcd "
+     .. "endpoints are supported)", function()
     local errs = config.unsupported(
       node({ listen = { { address = "127.0.0.1:8080" }, { address = "127.0.0.1:8443", tls = true } },
              config_source = { type = "file", path = "r.json", watch = true } }),
@@ -24,12 +24,10 @@ describe("config.unsupported", function()
       "listen[1].tls: TLS is not supported by this build yet",
       "upstreams[1].balancer: only round_robin is supported by this build yet",
     }, errs)
-    -- etcd is supported over http:// only
     local e2 = config.unsupported(node({ config_source = { type = "etcd" } }), nil)
     assert.same({}, e2)
     local e3 = config.unsupported(node({ config_source = { type = "etcd", endpoints = {
       "http://127.0.0.1:2379", "https://10.0.0.2:2379" } } }), nil)
-    assert.same({ "config_source.endpoints[1]: https is not supported by this build yet "
-                  .. "(the etcd client speaks http:// only)" }, e3)
+    assert.same({}, e3)
   end)
 end)
