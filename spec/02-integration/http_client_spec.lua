@@ -169,7 +169,7 @@ describe("mg.http.request", function()
 
     it("returns nil, \"invalid url ...\" for a URL it cannot use", function()
         for _, url in ipairs({ "ftp://127.0.0.1/", "127.0.0.1:80/x", "http://", "http://a@b/",
-                               "https://127.0.0.1/" }) do
+                               "https://", "https://a b/" }) do
             local status, out = call({ url = url })
             assert.equal(502, status)
             assert.matches("^invalid url ", out.error)
