@@ -36,6 +36,7 @@
 #define CONNECT_MS 5000 /* default connect timeout */
 #define TLS_IN 17408    /* one TLS record (16 KiB + overhead) per read */
 #define MAX_TLS_CTX 32  /* TLS configurations per client */
+#define TLS_SESSIONS 16 /* resumable TLS sessions kept per client (~9 KiB of slots) */
 
 #ifndef MG_VERSION
 #define MG_VERSION "dev"
@@ -119,6 +120,21 @@ struct mg_http_call_s {
     char msg[320];
 };
 
+/* A session to resume on the next connection to the same host, port and
+ * TLS settings (the key of a host, which outlives the host itself: the
+ * etcd driver's reconnection or an HTTP/1.0 server that closes each time
+ * then costs an abbreviated handshake). A resumed session was verified
+ * under the same context and name when it was made. */
+typedef struct tls_sess_s {
+    SSL_SESSION *sess; /* NULL: a free slot */
+    SSL_CTX *ctx;
+    int port;
+    uint64_t used;
+    size_t name_len, sni_len;
+    char name[HOST_MAX + 1];
+    char sni[HOST_MAX + 1];
+} tls_sess_t;
+
 /* A TLS configuration and its context (the strings are the lookup key). */
 typedef struct tls_entry_s {
     char *ca, *cert, *key;
@@ -140,6 +156,9 @@ struct mg_http_client_s {
     SSL_CTX *tls_default; /* system store, verify on: made on the first https:// call */
     tls_entry_t tls[MAX_TLS_CTX];
     int ntls;
+    tls_sess_t sess[TLS_SESSIONS];
+    uint64_t sess_clock;
+    uint64_t handshakes, resumed;
 };
 
 static void conn_close(hconn_t *c);
@@ -343,6 +362,17 @@ static void conn_close(hconn_t *c)
     uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
 }
 
+/* A TLS connection that ends cleanly (its last response complete, idle
+ * too long, or the server's close_notify) keeps its session resumable:
+ * OpenSSL marks a session bad when its connection is freed without a
+ * shutdown, and we close the socket rather than wait for one. */
+static void conn_close_clean(hconn_t *c)
+{
+    if (c->is_tls && c->tls.up && !c->closing)
+        SSL_set_shutdown(c->tls.ssl, SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN);
+    conn_close(c);
+}
+
 static void on_conn_timer(uv_timer_t *t)
 {
     hconn_t *c = t->data;
@@ -355,7 +385,7 @@ static void on_conn_timer(uv_timer_t *t)
                        : "timeout");
         return;
     }
-    conn_close(c); /* idle in the pool for too long */
+    conn_close_clean(c); /* idle in the pool for too long */
 }
 
 static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
@@ -406,6 +436,8 @@ static void exchange_done(hconn_t *c, int extra_bytes)
         cl->nidle++;
         uv_timer_start(&c->timer, on_conn_timer, cl->o.idle_ms, 0);
         /* still reading: a close (or stray bytes) while idle closes it */
+    } else if (!extra_bytes) {
+        conn_close_clean(c);
     } else {
         conn_close(c);
     }
@@ -492,6 +524,52 @@ static void conn_input(hconn_t *c, mg_http_call_t *call, size_t n)
 /* ---- TLS --------------------------------------------------------------------------- */
 
 static void on_tls_written(uv_write_t *w, int status);
+
+/* The session slot of host h; create: else the free or least recently
+ * used one, emptied and keyed for h. O(TLS_SESSIONS). */
+static tls_sess_t *sess_slot(mg_http_client_t *cl, const hhost_t *h, int create)
+{
+    tls_sess_t *pick = NULL;
+    for (int i = 0; i < TLS_SESSIONS; i++) {
+        tls_sess_t *s = &cl->sess[i];
+        if (s->sess && s->ctx == h->tls && s->port == h->port && s->name_len == h->name_len &&
+            s->sni_len == h->sni_len && memcmp(s->name, h->name, h->name_len) == 0 &&
+            memcmp(s->sni, h->sni, h->sni_len) == 0)
+            return s;
+        if (!pick || (pick->sess && (!s->sess || s->used < pick->used))) pick = s;
+    }
+    if (!create) return NULL;
+    if (pick->sess) SSL_SESSION_free(pick->sess);
+    pick->sess = NULL;
+    pick->ctx = h->tls;
+    pick->port = h->port;
+    memcpy(pick->name, h->name, h->name_len);
+    pick->name_len = h->name_len;
+    memcpy(pick->sni, h->sni, h->sni_len);
+    pick->sni_len = h->sni_len;
+    return pick;
+}
+
+static void sess_drop(mg_http_client_t *cl, const hhost_t *h)
+{
+    tls_sess_t *s = h ? sess_slot(cl, h, 0) : NULL;
+    if (!s) return;
+    SSL_SESSION_free(s->sess);
+    s->sess = NULL;
+}
+
+/* OpenSSL's new-session callback (a TLS 1.3 ticket arrives after the
+ * handshake, read with the response): 1 keeps sess (our reference). */
+static int on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    hconn_t *c = SSL_get_app_data(ssl);
+    if (!c || c->closing || !c->host || !SSL_SESSION_is_resumable(sess)) return 0;
+    tls_sess_t *s = sess_slot(c->cl, c->host, 1);
+    if (s->sess) SSL_SESSION_free(s->sess); /* the newest ticket replaces the older */
+    s->sess = sess;
+    s->used = ++c->cl->sess_clock;
+    return 1;
+}
 
 /* A TLS connection's transport failed: the call (if any) fails, or the
  * idle connection closes. */
@@ -618,10 +696,13 @@ static void tls_on_read(hconn_t *c, ssize_t n)
         assert(call); /* a handshaking connection is never idle */
         int rc = mg__tls_handshake(&c->tls, call->msg, sizeof(call->msg));
         if (rc < 0) {
+            sess_drop(c->cl, c->host); /* the next try starts afresh */
             call_finish(call, MG_HTTP_ETLS, call->msg);
             return;
         }
         if (tls_flush(c) < 0 || rc == 0) return;
+        c->cl->handshakes++;
+        if (SSL_session_reused(c->tls.ssl)) c->cl->resumed++;
         conn_send(c, call); /* the handshake is done: the connect timer ends here */
         if (c->closing || c->call != call) return;
     }
@@ -713,8 +794,18 @@ static void on_connect(uv_connect_t *cr, int status)
         return;
     }
     if (c->is_tls) { /* the ClientHello; the connect timer keeps running */
-        if (mg__tls_init(&c->tls, call->tls, call->sni, call->msg, sizeof(call->msg)) < 0 ||
-            mg__tls_handshake(&c->tls, call->msg, sizeof(call->msg)) < 0) {
+        if (mg__tls_init(&c->tls, call->tls, call->sni, call->msg, sizeof(call->msg)) < 0) {
+            call_finish(call, MG_HTTP_ETLS, call->msg);
+            return;
+        }
+        SSL_set_app_data(c->tls.ssl, c);
+        tls_sess_t *ts = sess_slot(c->cl, c->host, 0);
+        if (ts) {
+            SSL_set_session(c->tls.ssl, ts->sess); /* offered; the server may refuse it */
+            ts->used = ++c->cl->sess_clock;
+        }
+        if (mg__tls_handshake(&c->tls, call->msg, sizeof(call->msg)) < 0) {
+            sess_drop(c->cl, c->host);
             call_finish(call, MG_HTTP_ETLS, call->msg);
             return;
         }
@@ -975,6 +1066,8 @@ void mg__http_client_free(mg_http_client_t *cl)
         free(cl->tls[i].key);
     }
     SSL_CTX_free(cl->tls_default);
+    for (int i = 0; i < TLS_SESSIONS; i++)
+        if (cl->sess[i].sess) SSL_SESSION_free(cl->sess[i].sess);
     free(cl);
 }
 
@@ -987,7 +1080,7 @@ void mg__http_client_close_idle(mg_http_client_t *cl)
         /* each close drops one reference; the last one frees h, so count
          * rather than look at h->idle after it */
         for (uint32_t n = h->nidle; n > 0; n--)
-            conn_close(mg_container_of(h->idle.next, hconn_t, link));
+            conn_close_clean(mg_container_of(h->idle.next, hconn_t, link));
     }
 }
 
@@ -997,6 +1090,8 @@ void mg__http_client_stats(const mg_http_client_t *cl, mg_http_client_stats_t *s
     st->reused = cl->reused;
     st->idle = cl->nidle;
     st->active = cl->nactive;
+    st->tls_handshakes = cl->handshakes;
+    st->tls_resumed = cl->resumed;
 }
 
 /* ---- starting a call --------------------------------------------------------------- */
@@ -1201,6 +1296,14 @@ static char *dup_len(const char *p, size_t n)
     return d;
 }
 
+/* Sessions go to our slots (sess_slot), not OpenSSL's internal cache,
+ * which a client could not look up by host anyway. */
+static void ctx_adopt(SSL_CTX *ctx)
+{
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+}
+
 int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out, char *err,
                      size_t errlen)
 {
@@ -1210,6 +1313,7 @@ int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out
             mg_tls_opts_t d = {.verify = 1};
             cl->tls_default = mg__tls_ctx_new(&d, err, errlen);
             if (!cl->tls_default) return MG_HTTP_ETLS;
+            ctx_adopt(cl->tls_default);
         }
         *out = cl->tls_default;
         return 0;
@@ -1233,6 +1337,7 @@ int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out
     }
     SSL_CTX *ctx = mg__tls_ctx_new(o, err, errlen);
     if (!ctx) return MG_HTTP_ETLS;
+    ctx_adopt(ctx);
     tls_entry_t *e = &cl->tls[cl->ntls];
     e->ca = dup_len(o->ca, o->ca_len);
     e->cert = dup_len(o->cert, o->cert_len);

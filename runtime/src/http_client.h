@@ -137,10 +137,12 @@ int mg__http_tls_ctx(mg_http_client_t *cl, const mg_tls_opts_t *o, SSL_CTX **out
 
 /* Counters, for tests and the status page. */
 typedef struct mg_http_client_stats_s {
-    uint64_t connects; /* TCP connections opened */
-    uint64_t reused;   /* calls sent on a pooled connection */
-    uint32_t idle;     /* connections in the pool now */
-    uint32_t active;   /* calls in flight now */
+    uint64_t connects;       /* TCP connections opened */
+    uint64_t reused;         /* calls sent on a pooled connection */
+    uint32_t idle;           /* connections in the pool now */
+    uint32_t active;         /* calls in flight now */
+    uint64_t tls_handshakes; /* TLS handshakes completed */
+    uint64_t tls_resumed;    /* of which resumed a session (abbreviated) */
 } mg_http_client_stats_t;
 void mg__http_client_stats(const mg_http_client_t *cl, mg_http_client_stats_t *st);
 

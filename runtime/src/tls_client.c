@@ -3,9 +3,8 @@
  * Costs: a context reads its files once; a connection allocates an SSL
  * and two memory BIOs (a few KiB, plus OpenSSL's record buffers, released
  * while idle: SSL_MODE_RELEASE_BUFFERS) and a full handshake (one ECDHE
- * and a chain verification, ~1 ms of CPU on loopback). No session
- * resumption: the runtime's clients keep connections alive instead (etcd
- * holds one for hours; mg.http.request pools them per host).
+ * and a chain verification, ~1 ms of CPU on loopback), or an abbreviated
+ * one when http_client.c resumes a session the server gave for that host.
  */
 #include "tls_client.h"
 

@@ -60,7 +60,8 @@ end
 local function start_fails(node)
   local dir = proc.tmpdir()
   node.config_source.cache = dir .. "/none.json"
-  node.config_source.timeout_ms = node.config_source.timeout_ms or 1000
+  -- the start deadline: long enough for a handshake under ASan on a loaded machine
+  node.config_source.timeout_ms = node.config_source.timeout_ms or 3000
   gateway.merge(node, { listen = { { address = "127.0.0.1:" .. ports.free() } },
                         status = { listen = "127.0.0.1:" .. ports.free() },
                         admin = { listen = "127.0.0.1:" .. ports.free() },

@@ -79,6 +79,21 @@ describe("mg.http.request over TLS", function()
     still_serving()
   end)
 
+  it("resumes the server's TLS session on the next connection with the same settings",
+     function()
+    -- s_server -www closes after each answer: every call is a new
+    -- connection, and its page says whether the session was resumed
+    local status, out = call({ url = srv.url .. "/", tls_ca = pki.ca, tls_server_name = "localhost" })
+    assert.equal(200, status, cjson.encode(out))
+    status, out = call({ url = srv.url .. "/", tls_ca = pki.ca, tls_server_name = "localhost" })
+    assert.equal(200, status, cjson.encode(out))
+    assert.matches("\nReused, TLSv1%.[23]", out.body)
+    -- other settings (here: no verification) never get that session
+    status, out = call({ url = srv.url .. "/", tls_verify = "false", tls_server_name = "localhost" })
+    assert.equal(200, status, cjson.encode(out))
+    assert.matches("\nNew, TLSv1%.[23]", out.body)
+  end)
+
   it("refuses an unknown CA and a certificate naming another host, saying which", function()
     -- no tls: the system store, which does not know the spec's CA
     local status, out = call({ url = srv.url .. "/" })
