@@ -416,6 +416,8 @@ static void test_teardown_in_flight(void)
     for (int i = 0; i < 8; i++)
         dones += rs[i].dones;
     CHECK(dones <= 6); /* some may have finished before free; none after */
+    /* the callbacks would have changed them: cppcheck cannot see that */
+    // cppcheck-suppress knownConditionTrueFalse
     CHECK(rs[0].dones == 0 && rs[4].dones == done4);
 }
 
