@@ -120,6 +120,7 @@ describe("etcd config source over TLS", function()
     gateway.stop_all()
     for _, e in ipairs(servers) do
       e:stop()
+      proc.cleanup(e.dir) -- etcd preallocates its WAL: ~64 MB a server
     end
     servers = {}
   end)
