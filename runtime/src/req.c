@@ -111,6 +111,22 @@ int mg__hop_by_hop(const char *n, size_t len)
     }
 }
 
+/* The next token of a Connection value from *p (up to end): its start and
+ * length in *len (0 at the end of the value); *p moves past it. One scanner
+ * for mg__conn_tokens and mg__named_in_connection, so both split alike. */
+static const char *conn_token(const char **p, const char *end, size_t *len)
+{
+    const char *q = *p;
+    while (q < end && (*q == ' ' || *q == '\t' || *q == ','))
+        q++;
+    const char *s = q;
+    while (q < end && *q != ',' && *q != ' ' && *q != '\t')
+        q++;
+    *p = q;
+    *len = (size_t)(q - s);
+    return s;
+}
+
 void mg__conn_tokens(mg_conn_tokens_t *t, const mg_header_t *h, uint32_t nh)
 {
     t->n = t->overflow = 0;
@@ -118,18 +134,15 @@ void mg__conn_tokens(mg_conn_tokens_t *t, const mg_header_t *h, uint32_t nh)
         if (!mg__strieq(h[i].name, h[i].name_len, "connection", 10)) continue;
         const char *p = h[i].value, *end = p + h[i].value_len;
         while (p < end) {
-            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
-                p++;
-            const char *s = p;
-            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
-                p++;
-            if (p == s || mg__strieq(s, (size_t)(p - s), "keep-alive", 10)) continue;
+            size_t n;
+            const char *s = conn_token(&p, end, &n);
+            if (n == 0 || mg__strieq(s, n, "keep-alive", 10)) continue;
             if (t->n == MG_CONN_TOKENS) {
                 t->overflow = 1;
                 return;
             }
             t->p[t->n] = s;
-            t->len[t->n++] = (uint32_t)(p - s);
+            t->len[t->n++] = (uint32_t)n;
         }
     }
 }
@@ -141,12 +154,9 @@ int mg__named_in_connection(const mg_header_t *h, uint32_t nh, const char *name,
         if (!mg__strieq(h[i].name, h[i].name_len, "connection", 10)) continue;
         const char *p = h[i].value, *end = p + h[i].value_len;
         while (p < end) {
-            while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
-                p++;
-            const char *s = p;
-            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
-                p++;
-            if (p > s && mg__strieq(s, (size_t)(p - s), name, len)) return 1;
+            size_t n;
+            const char *s = conn_token(&p, end, &n);
+            if (n > 0 && mg__strieq(s, n, name, len)) return 1;
         }
     }
     return 0;
