@@ -444,6 +444,18 @@ static void exchange_done(hconn_t *c, int extra_bytes)
     call_finish(call, 0, NULL);
 }
 
+/* After the parser ran a callback into Lua: a call cancelled meanwhile
+ * (its caller gone) gives its connection up, unfit for reuse mid-message.
+ * Returns 1 then (the caller stops), else 0. */
+static int call_cancelled(hconn_t *c, mg_http_call_t *call)
+{
+    if (!call->cancelled) return 0;
+    detach(call);
+    conn_close(c);
+    call_maybe_release(call);
+    return 1;
+}
+
 /* Feeds n new bytes at c->buf + c->len - n to the parser. */
 static void conn_parse(hconn_t *c, size_t n)
 {
@@ -453,12 +465,7 @@ static void conn_parse(hconn_t *c, size_t n)
     call->busy++;
     llhttp_errno_t e = llhttp_execute(&c->parser, p, n);
     call->busy--;
-    if (call->cancelled) {
-        detach(call);
-        conn_close(c);
-        call_maybe_release(call);
-        return;
-    }
+    if (call_cancelled(c, call)) return;
     if (e == HPE_PAUSED) { /* the final response ended */
         const char *at = llhttp_get_error_pos(&c->parser);
         exchange_done(c, at != c->buf + c->len);
@@ -490,12 +497,7 @@ static void conn_read_end(hconn_t *c, mg_http_call_t *call, ssize_t n)
         call->busy++;
         llhttp_finish(&c->parser);
         call->busy--;
-        if (call->cancelled) {
-            detach(call);
-            conn_close(c);
-            call_maybe_release(call);
-            return;
-        }
+        if (call_cancelled(c, call)) return;
         if (c->msg_done) {
             c->keepalive = 0;
             exchange_done(c, 0);
