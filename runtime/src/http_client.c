@@ -675,15 +675,17 @@ static void tls_on_read(hconn_t *c, ssize_t n)
             return;
         }
         if (!c->tls.up) {
+            /* nothing from the server before it hung up (a FIN, or a reset:
+             * servers do both to a ClientHello they cannot read) */
+            const char *hint =
+                c->tls.seen ? "" : " (not a TLS server, or it refused our certificate?)";
             if (n == UV_EOF)
                 snprintf(call->msg, sizeof(call->msg),
-                         "TLS handshake failed: the server closed the connection%s",
-                         c->tls.seen ? ""
-                                     : " without answering (not a TLS server, or it refused "
-                                       "our certificate?)");
+                         "TLS handshake failed: the server closed the connection%s%s",
+                         c->tls.seen ? "" : " without answering", hint);
             else
-                snprintf(call->msg, sizeof(call->msg), "TLS handshake failed: read failed: %s",
-                         uv_strerror((int)n));
+                snprintf(call->msg, sizeof(call->msg), "TLS handshake failed: read failed: %s%s",
+                         uv_strerror((int)n), hint);
             call_finish(call, MG_HTTP_ETLS, call->msg);
             return;
         }

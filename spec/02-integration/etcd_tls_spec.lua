@@ -233,6 +233,8 @@ describe("etcd config source over TLS", function()
     local rst = out:find("range: TLS handshake failed: read failed: connection reset by peer", 1,
                          true)
     assert.is_truthy(fin or rst, out)
+    -- either way the message says what is likely wrong
+    assert.is_truthy(out:find("(not a TLS server, or it refused our certificate?)", 1, true), out)
     assert.matches("etcd: unreachable at start %(https://127%.0%.0%.1:%d+ range: TLS handshake "
                    .. "failed", out)
   end)
