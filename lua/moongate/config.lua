@@ -1403,6 +1403,16 @@ function _M.policy_loader(dirs, sandboxed)
   end
 end
 
+-- Hosts match case-insensitively: a route's are kept lower-cased (the
+-- router compares them with the request's lower-cased Host).
+local function lower_hosts(route)
+  local hosts = route.hosts
+  if hosts then
+    for j = 1, #hosts do
+      hosts[j] = lower(hosts[j])
+    end
+  end
+end
 
 -- Validates decoded routes (changed in place: defaults filled, nulls
 -- removed, route hosts lower-cased). opts.policy_loader: function(name) ->
@@ -1448,12 +1458,7 @@ function _M.validate_routes(tbl, opts)
   end
 
   for _, route in ipairs(routes) do
-    local hosts = route.hosts
-    if hosts then
-      for j = 1, #hosts do
-        hosts[j] = lower(hosts[j])
-      end
-    end
+    lower_hosts(route)
   end
   return tbl
 end
@@ -1502,12 +1507,7 @@ function _M.normalize_routes(tbl, opts)
     if not fill_policies(route.policies) then
       return nil
     end
-    local hosts = route.hosts
-    if hosts then
-      for j = 1, #hosts do
-        hosts[j] = lower(hosts[j])
-      end
-    end
+    lower_hosts(route)
   end
   if not fill_policies(tbl.global_policies) then
     return nil
