@@ -33,40 +33,13 @@ local slice = require("moongate.slice")
 local clock = os.clock
 local format = string.format
 
-local opts = { routes = 5000, changes = 200, fold = false }
-do
-  local i = 1
-  while arg[i] do
-    local name = arg[i]:match("^%-%-([%w%-]+)$")
-    if name == "fold" then
-      opts.fold = true
-      i = i + 1
-    elseif name and opts[name] ~= nil and tonumber(arg[i + 1]) then
-      opts[name] = tonumber(arg[i + 1])
-      i = i + 2
-    else
-      io.stderr:write("usage: luajit bench/churn.lua [--routes N] [--changes N] [--fold]\n")
-      os.exit(2)
-    end
-  end
-end
+local lib = require("bench.lib")
+local opts = lib.args(arg, { routes = 5000, changes = 200, fold = false },
+                      "usage: luajit bench/churn.lua [--routes N] [--changes N] [--fold]")
 
 -- bench/reload.lua's policies and routes
-local reload_src = assert(proc.read_file("bench/reload.lua"), "run from the repository root")
-local POLICIES = {
-  ["bench-tag"] = assert(reload_src:match('%["bench%-tag"%] = %[%[\n(.-)%]%],')),
-  ["bench-quota"] = assert(reload_src:match('%["bench%-quota"%] = %[%[\n(.-)%]%],')),
-}
-
-local function route(i, tag)
-  local r = { id = "r" .. i, paths = { "/r" .. i .. "/*" }, methods = { "GET" },
-              upstream = "u" .. (i % 10),
-              policies = { { name = "bench-tag", conf = { value = tag or ("r" .. i) } } } }
-  if i % 2 == 0 then
-    r.policies[2] = { name = "bench-quota", conf = { rate = 100 + i, key = "consumer" } }
-  end
-  return r
-end
+local POLICIES = lib.RELOAD_POLICIES
+local route = lib.reload_route
 
 local function routes_text(edited, added)
   local ups = {}

@@ -8,6 +8,7 @@
 --                         "usage: luajit bench/x.lua [--routes N] [--jv FILE] [--keep-tmp]")
 --   lib.median(t)  lib.percentile(list, 0.95)  lib.cpu_seconds(pid)
 --   lib.timing_lines(log, from)  lib.verdict(pass)  lib.all_passed()
+--   lib.RELOAD_POLICIES  lib.reload_route(i, tag)   (the reload benches' table)
 local _M = {}
 
 local floor = math.floor
@@ -138,6 +139,44 @@ end
 
 function _M.all_passed()
   return ok_all
+end
+
+-- The 5,000-route table of bench/reload.lua and bench/churn.lua: two
+-- policy modules (by name, their Lua source) and route i of it.
+_M.RELOAD_POLICIES = {
+  ["bench-tag"] = [[
+-- header_filter: one response header from conf (init compiles it)
+return {
+  name = "bench-tag", priority = 10,
+  schema = { type = "object", additionalProperties = false, required = { "value" },
+             properties = { name = { type = "string", default = "X-Bench-Tag" },
+                            value = { type = "string", minLength = 1 } } },
+  init = function(conf) return { name = conf.name, value = conf.value } end,
+  header_filter = function(conf, ctx) ctx.resp:set_header(conf.name, conf.value) end,
+}
+]],
+  ["bench-quota"] = [[
+-- access: a no-op with a schema of a rate-limit's shape
+return {
+  name = "bench-quota", priority = 20,
+  schema = { type = "object", additionalProperties = false, required = { "rate" },
+             properties = { rate = { type = "integer", minimum = 1 },
+                            burst = { type = "integer", minimum = 0, default = 0 },
+                            key = { type = "string", enum = { "ip", "consumer" },
+                                    default = "ip" } } },
+  access = function() end,
+}
+]],
+}
+
+function _M.reload_route(i, tag)
+  local r = { id = "r" .. i, paths = { "/r" .. i .. "/*" }, methods = { "GET" },
+              upstream = "u" .. (i % 10),
+              policies = { { name = "bench-tag", conf = { value = tag or ("r" .. i) } } } }
+  if i % 2 == 0 then
+    r.policies[2] = { name = "bench-quota", conf = { rate = 100 + i, key = "consumer" } }
+  end
+  return r
 end
 
 return _M

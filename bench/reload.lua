@@ -61,41 +61,8 @@ end
 
 -- ---- the config ------------------------------------------------------------
 
-local POLICIES = {
-  ["bench-tag"] = [[
--- header_filter: one response header from conf (init compiles it)
-return {
-  name = "bench-tag", priority = 10,
-  schema = { type = "object", additionalProperties = false, required = { "value" },
-             properties = { name = { type = "string", default = "X-Bench-Tag" },
-                            value = { type = "string", minLength = 1 } } },
-  init = function(conf) return { name = conf.name, value = conf.value } end,
-  header_filter = function(conf, ctx) ctx.resp:set_header(conf.name, conf.value) end,
-}
-]],
-  ["bench-quota"] = [[
--- access: a no-op with a schema of a rate-limit's shape
-return {
-  name = "bench-quota", priority = 20,
-  schema = { type = "object", additionalProperties = false, required = { "rate" },
-             properties = { rate = { type = "integer", minimum = 1 },
-                            burst = { type = "integer", minimum = 0, default = 0 },
-                            key = { type = "string", enum = { "ip", "consumer" },
-                                    default = "ip" } } },
-  access = function() end,
-}
-]],
-}
-
-local function route(i, tag)
-  local r = { id = "r" .. i, paths = { "/r" .. i .. "/*" }, methods = { "GET" },
-              upstream = "u" .. (i % 10),
-              policies = { { name = "bench-tag", conf = { value = tag or ("r" .. i) } } } }
-  if i % 2 == 0 then
-    r.policies[2] = { name = "bench-quota", conf = { rate = 100 + i, key = "consumer" } }
-  end
-  return r
-end
+local POLICIES = lib.RELOAD_POLICIES
+local route = lib.reload_route
 
 local function routes_doc(mock, edit)
   local ups = {}
