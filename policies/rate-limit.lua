@@ -26,13 +26,11 @@
 -- another part or another source's key.
 local mg = require("moongate")
 
-local tobit = require("bit").tobit
 local ceil = math.ceil
 local floor = math.floor
 local concat = table.concat
 local lower = string.lower
 local sub = string.sub
-local tostring = tostring
 local type = type
 local ipairs = ipairs
 
@@ -459,25 +457,13 @@ end
 -- Decisions
 ---------------------------------------------------------------------------
 
--- An integer as header text. Below 2^31 through bit.tobit: LuaJIT then
--- formats an int (a few instructions a digit) rather than a double with
--- %.14g (which prints every integer up to the schema's maxima, 1e12, in
--- full: the path for the rest). n >= 0.
-local function int_text(n)
-  local s
-  if n < 2147483648 then
-    s = tostring(tobit(n))
-  else
-    s = tostring(n)
-  end
-  return s -- (not `return tostring(...)`: a trace cannot return through it)
-end
-
+-- Whole numbers: set_header hands them to C, which formats them (no string
+-- per request).
 local function set_headers(ctx, limit, remaining, reset)
   local resp = ctx.resp
-  resp:set_header("RateLimit-Limit", int_text(floor(limit)))
-  resp:set_header("RateLimit-Remaining", int_text(remaining > 0 and floor(remaining) or 0))
-  resp:set_header("RateLimit-Reset", int_text(ceil(reset)))
+  resp:set_header("RateLimit-Limit", floor(limit))
+  resp:set_header("RateLimit-Remaining", remaining > 0 and floor(remaining) or 0)
+  resp:set_header("RateLimit-Reset", ceil(reset))
 end
 
 -- retry_after < 0 (the request can never pass this level): the time until
@@ -486,7 +472,7 @@ local function refuse(ctx, retry_after, reset)
   local id = ctx.route.id
   rejected[id] = (rejected[id] or 0) + 1
   local secs = retry_after >= 0 and ceil(retry_after) or ceil(reset)
-  ctx.resp:set_header("Retry-After", tostring(secs > 0 and secs or 1))
+  ctx.resp:set_header("Retry-After", secs > 0 and secs or 1)
   return 429, REFUSED
 end
 

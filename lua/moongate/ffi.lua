@@ -68,6 +68,9 @@ int mg_req_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, co
                   size_t *value_len);
 int mg_req_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
                       size_t value_len, int mode);
+/* An integer value (MG_HDR_SET or MG_HDR_ADD), formatted in C: no string
+ * made in Lua per request. */
+int mg_req_set_header_int(mg_req_t *r, const char *name, size_t name_len, int64_t value, int mode);
 int mg_req_set_uri(mg_req_t *r, const char *path, size_t path_len, const char *query,
                    size_t query_len);
 int mg_req_set_upstream(mg_req_t *r, mg_upstream_t *u);
@@ -82,6 +85,7 @@ int mg_resp_header(mg_req_t *r, const char *name, size_t name_len, size_t idx, c
                    size_t *value_len);
 int mg_resp_set_header(mg_req_t *r, const char *name, size_t name_len, const char *value,
                        size_t value_len, int mode);
+int mg_resp_set_header_int(mg_req_t *r, const char *name, size_t name_len, int64_t value, int mode);
 int mg_resp_set_status(mg_req_t *r, int status);
 int mg_resp_start(mg_req_t *r, int status, int64_t content_length);
 int mg_resp_write(mg_req_t *r, const char *data, size_t len);

@@ -18,10 +18,12 @@ local gsub = string.gsub
 local char = string.char
 local gmatch = string.gmatch
 local concat = table.concat
+local floor = math.floor
 local co_yield = coroutine.yield
 
 local MG_OK, MG_AGAIN = C.MG_OK, C.MG_AGAIN
 local SET, ADD, REMOVE = C.MG_HDR_SET, C.MG_HDR_ADD, C.MG_HDR_REMOVE
+local MAX_INT = 2 ^ 53 -- whole numbers a double holds exactly
 
 -- out-parameter cells, allocated once (lua-resty-core's rule)
 local val_out = ffi_new("const char *[1]")
@@ -83,13 +85,18 @@ local function header_of(fn, r, name)
 end
 _M.header_of = header_of
 
-local function set_header(fn, r, name, value, mode)
+-- A number that is a whole number goes to fn_int: C formats it, so no
+-- string is made (and later collected) per call: RateLimit-* and the like.
+local function set_header(fn, fn_int, r, name, value, mode)
   if type(name) ~= "string" then
     error("header name must be a string", 3)
   end
   local rc
   if value == nil then
     rc = fn(r, name, #name, nil, 0, REMOVE)
+  elseif type(value) == "number" and value == floor(value) and value >= -MAX_INT
+         and value <= MAX_INT then
+    rc = fn_int(r, name, #name, value, mode)
   else
     value = tostring(value)
     rc = fn(r, name, #name, value, #value, mode)
@@ -109,11 +116,11 @@ function req_methods:header(name)
 end
 
 function req_methods:set_header(name, value)
-  set_header(C.mg_req_set_header, self._r, name, value, SET)
+  set_header(C.mg_req_set_header, C.mg_req_set_header_int, self._r, name, value, SET)
 end
 
 function req_methods:add_header(name, value)
-  set_header(C.mg_req_set_header, self._r, name, value, ADD)
+  set_header(C.mg_req_set_header, C.mg_req_set_header_int, self._r, name, value, ADD)
 end
 
 -- Every header as received, names lower-cased; repeated ones as lists.
@@ -270,11 +277,11 @@ function resp_methods:header(name)
 end
 
 function resp_methods:set_header(name, value)
-  set_header(C.mg_resp_set_header, self._r, name, value, SET)
+  set_header(C.mg_resp_set_header, C.mg_resp_set_header_int, self._r, name, value, SET)
 end
 
 function resp_methods:add_header(name, value)
-  set_header(C.mg_resp_set_header, self._r, name, value, ADD)
+  set_header(C.mg_resp_set_header, C.mg_resp_set_header_int, self._r, name, value, ADD)
 end
 
 function resp_methods:set_status(status)

@@ -261,6 +261,10 @@ function _M.init(path, wid, _, from_files)
   if jitv and jitv ~= "" then
     require("jit.v").start(jitv .. "." .. tostring(wid))
   end
+  local jitdump = os.getenv("MOONGATE_JITDUMP")
+  if jitdump and jitdump ~= "" then
+    require("jit.dump").start("tbim", jitdump .. "." .. tostring(wid))
+  end
   -- A request's trace (router, pipeline, policies) is long, and a worker
   -- serves many routes and policies: LuaJIT's defaults (1000 traces,
   -- 4000 IR instructions recorded, 512 KiB of machine code) would abort

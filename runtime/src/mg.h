@@ -465,6 +465,7 @@ static inline int mg__conn_token_has(const mg_conn_tokens_t *t, const mg_header_
     return 0;
 }
 /* a token name and a value without CR, LF, NUL or other controls but HTAB */
+int mg__token_ok(const char *n, size_t nl);
 int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl);
 const char *mg__status_reason(int status);
 void mg__access_log(mg_req_t *r);

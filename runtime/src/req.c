@@ -782,28 +782,35 @@ int mg_req_header(mg_req_t *r, const char *name, size_t nl, size_t idx, const ch
     return header_lookup(r->hdrs, r->v.nheaders, r->req_edits, name, nl, idx, v, vl);
 }
 
-int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl)
+/* A field name is a token (RFC 9110 5.1): "X-@" or "X(a)" would be a head
+ * that clients and backends parse differently, or reject. */
+int mg__token_ok(const char *n, size_t nl)
 {
     if (nl == 0) return 0;
-    /* A field name is a token (RFC 9110 5.1): "X-@" or "X(a)" would be a
-     * head that clients and backends parse differently, or reject. */
     for (size_t i = 0; i < nl; i++)
         if (!mg__tchar[(unsigned char)n[i]]) return 0;
-    return mg__value_ok(v, vl);
+    return 1;
 }
 
-static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
-                    const char *v, size_t vl, int mode)
+int mg__header_valid(const char *n, size_t nl, const char *v, size_t vl)
 {
-    if (mode < MG_HDR_SET || mode > MG_HDR_REMOVE) return MG_EINVAL;
-    if (mode == MG_HDR_REMOVE) vl = 0;
-    /* No CR/LF/NUL from a policy either: it would split the head we send. */
-    if (!mg__header_valid(n, nl, mode == MG_HDR_REMOVE ? "" : v, vl)) return MG_EINVAL;
-    mg_hedit_t *e = mg__arena_alloc(&r->arena, sizeof(*e));
+    return mg__token_ok(n, nl) && mg__value_ok(v, vl);
+}
+
+/* Appends an edit whose name and value are copied into the arena with it:
+ * one allocation (the edit, then the name, then the value). The value is
+ * checked by the caller; the name here. */
+static int push_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
+                     const char *v, size_t vl, int mode)
+{
+    if (nl > UINT32_MAX || vl > UINT32_MAX || !mg__token_ok(n, nl)) return MG_EINVAL;
+    mg_hedit_t *e = mg__arena_alloc(&r->arena, sizeof(*e) + nl + vl);
     if (!e) return MG_ERROR;
-    e->name = mg__arena_dup(&r->arena, n, nl);
-    e->value = vl ? mg__arena_dup(&r->arena, v, vl) : "";
-    if (!e->name || !e->value) return MG_ERROR;
+    char *d = (char *)(e + 1);
+    memcpy(d, n, nl);
+    if (vl) memcpy(d + nl, v, vl);
+    e->name = d;
+    e->value = d + nl;
     e->name_len = (uint32_t)nl;
     e->value_len = (uint32_t)vl;
     e->mode = mode;
@@ -816,9 +823,40 @@ static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const cha
     return MG_OK;
 }
 
+static int add_edit(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
+                    const char *v, size_t vl, int mode)
+{
+    if (mode < MG_HDR_SET || mode > MG_HDR_REMOVE) return MG_EINVAL;
+    if (mode == MG_HDR_REMOVE) vl = 0;
+    /* No CR/LF/NUL from a policy either: it would split the head we send. */
+    if (vl && !mg__value_ok(v, vl)) return MG_EINVAL;
+    return push_edit(r, head, tail, n, nl, v, vl, mode);
+}
+
+/* An integer value, formatted here: no string for Lua to make (and
+ * collect) per request, nothing to check but the name. */
+static int add_edit_int(mg_req_t *r, mg_hedit_t **head, mg_hedit_t **tail, const char *n, size_t nl,
+                        int64_t value, int mode)
+{
+    if (mode != MG_HDR_SET && mode != MG_HDR_ADD) return MG_EINVAL;
+    char buf[24], *end = buf + sizeof(buf), *d = end;
+    uint64_t u = value < 0 ? 0 - (uint64_t)value : (uint64_t)value;
+    do {
+        *--d = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (value < 0) *--d = '-';
+    return push_edit(r, head, tail, n, nl, d, (size_t)(end - d), mode);
+}
+
 int mg_req_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
 {
     return add_edit(r, &r->req_edits, &r->req_edits_tail, n, nl, v, vl, mode);
+}
+
+int mg_req_set_header_int(mg_req_t *r, const char *n, size_t nl, int64_t value, int mode)
+{
+    return add_edit_int(r, &r->req_edits, &r->req_edits_tail, n, nl, value, mode);
 }
 
 /* The upstream request-target: path NULL keeps the path (the route's
@@ -948,7 +986,8 @@ int mg_resp_header(mg_req_t *r, const char *n, size_t nl, size_t idx, const char
     return header_lookup(h, nh, r->resp_edits, n, nl, idx, v, vl);
 }
 
-int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
+/* May Lua set (or add) the response header n? */
+static int resp_settable(mg_req_t *r, const char *n, size_t nl, int mode)
 {
     if (r->resp_started) return MG_DECLINED;
     /* The gateway frames the response: a second Content-Length or a
@@ -958,7 +997,21 @@ int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, siz
     if (mode != MG_HDR_REMOVE && !r->conn->w->mock &&
         (mg__hop_by_hop(n, nl) || mg__strieq(n, nl, "content-length", 14)))
         return MG_EINVAL;
+    return MG_OK;
+}
+
+int mg_resp_set_header(mg_req_t *r, const char *n, size_t nl, const char *v, size_t vl, int mode)
+{
+    int rc = resp_settable(r, n, nl, mode);
+    if (rc != MG_OK) return rc;
     return add_edit(r, &r->resp_edits, &r->resp_edits_tail, n, nl, v, vl, mode);
+}
+
+int mg_resp_set_header_int(mg_req_t *r, const char *n, size_t nl, int64_t value, int mode)
+{
+    int rc = resp_settable(r, n, nl, mode);
+    if (rc != MG_OK) return rc;
+    return add_edit_int(r, &r->resp_edits, &r->resp_edits_tail, n, nl, value, mode);
 }
 
 int mg_req_listener(mg_req_t *r)

@@ -78,6 +78,18 @@ describe("policy kit", function()
                     add = { ["X-Resp-Add"] = "added" },
                     remove = { "X-From-Upstream" },
                 }) }),
+                -- numbers: whole ones are formatted in C (no string made in
+                -- Lua); the rest go through tostring as before
+                route("num-headers", "/num-headers/*", "a", {
+                    p("it-req-headers", { set = { ["X-Int"] = 42, ["X-Neg"] = -7, ["X-Zero"] = 0,
+                                                  ["X-Big"] = 99999999999999, ["X-Frac"] = 1.5 },
+                                          add = { ["X-Multi"] = 3 } }),
+                    p("it-resp-headers", { set = { ["X-Int"] = 1234567890123, ["X-Neg"] = -1,
+                                                   ["X-Huge"] = 1e300, ["X-Frac"] = 0.25 },
+                                           add = { ["X-Resp-Add"] = 5 } }),
+                }),
+                route("num-framing", "/num-framing/*", "a", { p("it-resp-headers", {
+                    set = { ["Content-Length"] = 3 } }) }),
                 route("framing-cl", "/framing-cl/*", "a", { p("it-resp-headers", {
                     set = { ["Content-Length"] = "3" } }) }),
                 route("framing-te", "/framing-te/*", "a", { p("it-resp-headers", {
@@ -209,6 +221,17 @@ describe("policy kit", function()
                 assert.equal("/next", echo_of(assert(c:read_response())).path)
             end)
 
+        it("number values arrive as their decimal text, added to what came", function()
+            local echo = echo_of(get("/num-headers/x", { { "X-Multi", "one" } }))
+            local h = echo.headers
+            assert.equal("42", h["x-int"])
+            assert.equal("-7", h["x-neg"])
+            assert.equal("0", h["x-zero"])
+            assert.equal("99999999999999", h["x-big"])
+            assert.equal("1.5", h["x-frac"])
+            assert.same({ "one", "3" }, h["x-multi"])
+        end)
+
         it("a policy reads back the header it set", function()
             local res = get("/reqh/x")
             assert.equal("s", res.headers["x-read-back"])
@@ -244,6 +267,21 @@ describe("policy kit", function()
             assert.equal("t", res.headers["x-untouched"])
             -- the body is the upstream's, untouched
             assert.equal("/x", echo_of(res).path)
+        end)
+
+        it("number values reach the client as their decimal text", function()
+            local res = get("/num-headers/x")
+            assert.equal(200, res.status)
+            assert.equal("1234567890123", res.headers["x-int"])
+            assert.equal("-1", res.headers["x-neg"])
+            assert.equal(tostring(1e300), res.headers["x-huge"])
+            assert.equal("0.25", res.headers["x-frac"])
+            assert.equal("5", res.headers["x-resp-add"])
+        end)
+
+        it("a number cannot set a framing header either", function()
+            local res = get("/num-framing/x")
+            assert.equal(500, res.status)
         end)
 
         -- A second Content-Length, or a Transfer-Encoding the body does not
