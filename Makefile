@@ -36,7 +36,8 @@ SAN        ?=
 CFLAGS_ALL := $(OPT) $(SAN) -std=gnu11 -Wall -Wextra -fPIC \
 	-Iruntime/include -Iruntime/src -I$(LLHTTP_INC) $(LUAJIT_INC) \
 	-DMG_VERSION='"$(VERSION)"' $(if $(MG_LUA_DIR_FLAG),-DMG_LUA_DIR='"$(MG_LUA_DIR_FLAG)"') $(CFLAGS)
-LDLIBS_ALL := $(LUAJIT_LIB) -luv -lhiredis -lssl -lcrypto -lm -ldl -lpthread
+include libs.mk
+LDLIBS_ALL := $(LUAJIT_LIB) $(RUNTIME_LIBS)
 
 RUNTIME_SRC := $(filter-out runtime/src/main.c,$(wildcard runtime/src/*.c))
 RUNTIME_OBJ := $(RUNTIME_SRC:runtime/src/%.c=$(BUILD)/obj/%.o)
