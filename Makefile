@@ -104,7 +104,7 @@ deps:
 
 ### test: build, run the C unit tests and the busted specs; ends with "N passed, N failed"
 test: build $(CTESTS)
-	@bash spec/run-all $(CTESTS)
+	@bash spec/run-all $(CTESTS) fuzz/replay-seeds
 
 ### test-lua: only the busted specs (SPEC=path to pick some)
 test-lua: build
