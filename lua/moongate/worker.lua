@@ -261,6 +261,14 @@ function _M.init(path, wid, _, from_files)
   if jitv and jitv ~= "" then
     require("jit.v").start(jitv .. "." .. tostring(wid))
   end
+  -- MOONGATE_JITP=<file>: LuaJIT's sampling profiler (jit.p) over the
+  -- worker's life, written when it stops gracefully; MOONGATE_JITP_MODE
+  -- its options (default "vl": VM state, then line: how much of the Lua
+  -- time runs interpreted, compiled, in the GC)
+  local jitp = os.getenv("MOONGATE_JITP")
+  if jitp and jitp ~= "" then
+    require("jit.p").start(os.getenv("MOONGATE_JITP_MODE") or "vl", jitp .. "." .. tostring(wid))
+  end
   local jitdump = os.getenv("MOONGATE_JITDUMP")
   if jitdump and jitdump ~= "" then
     require("jit.dump").start("tbim", jitdump .. "." .. tostring(wid))

@@ -23,22 +23,23 @@ local function expected(line)
 end
 
 describe("JIT", function()
-    local gw, jitv
+    local gw, jitv, routes
 
     setup(function()
         local mock = gateway.mock()
         jitv = proc.tmpdir() .. "/jitv"
+        routes = {
+            upstreams = { gateway.upstream("a", mock) },
+            routes = { { id = "bench", paths = { "/*" }, upstream = "a", policies = {
+                { name = "key-auth" },
+                { name = "rate-limit", conf = { rate = 1e6, burst = 1e6, key = "consumer" } },
+            } } },
+            consumers = { { id = "bench", credentials = { ["key-auth"] = { key = "k" } } } },
+        }
         gw = gateway.start{
             workers = 1,
             env = { MOONGATE_JITV = jitv },
-            routes = {
-                upstreams = { gateway.upstream("a", mock) },
-                routes = { { id = "bench", paths = { "/*" }, upstream = "a", policies = {
-                    { name = "key-auth" },
-                    { name = "rate-limit", conf = { rate = 1e6, burst = 1e6, key = "consumer" } },
-                } } },
-                consumers = { { id = "bench", credentials = { ["key-auth"] = { key = "k" } } } },
-            },
+            routes = routes,
         }
     end)
 
@@ -92,5 +93,36 @@ describe("JIT", function()
         -- the request path's traces (the route's, the router's walk, the
         -- kit's functions) were made by these requests
         assert.is_true(traces >= 3, "no trace of the request path:\n" .. log)
+    end)
+
+    -- the tools README's "Performance" names: the trace dump as traces are
+    -- made, the profile when the worker stops gracefully (a gateway of
+    -- their own: jit.v's log and jit.dump do not share the trace events)
+    it("MOONGATE_JITDUMP and MOONGATE_JITP write the trace dump and the profile", function()
+        local dir = proc.tmpdir()
+        local jitp, jitdump = dir .. "/jitp", dir .. "/jitdump"
+        local g = gateway.start{
+            workers = 1,
+            -- "vl": VM states with their lines; i1: a sample every ms
+            env = { MOONGATE_JITP = jitp, MOONGATE_JITP_MODE = "vli1", MOONGATE_JITDUMP = jitdump },
+            routes = routes,
+        }
+        local c = assert(client.connect(g.port))
+        for _ = 1, 2000 do
+            assert(c:request({ path = "/y", headers = { apikey = "k" } }))
+            assert.equal(200, assert(c:read_response()).status)
+        end
+        c:close()
+        assert(g:stop())
+        local f = assert(io.open(jitdump .. ".0", "rb"))
+        local dump = f:read("*a")
+        f:close()
+        assert.truthy(dump:find("---- TRACE %d+ IR"), "no trace IR in the dump")
+        assert.truthy(dump:find("---- TRACE %d+ mcode"), "no machine code in the dump")
+        f = assert(io.open(jitp .. ".0", "rb"))
+        local prof = f:read("*a")
+        f:close()
+        assert.truthy(prof:find("%d+%%%s+Compiled"), "no compiled share in:\n" .. prof)
+        assert.truthy(prof:find("%.lua:%d+"), "no line in:\n" .. prof)
     end)
 end)
