@@ -581,14 +581,118 @@ local function routed(rp, co, slot, cfg, route, entry, params)
   end
 end
 
+-- ---- match cache ------------------------------------------------------------
+
+-- A version's match cache: the router's answer by request line, as Kong
+-- keeps one (its router's LRU of matches). The router's walk is a loop,
+-- so the part of access before it never compiles (a trace that starts
+-- before a loop with a trace of its own aborts); a hit skips it, and the
+-- request from C's call to the upstream chosen is one compiled path.
+-- Keyed by path, under the method when some route of the version names
+-- methods and under the host when some names hosts. A version with a
+-- header or query predicate has none (the answer depends on more than
+-- the key). Kept: answers without parameters (ctx.params is a request's
+-- own table) for paths up to MATCH_PATH_MAX bytes; not misses (a scan of
+-- random paths would fill it with 404s). Bounded: the MATCH_CACHE_MAX-th
+-- new key empties it. A new version starts with an empty one (the router
+-- of the version before may have been changed in place: config_version).
+local MATCH_CACHE_MAX = 4096
+local MATCH_PATH_MAX = 256
+local NO_HOST = {} -- the key of a request without a Host
+
+local function nonempty(t)
+  return t ~= nil and next(t) ~= nil
+end
+
+-- cfg's match cache, or false when its routes cannot have one
+local function match_cache_of(cfg)
+  local mc = cfg.match_cache
+  if mc ~= nil then
+    return mc
+  end
+  local by_method, by_host = false, false
+  mc = { n = 0, keys = {}, by_method = false, by_host = false }
+  for _, route in ipairs(cfg.routes or {}) do
+    if nonempty(route.headers) or nonempty(route.query) then
+      mc = false
+      break
+    end
+    by_method = by_method or nonempty(route.methods)
+    by_host = by_host or nonempty(route.hosts)
+  end
+  if mc then
+    mc.by_method, mc.by_host = by_method, by_host
+  end
+  cfg.match_cache = mc
+  return mc
+end
+
+-- the host request_host found, for router.match (no closure per request)
+local known_host
+local function host_known()
+  return known_host
+end
+
+-- The table of mc's answers for the request's method and host.
+local function cache_bucket(mc, v, r)
+  local t = mc.keys
+  if mc.by_method then
+    local m = ffi_string(v.method, v.method_len)
+    local tm = t[m]
+    if not tm then
+      tm = {}
+      t[m] = tm
+    end
+    t = tm
+  end
+  if mc.by_host then
+    local h = request_host(r) or NO_HOST
+    known_host = h ~= NO_HOST and h or nil
+    local th = t[h]
+    if not th then
+      th = {}
+      t[h] = th
+    end
+    t = th
+  end
+  return t
+end
+
+-- router.match through cfg's match cache
+local function route_of(cfg, v, r)
+  local mc = match_cache_of(cfg)
+  local len = v.path_len
+  if not mc or len > MATCH_PATH_MAX then
+    return router.match(cfg.router, v, request_host, r)
+  end
+  local bucket = cache_bucket(mc, v, r)
+  local path = ffi_string(v.path, len)
+  local hit = bucket[path]
+  if hit then
+    return hit[1], hit[2], nil
+  end
+  local route, entry, params = router.match(cfg.router, v,
+                                            mc.by_host and host_known or request_host, r)
+  if route and not params then
+    if mc.n >= MATCH_CACHE_MAX then
+      mc.keys, mc.n = {}, 0
+      bucket = cache_bucket(mc, v, r)
+    end
+    mc.n = mc.n + 1
+    bucket[path] = { route, entry }
+  end
+  return route, entry, params
+end
+
 -- co: the coroutine C resumes (lua.c), for moongate.context. LuaJIT gives
--- up compiling this part (see routed), so it does as little as it can.
+-- up compiling the part before the router's walk (see routed and the match
+-- cache), so it does as little as it can.
 function _M.access(rp, co)
   co = co or coroutine.running() -- C passes it (lua.c)
   local slot = slots[rp] or new_slot(rp)
   local r, v = slot.r, slot.v
   local cfg = current
-  local route, entry, params = router.match(cfg.router, v, request_host, r)
+  local route, entry, params = route_of(cfg, v, r)
   if not route then
     respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
                                                                            v.request_id_len) })

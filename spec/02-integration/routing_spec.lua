@@ -53,7 +53,22 @@ local ROUTES = {
       policies = { { name = "it-inspect", conf = {} } } },
 }
 
-describe("routing", function()
+-- The worker keeps a match cache per version (worker.lua) unless a route
+-- has a header or query predicate: the suite runs on ROUTES (no cache)
+-- and on ROUTES less those routes (cached), where every check is made
+-- twice, the second time from the cache.
+local function without_predicates(routes)
+    local out = {}
+    for _, r in ipairs(routes) do
+        if not (r.headers or r.query) then
+            out[#out + 1] = r
+        end
+    end
+    return out
+end
+
+local function suite(name, routes, predicates)
+describe(name, function()
     local gw
 
     setup(function()
@@ -61,7 +76,7 @@ describe("routing", function()
         gw = gateway.start({
             routes = {
                 upstreams = { gateway.upstream("mock", mock) },
-                routes = ROUTES,
+                routes = routes,
             },
             node = { lua_path = { POLICY_DIR } },
         })
@@ -72,13 +87,24 @@ describe("routing", function()
         gateway.stop_all()
     end)
 
-    -- what the backend received: {method, path, query, headers}
+    -- what the backend received: {method, path, query, headers}; with the
+    -- match cache, asked twice (the second from the cache) and the same
     local function echo(opts)
         local res, err = client.request(gw.port, opts)
         assert.is_truthy(res, "request failed: " .. tostring(err))
         assert.equal(200, res.status, res.body)
         local ok, e = pcall(cjson.decode, res.body)
         assert.is_true(ok, "not the mock's echo: " .. tostring(res.body))
+        if not predicates and not opts.again then
+            local copy = {}
+            for k, v in pairs(opts) do
+                copy[k] = v
+            end
+            copy.again = true
+            local e2 = echo(copy)
+            assert.equal(e.path, e2.path)
+            assert.equal(e.query, e2.query)
+        end
         return e
     end
 
@@ -148,6 +174,7 @@ describe("routing", function()
             assert.equal("f-short", taken("/f/a/b", { method = "GET" }))
         end)
 
+        if predicates then
         it("headers: a listed value takes the route, any other does not", function()
             assert.equal("canary", taken("/c/x", { headers = { ["X-Canary"] = "1" } }))
             assert.equal("canary", taken("/c/x", { headers = { ["x-canary"] = "yes" } }))
@@ -162,6 +189,7 @@ describe("routing", function()
             assert.equal("q-any", taken("/q?v=2&v=3"))
             assert.equal("q-any", taken("/q"))
         end)
+        end
     end)
 
     it("matches percent-encoded paths as received, without decoding", function()
@@ -189,4 +217,49 @@ describe("routing", function()
             assert.equal(res.headers["x-request-id"], body.request_id)
         end
     end)
+
+    if not predicates then
+        describe("match cache", function()
+            it("keeps methods and hosts apart, however the requests interleave", function()
+                for _ = 1, 3 do
+                    assert.equal("m-get", taken("/m/x", { method = "GET" }))
+                    assert.equal("m-post", taken("/m/x", { method = "POST", body = "" }))
+                    assert.equal(404, client.request(gw.port, { method = "DELETE",
+                                                                path = "/m/x" }).status)
+                    assert.equal("h-exact", taken("/h/1", { host = "api.example.com" }))
+                    assert.equal("h-none", taken("/h/1", { host = "other.test" }))
+                    assert.equal("h-wild", taken("/h/1", { host = "www.example.com" }))
+                    assert.equal("h-none", taken("/h/1"))
+                end
+            end)
+
+            it("gives each request its own parameters", function()
+                for _, id in ipairs({ "alice", "bob", "alice" }) do
+                    local res = client.get(gw.port, "/users/" .. id .. "/posts/7")
+                    assert.equal(200, res.status, res.body)
+                    assert.same({ id = id, post = "7" }, cjson.decode(res.body).params)
+                end
+            end)
+
+            it("answers past its bound and for paths too long to keep", function()
+                local c = assert(client.connect(gw.port))
+                for i = 1, 5000 do
+                    assert(c:request({ path = "/keep/" .. i }))
+                    local res = assert(c:read_response())
+                    assert.equal(200, res.status)
+                    if i % 1000 == 0 then
+                        assert.equal("/keep/" .. i, cjson.decode(res.body).path)
+                    end
+                end
+                assert.equal("/keep/1", echo({ path = "/keep/1" }).path)
+                local long = "/keep/" .. ("x"):rep(300)
+                assert.equal(long, echo({ path = long }).path)
+                assert.equal("/a", echo({ path = "/svc/a" }).path)
+            end)
+        end)
+    end
 end)
+end
+
+suite("routing", ROUTES, true)
+suite("routing (match cache: each check twice)", without_predicates(ROUTES), false)
