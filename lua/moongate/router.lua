@@ -123,7 +123,7 @@ local INLINE_MAX = 16  -- the longest inline segment
 -- a record (see "records")
 local XREC = 16        -- int32 slots of a record
 local X_KEY = 0        -- the mixed hash of (tag, path): xmix
-local X_TAG = 1        -- root * 2 + kind (X_EXACT, X_PREFIX); 0: the slot is empty
+local X_TAG = 1        -- root * 4 + kind (X_EXACT, X_PREFIX, X_PARAM); 0: the slot is empty
 local X_HEAD = 2       -- the node's chain head (N_EXACT or N_PREFIX), or 0
 local X_RANK = 3       -- its rank code
 local X_LEN = 4        -- the path's length
@@ -133,7 +133,14 @@ local X_NODE = 7       -- the trie node of the path
 local X_FAR = 8        -- 1: a record whose home is this slot lies past the next
 local X_INLINE_AT = 36 -- byte offset of the inline path in a record
 local X_INLINE_MAX = 28
-local X_EXACT, X_PREFIX = 0, 1
+-- a parameter record (X_PARAM) has its pattern's literal runs (see
+-- "parameter records") in labels (never inline: the walk's trace takes
+-- one way) and two more slots
+local X_SHAPE = 9      -- p1 + p2 * 256: its parameters' segment numbers (p2 0: one)
+local X_RUNS = 10      -- the lengths of the first two runs, l0 + l1 * 65536
+local X_P_SEGS_MAX = 255 -- segments of a pattern with a parameter record (a shape's key)
+local X_SHAPES_MAX = 4 -- shapes looked at per trie and segment count; more have no records
+local X_EXACT, X_PREFIX, X_PARAM = 0, 1, 2
 local X_SPARE_MIN = 64 -- records kept for updates; an update needing more rebuilds
 -- A router of fewer nodes has no records (router.new's opts.records):
 -- its nodes (64 bytes each: 512 KiB, a core's L2 cache here) stay in the
@@ -333,6 +340,44 @@ local function parse_path_cached(p)
     nparsed = nparsed + 1
   end
   return e[1], e[2], e[3], e[4], e[5], e[6]
+end
+
+-- The parameter record of a pattern of kind "param" (segments segs, with
+-- false for a parameter): its shape (p1 + p2 * 256, the segment numbers of
+-- its one or two parameters), its literal runs joined (the bytes before
+-- the first parameter's "/", between the parameters, after the last; a
+-- parameter's own slashes are where the request's segment bounds are) and
+-- the first two runs' lengths (l0 + l1 * 65536). nil for a pattern of
+-- more parameters or segments (walked, as without records):
+--   "/api/:v/items/:id" -> 2 + 4 * 256, "/api/items", 4 + 6 * 65536
+local param_recs = setmetatable({}, { __mode = "k" }) -- segs -> { shape, runs, lens }
+
+local function param_record(segs)
+  local pr = param_recs[segs]
+  if pr == nil then
+    pr = false
+    local ps, n = {}, #segs
+    for k = 1, n do
+      if not segs[k] then
+        ps[#ps + 1] = k
+      end
+    end
+    if #ps >= 1 and #ps <= 2 and n <= X_P_SEGS_MAX then
+      local p1, p2 = ps[1], ps[2] or 0
+      local run = {}
+      for k = 1, n do
+        run[k] = segs[k] and "/" .. segs[k] or ""
+      end
+      local r0 = concat(run, "", 1, p1 - 1)
+      local r1 = concat(run, "", p1 + 1, p2 > 0 and p2 - 1 or n)
+      local r2 = p2 > 0 and concat(run, "", p2 + 1, n) or ""
+      pr = { p1 + p2 * 256, r0 .. r1 .. r2, #r0 + #r1 * 65536 }
+    end
+    param_recs[segs] = pr
+  end
+  if pr then
+    return pr[1], pr[2], pr[3]
+  end
 end
 
 -- host class (0 exact, 1 wildcard), bucket kind and bucket key
@@ -565,12 +610,23 @@ local function build_tries(t, mult)
     local kind = t.kinds[i]
     chain_entry(nodes, ranks, next_entry, node, i, rank, kind == "prefix")
     local xk = kind == "exact" and X_EXACT or (kind == "prefix" and not pdepth and X_PREFIX)
-    if xk and not xseen[2 * node + xk] then
+               or (kind == "param" and param_record(segs) and X_PARAM)
+    if xk and not xseen[4 * node + xk] then
       -- the node's record (see x_build): node, trie, kind, path or body
-      xseen[2 * node + xk] = true
+      -- (or literal runs), segments
+      xseen[4 * node + xk] = true
       local n5 = #xlist
       xlist[n5 + 1], xlist[n5 + 2], xlist[n5 + 3] = node, set[key], xk
-      xlist[n5 + 4] = xk == X_EXACT and t.paths[i] or sub(t.paths[i], 1, t.lens[i])
+      local xpath
+      if xk == X_EXACT then
+        xpath = t.paths[i]
+      elseif xk == X_PREFIX then
+        xpath = sub(t.paths[i], 1, t.lens[i])
+      else
+        local _
+        _, xpath = param_record(segs)
+      end
+      xlist[n5 + 4] = xpath
       xlist[n5 + 5] = segs -- a literal prefix's body has the pattern's segments
     end
   end
@@ -602,7 +658,7 @@ local function build_tries(t, mult)
          buckets, next_entry, count, used, cap, loff
 end
 
--- ---- records: exact paths and literal prefixes ---------------------------------
+-- ---- records: exact paths, literal prefixes, parameter shapes ------------------
 
 -- In a large router nearly every node a lookup meets is a cache miss: the
 -- slot of a wide node's children's table, the node it names, the nodes of
@@ -641,6 +697,26 @@ end
 -- next only (no loop in the walk's trace); a record placed further away
 -- sets X_FAR in its home slot, and a lookup seeing it walks the trie.
 -- Memory: 2-4 slots of 64 bytes and X_BITS_PER / 8 bytes per record.
+--
+-- Parameter records. A node where patterns of kind "param" with one or
+-- two parameters end ("/users/:id/posts") has a record too, keyed by root,
+-- shape (the parameters' segment numbers) and the path's key with the
+-- parameters' segments left out (masked_key: the path's key, read once,
+-- less the parameters' terms), holding the pattern's literal runs (the
+-- request's bytes outside the parameters' segments must equal them, its
+-- segment bounds being where the pattern's are). Per trie and segment
+-- count, the shapes of its records (x_shapes, at most X_SHAPES_MAX) are
+-- tried in turn when the path has no exact record, before the prefix
+-- records. What could beat such a record's head on a path it matches is
+-- a prefix on the way or a parameter pattern of the same segment count
+-- (p_beaten walks every branch a matched path may take: at a parameter,
+-- every child); not an exact path, which the exact record found first
+-- (the walk's own answer is the same). An update marks the parameter
+-- records of a trie whose shape a new prefix or parameter entry of a
+-- better rank may match (x_psettle), as x_settle does for the others.
+-- A request matching a record's head is thus decided from the record's
+-- line, its runs and the entry, where a walk of a large router misses
+-- the caches at each wide node and along the route's own nodes.
 
 -- (path hash, tag) -> the record key; its low bits (the home slot, the
 -- filter bit) depend on every bit of both. Products stay below 2^51,
@@ -655,21 +731,45 @@ end
 -- multiply-add per segment over the segments' hashes, so that a lookup
 -- gets the key of each body of the path from its segments' (walk).
 -- Products stay below 2^51.
+-- A parameter's segment (false) adds 0 (masked_key takes its term out).
 local GMULT = 999331
 local function body_key(segs, mult)
   local g = 0
   for k = 1, #segs do
-    g = tobit(g * GMULT + hash(segs[k], mult) + 1)
+    local seg = segs[k]
+    g = tobit(g * GMULT + (seg and hash(seg, mult) + 1 or 0))
   end
   return g
 end
 
--- the path bytes of the record at base
+-- a * b mod 2^32 for int32 a, b (a split in halves: the products stay
+-- below 2^48, where doubles are exact)
+local function mulmod(a, b)
+  return tobit(tobit(rshift(a, 16) * b) * 65536 + band(a, 0xffff) * b)
+end
+
+-- GPOW[j] = GMULT^j mod 2^32: the weight of a segment j segments before
+-- the end in a path's key (body_key is a polynomial in GMULT)
+local GPOW = { [0] = 1 }
+for j = 1, X_P_SEGS_MAX do
+  GPOW[j] = tobit(GPOW[j - 1] * GMULT)
+end
+
+-- the bytes inline in a record of kind x start here, this many at most
+local function x_inline(kind)
+  if kind == X_PARAM then
+    return X_INLINE_AT, -1
+  end
+  return X_INLINE_AT, X_INLINE_MAX
+end
+
+-- the path bytes (the literal runs of a parameter record) of the record at base
 local function x_path(rt, base)
   local xr = rt.xrec
   local n = xr[base + X_LEN]
-  if n <= X_INLINE_MAX then
-    return ffi_string(rt.xrec8 + (base * 4 + X_INLINE_AT), n)
+  local at, max_inline = x_inline(xr[base + X_TAG] % 4)
+  if n <= max_inline then
+    return ffi_string(rt.xrec8 + (base * 4 + at), n)
   end
   return ffi_string(rt.labels + xr[base + X_OFF], n)
 end
@@ -685,12 +785,17 @@ local function label_at(rt, k)
 end
 
 -- The slot (int32 offset) of the record (root, kind, path: its literal
--- segments segs), or nil; with
--- make, the record is made when missing (the room was checked: x_build's
--- capacity, plan's count). Not on the request path.
+-- segments segs; a parameter record's path is its literal runs), or nil;
+-- with make, the record is made when missing (the room was checked:
+-- x_build's capacity, plan's count). Not on the request path.
 local function x_slot(rt, root, kind, path, segs, make)
-  local tag = root * 2 + kind
+  local tag = root * 4 + kind
   local m = xmix(body_key(segs, rt.mult), tag)
+  local shape, runs = 0, 0
+  if kind == X_PARAM then
+    local _
+    shape, _, runs = param_record(segs)
+  end
   local xr, mask = rt.xrec, rt.xmask
   local s = band(m, mask)
   local home_base = s * XREC
@@ -704,8 +809,27 @@ local function x_slot(rt, root, kind, path, segs, make)
       end
       local n = #path
       xr[base + X_KEY], xr[base + X_TAG], xr[base + X_LEN] = m, tag, n
-      if n <= X_INLINE_MAX then
-        ffi_copy(rt.xrec8 + (base * 4 + X_INLINE_AT), path, n)
+      local at, max_inline = x_inline(kind)
+      if kind == X_PARAM then
+        xr[base + X_SHAPE], xr[base + X_RUNS] = shape, runs
+        -- its shape is tried for the paths of its segment count (see
+        -- "parameter records"); the trie's records, for x_psettle
+        local key = root * 256 + #segs
+        local list = rt.x_shapes[key] or {}
+        local known = false
+        for k = 1, #list do
+          known = known or list[k] == shape
+        end
+        if not known and #list < X_SHAPES_MAX then
+          list[#list + 1] = shape
+          rt.x_shapes[key] = list
+        end
+        local pl = rt.x_plist[root] or {}
+        rt.x_plist[root] = pl
+        pl[#pl + 1], pl[#pl + 2] = base, segs
+      end
+      if n <= max_inline then
+        ffi_copy(rt.xrec8 + (base * 4 + at), path, n)
       else
         xr[base + X_OFF] = rt.loff
         ffi_copy(rt.labels + rt.loff, path, n)
@@ -723,7 +847,8 @@ local function x_slot(rt, root, kind, path, segs, make)
       rt.xn = rt.xn + 1
       return base
     end
-    if t == tag and xr[base + X_KEY] == m and x_path(rt, base) == path then
+    if t == tag and xr[base + X_KEY] == m and x_path(rt, base) == path
+       and (kind ~= X_PARAM or xr[base + X_SHAPE] == shape) then
       return base
     end
     s = band(s + 1, mask)
@@ -779,16 +904,71 @@ local function prefix_beaten(rt, root, segs, node, R)
   return pm ~= nil and pm < R
 end
 
+-- Whether an entry of rank code below R, other than the chain of node
+-- own (a parameter record's), matches some path that the pattern of
+-- segments segs (false: a parameter) matches, from segment idx at node a
+-- on: a prefix on the way, or a pattern ending where the path ends that
+-- went through a parameter child (one of literal segments only is an
+-- exact path: its record is looked up before). At a parameter, every
+-- child is a way. Visits at most P_VISITS nodes (then: beaten, which
+-- only costs lookups a walk). Not on the request path.
+local P_VISITS = 256
+local p_visits = 0
+local function p_beaten(rt, a, segs, idx, R, own, via_param)
+  p_visits = p_visits + 1
+  if p_visits > P_VISITS then
+    return true
+  end
+  local nodes = rt.nodes
+  local base = a * NODE
+  if nodes[base + N_MIN] >= R then
+    return false
+  end
+  if nodes[base + N_PREFIX] ~= 0 and nodes[base + N_PREFIX_RANK] < R then
+    return true
+  end
+  if idx > #segs then
+    return via_param and a ~= own and nodes[base + N_EXACT] ~= 0 and nodes[base + N_EXACT_RANK] < R
+  end
+  local seg = segs[idx]
+  local pc = nodes[base + N_PARAM]
+  if seg then
+    local c = child_of(nodes, rt.karr, a, hash(seg, rt.mult))
+    if c ~= 0 and label_at(rt, c) == seg and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
+      return true
+    end
+    return seg ~= "" and pc ~= 0 and p_beaten(rt, pc, segs, idx + 1, R, own, true)
+  end
+  if pc ~= 0 and p_beaten(rt, pc, segs, idx + 1, R, own, true) then
+    return true
+  end
+  -- a parameter's segment may be any literal child's
+  local km = nodes[base + N_KMASK]
+  if km < 0 then
+    local c = nodes[base + N_KID]
+    return c ~= 0 and p_beaten(rt, c, segs, idx + 1, R, own, via_param)
+  end
+  local karr, off = rt.karr, nodes[base + N_KOFF]
+  for sl = 0, km do
+    local c = karr[off + 2 * sl + 1]
+    if c ~= 0 and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
+      return true
+    end
+  end
+  return false
+end
+
 -- Sets the record at base from its node: head, rank and X_BEAT; and the
 -- worst head rank of its trie (what an update compares a new entry with).
 -- segs: the path's literal segments (true: parsed again)
 local function x_refresh(rt, base, segs)
   local xr, nodes = rt.xrec, rt.nodes
   local node, tag = xr[base + X_NODE], xr[base + X_TAG]
-  local root, kind = floor(tag / 2), tag % 2
+  local root, kind = floor(tag / 4), tag % 4
   local nb = node * NODE
-  local head = nodes[nb + (kind == X_EXACT and N_EXACT or N_PREFIX)]
-  local rank = head ~= 0 and nodes[nb + (kind == X_EXACT and N_EXACT_RANK or N_PREFIX_RANK)] or 0
+  local pre = kind == X_PREFIX
+  local head = nodes[nb + (pre and N_PREFIX or N_EXACT)]
+  local rank = head ~= 0 and nodes[nb + (pre and N_PREFIX_RANK or N_EXACT_RANK)] or 0
   xr[base + X_HEAD], xr[base + X_RANK] = head, rank
   if segs == true then
     -- the pattern was parsed when its entry was made: no new cache entry
@@ -799,6 +979,9 @@ local function x_refresh(rt, base, segs)
   if head ~= 0 then
     if kind == X_EXACT then
       beat = beaten(rt, root, segs, 1, rank, false)
+    elseif kind == X_PARAM then
+      p_visits = 0
+      beat = p_beaten(rt, root, segs, 1, rank, node, false)
     else
       beat = prefix_beaten(rt, root, segs, node, rank)
     end
@@ -837,6 +1020,9 @@ local function x_build(rt, xlist)
   -- per root: the worst head rank of its records; the bnd_i index of its
   -- deepest prefix record's body (the walk looks at no deeper one)
   rt.x_worst, rt.x_depth = {}, {}
+  -- root * 256 + segment count -> the shapes of its parameter records;
+  -- root -> its parameter records (slot, segments, ...)
+  rt.x_shapes, rt.x_plist = {}, {}
   rt.mapped_bytes = rt.mapped_bytes + mapped
   for k = 1, #xlist, 5 do
     if k % 1280 == 1 then
@@ -946,6 +1132,11 @@ function _M.new(routes, opts)
           label_bytes = label_bytes + #p
         elseif kind == "prefix" and body and #body > X_INLINE_MAX then
           label_bytes = label_bytes + #body
+        elseif kind == "param" then
+          local _, runs = param_record(segs)
+          if runs then
+            label_bytes = label_bytes + #runs
+          end
         end
         pdepth[n] = not body and psegs[1]
         for _, seg in ipairs(segs) do
@@ -1082,6 +1273,11 @@ local function record_of(d)
     return X_EXACT, d.path
   elseif d.kind == "prefix" and d.len then
     return X_PREFIX, sub(d.path, 1, d.len)
+  elseif d.kind == "param" then
+    local shape, runs = param_record(d.segs)
+    if shape then
+      return X_PARAM, runs
+    end
   end
 end
 
@@ -1287,7 +1483,8 @@ finish_plan = function(rt, removed, runs, changed)
     local xk, xpath = record_of(d)
     if xk and rt.xon then
       xnew = xnew + 1
-      if #xpath > X_INLINE_MAX then
+      local _, max_inline = x_inline(xk)
+      if #xpath > max_inline then
         plan.label_bytes = plan.label_bytes + #xpath
       end
     end
@@ -1355,15 +1552,56 @@ local function x_settle(rt)
   for root, list in pairs(rt.x_new) do
     for base = 0, rt.xmask * XREC, XREC do
       local tag = xr[base + X_TAG]
-      if tag ~= 0 and floor(tag / 2) == root and xr[base + X_HEAD] ~= 0 and not dirty[base] then
+      if tag ~= 0 and tag % 4 ~= X_PARAM and floor(tag / 4) == root and xr[base + X_HEAD] ~= 0
+         and not dirty[base] then
         local R, n = xr[base + X_RANK], xr[base + X_LEN]
         local p = n <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
                   or rt.labels + xr[base + X_OFF]
         for k = 1, #list, 2 do
           local a = list[k]
           if list[k + 1] < R and (starts_with_path(p, n, a)
-              or tag % 2 == X_PREFIX and starts_with_path(ffi_cast(uint8_ptr, a), #a, ffi_string(p, n))) then
+              or tag % 4 == X_PREFIX and starts_with_path(ffi_cast(uint8_ptr, a), #a, ffi_string(p, n))) then
             dirty[base] = true
+            break
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Whether a path matched by the pattern of segments a (a prefix's body
+-- when pre) may be matched by the pattern of segments b (false: a
+-- parameter, which may be any segment here).
+local function may_meet(a, pre, b)
+  local m, n = #a, #b
+  if m > n or (not pre and m ~= n) then
+    return false
+  end
+  for k = 1, m do
+    local x, y = a[k], b[k]
+    if x and y and x ~= y then
+      return false
+    end
+  end
+  return true
+end
+
+-- x_settle for the parameter records: for each new prefix or parameter
+-- entry of x_pnew (segments, rank code, whether a prefix), the parameter
+-- records of its trie with a worse head whose shape it may meet.
+-- O(parameter records) per trie with such entries.
+local function x_psettle(rt)
+  local xr, dirty = rt.xrec, rt.x_dirty
+  for root, list in pairs(rt.x_pnew) do
+    local pl = rt.x_plist[root] or {}
+    for k = 1, #pl, 2 do
+      local base = pl[k]
+      if xr[base + X_HEAD] ~= 0 and not dirty[base] then
+        local R, segs = xr[base + X_RANK], pl[k + 1]
+        for j = 1, #list, 3 do
+          if list[j + 1] < R and may_meet(list[j], list[j + 2], segs) then
+            dirty[base] = segs
             break
           end
         end
@@ -1512,6 +1750,12 @@ local function add_entry(rt, d)
     list[#list + 1] = literal_body(d.segs, pdepth and pdepth - 1 or #d.segs)
     list[#list + 1] = rank
   end
+  if d.kind ~= "exact" and rt.x_plist[root] then
+    -- it may beat the head of a parameter record of its trie (x_psettle)
+    local list = rt.x_pnew[root] or {}
+    rt.x_pnew[root] = list
+    list[#list + 1], list[#list + 2], list[#list + 3] = d.segs, rank, d.kind == "prefix"
+  end
 end
 
 -- unlinks entry e (the d of route's entry) from its chain
@@ -1557,7 +1801,7 @@ function _M.apply(rt, plan)
   -- the records to work out again once all is changed, and per trie the
   -- literal bodies and ranks of the new entries that may beat some head
   local dirty = {}
-  rt.x_dirty, rt.x_new = dirty, {}
+  rt.x_dirty, rt.x_new, rt.x_pnew = dirty, {}, {}
   for _, route in ipairs(plan.removed) do
     local e = first[route]
     for k, d in ipairs(describe(route)) do
@@ -1575,11 +1819,12 @@ function _M.apply(rt, plan)
   end
   if rt.xon then
     x_settle(rt)
+    x_psettle(rt)
     for base, segs in pairs(dirty) do
       x_refresh(rt, base, segs)
     end
   end
-  rt.x_dirty, rt.x_new = nil, nil
+  rt.x_dirty, rt.x_new, rt.x_pnew = nil, nil, nil
 end
 
 -- ---- matching ---------------------------------------------------------------
@@ -1689,6 +1934,10 @@ end
 -- trie level is a segment, so the segment at a depth is the same on
 -- every branch, and each byte is hashed once whatever the tries walked).
 local bnd_i, bnd_g, seg_h = {}, {}, {}
+-- the parameter shapes of the root being looked at, the one tried (not
+-- locals of walk: its loop has as many live values as a side trace's
+-- entry can take)
+local pl, si = {}, 0
 
 -- what a record tells of its trie (x_look)
 local X_NONE, X_DECIDED, X_WALK = 0, 1, 2
@@ -1732,6 +1981,89 @@ local function x_look(rt, v, tag, len, h)
   return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
 end
 
+-- Looks up the parameter record of shape shp (p1 + p2 * 256) in the trie
+-- of tag (root * 4 + X_PARAM) for the path of nb - 1 segments read into
+-- bnd_i, bnd_g and seg_h. Its key is the path's less
+-- the parameters' terms (see body_key); a record found is checked byte for
+-- byte (its literal runs) and its parameters' segments noted for params_of.
+-- Returns its slot, or -1 when it is not found where a lookup looks (home
+-- slot and next), which is safe: the prefix records and the walk do not
+-- rely on it.
+local function x_param_find(rt, v, tag, shp, nb)
+  local p1, p2 = band(shp, 255), rshift(shp, 8)
+  local n = nb - 1
+  local a1 = bnd_i[p1 + 1]
+  if a1 == bnd_i[p1] + 1 then
+    return -1 -- a parameter takes a non-empty segment
+  end
+  local g = bnd_g[nb] - mulmod(seg_h[p1] + 1, GPOW[n - p1])
+  local len = bnd_i[nb]
+  local b1, a2 = len, len -- the second run's end, the third's start
+  if p2 > 0 then
+    b1, a2 = bnd_i[p2], bnd_i[p2 + 1]
+    if a2 == b1 + 1 then
+      return -1
+    end
+    g = g - mulmod(seg_h[p2] + 1, GPOW[n - p2])
+  end
+  local m = xmix(tobit(g), tag)
+  local b = band(m, rt.xbmask)
+  if band(rt.xbits[rshift(b, 5)], lshift(1, b)) == 0 then
+    return -1
+  end
+  local xr, mask = rt.xrec, rt.xmask
+  local s = band(m, mask)
+  local base = s * XREC
+  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_SHAPE] ~= shp then
+    base = band(s + 1, mask) * XREC
+    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_SHAPE] ~= shp then
+      return -1
+    end
+  end
+  -- the runs: before the first parameter, between, after the last
+  local runs, total = xr[base + X_RUNS], xr[base + X_LEN]
+  local l0, l1 = band(runs, 0xffff), rshift(runs, 16)
+  local l2 = total - l0 - l1
+  if bnd_i[p1] ~= l0 or b1 - a1 ~= l1 or len - a2 ~= l2 then
+    return -1
+  end
+  local off = xr[base + X_OFF]
+  if C.memcmp(v.path, rt.labels + off, l0) ~= 0
+     or C.memcmp(v.path + a1, rt.labels + (off + l0), l1) ~= 0
+     or l2 > 0 and C.memcmp(v.path + a2, rt.labels + (off + l0 + l1), l2) ~= 0 then
+    return -1
+  end
+  seg_s[p1], seg_e[p1] = bnd_i[p1] + 1, a1
+  if p2 > 0 then
+    seg_s[p2], seg_e[p2] = b1 + 1, a2
+  end
+  return base
+end
+
+-- x_param_find, then what the record found tells (as x_look). Two
+-- functions: the side trace of a predicate's check (in consider) takes
+-- every value live in the frames above it at its exit, and x_param_find's
+-- are many.
+local function x_param(rt, v, tag, shp, nb)
+  local base = x_param_find(rt, v, tag, shp, nb)
+  if base < 0 then
+    return X_NONE
+  end
+  local xr = rt.xrec
+  local head = xr[base + X_HEAD]
+  if head == 0 then
+    return X_NONE
+  end
+  local rank = xr[base + X_RANK]
+  if rank < best_rank then
+    consider(head, rank, bnd_i[nb])
+    if best ~= head then
+      return X_WALK
+    end
+  end
+  return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
+end
+
 -- Reads the path (bnd_i: one loop over its bytes, a multiply-add each),
 -- then walks roots[1..nroots] along it: at each root, its records first
 -- (see "records"); then, unless they decided the trie, depth first, the
@@ -1745,9 +2077,8 @@ end
 -- exit is boxed there (an allocation).
 local function walk(rt, v, len, nroots)
   local nodes, karr = rt.nodes, rt.karr
-  local xon = rt.xon
   local xroot, kb = 0, 0 -- the root whose records were looked at; a body of the path
-  local nb, g, sh = 0, 0, 0 -- the count of bnd_i, a body key, a segment hash
+  local nb = 0 -- the count of bnd_i
   local k, i, d = roots[1], 0, 0
   local ri, sp = 1, 0
   local j, h = 0, 0
@@ -1755,14 +2086,16 @@ local function walk(rt, v, len, nroots)
   -- a number from the start, as arrived below
   local child = 0 -- luacheck: ignore 311
   -- 1: at node k, 0: reading a segment, 2: probing, 3: at root k, looking
-  -- at its prefix records (a number: true and false are two types to the
+  -- at its prefix records, 4: at its parameter records (a number: true
+  -- and false are two types to the
   -- JIT, and a loop variable changing type breaks the trace)
   local arrived = 1
-  if xon and len > 0 and v.path[0] == SLASH then
+  if rt.xon and len > 0 and v.path[0] == SLASH then
     -- read the path first (a path not starting with "/" has no segment;
     -- without records, segments are read as the walk goes: what a walk
     -- does not reach is not read)
     nb = 1
+    local g, sh = 0, 0 -- a body key, a segment hash
     bnd_i[1], bnd_g[1] = 0, 0
     local mult = rt.mult
     for jj = 1, len - 1 do
@@ -1790,8 +2123,13 @@ local function walk(rt, v, len, nroots)
         -- a root: the path's exact record, or else its prefix records,
         -- may decide the trie
         xroot = k
-        x = x_look(rt, v, 2 * k + X_EXACT, len, bnd_g[nb])
+        x = x_look(rt, v, 4 * k + X_EXACT, len, bnd_g[nb])
         if x == X_NONE then
+          local shapes = nb <= X_P_SEGS_MAX and rt.x_shapes[k * 256 + nb - 1]
+          if shapes then
+            pl, si, arrived = shapes, 1, 4
+            goto continue
+          end
           kb = rt.x_depth[k] or 0
           if kb > 0 then
             kb, arrived = kb < nb and kb or nb, 3
@@ -1820,9 +2158,29 @@ local function walk(rt, v, len, nroots)
           end
         end
       end
+    elseif arrived == 4 then
+      -- the parameter record of shape pl[si] of root k
+      local x = x_param(rt, v, 4 * k + X_PARAM, pl[si], nb)
+      if x == X_NONE then
+        si = si + 1
+        if pl[si] then
+          goto continue
+        end
+        -- none: the prefix records, or a walk
+        kb = rt.x_depth[k] or 0
+        arrived = 1
+        if kb > 0 then
+          kb, arrived = kb < nb and kb or nb, 3
+        end
+        goto continue
+      end
+      if x ~= X_DECIDED then
+        arrived = 1
+        goto continue
+      end
     elseif arrived == 3 then
       -- the prefix record of body kb of root k (the longest first)
-      local x = x_look(rt, v, 2 * k + X_PREFIX, bnd_i[kb], bnd_g[kb])
+      local x = x_look(rt, v, 4 * k + X_PREFIX, bnd_i[kb], bnd_g[kb])
       if x == X_NONE and kb > 1 then
         kb = kb - 1
         goto continue

@@ -201,6 +201,104 @@ describe("router", function()
     end)
   end)
 
+  -- Parameter records (router.lua "parameter records"): a pattern of one
+  -- or two parameters is found from one record when nothing may beat it.
+  -- These routers have records too (build: records = true).
+  describe("parameter records", function()
+    it("find patterns of one and two parameters, their values, and nothing else", function()
+      local rt = build({ { id = "u", paths = { "/users/:id" } },
+                         { id = "l", paths = { "/api/v2/:svc/items/:id/lines" } },
+                         { id = "t", paths = { "/:tenant/a/b" } } })
+      -- white box: the shapes looked up for paths of 2 and 6 segments
+      assert.same({ 2 }, rt.x_shapes[rt.none * 256 + 2])
+      assert.same({ 3 + 5 * 256 }, rt.x_shapes[rt.none * 256 + 6])
+      assert.same({ id = "42" }, select(3, lookup(rt, "/users/42")))
+      assert.same({ svc = "s", id = "9" }, select(3, lookup(rt, "/api/v2/s/items/9/lines")))
+      assert.same({ tenant = "acme" }, select(3, lookup(rt, "/acme/a/b")))
+      for _, p in ipairs({ "/users/", "/users//", "/api/v2//items/9/lines", "/api/v2/s/items//lines",
+                           "/api/v2/s/items/9/line", "/api/v2/s/item/9/lines", "/api/v3/s/items/9/lines",
+                           "/api/v2/s/items/9/lines/", "/api/v2/s/xitems/9/lines", "//a/b",
+                           "/acme/a/bb", "/acme/a", "/acme/ab" }) do
+        assert.is_nil(lookup(rt, p), p)
+      end
+    end)
+
+    it("give way to what may beat them: an exact path, a prefix of a higher priority, another shape", function()
+      local rt = build({ { id = "param", paths = { "/users/:id" } },
+                         { id = "me", paths = { "/users/me" } },
+                         { id = "vip", paths = { "/users/vip/*" }, priority = 1 },
+                         { id = "org", paths = { "/:org/settings" }, priority = 2 },
+                         { id = "deep", paths = { "/users/:id/posts" } } })
+      assert.equal("param", lookup(rt, "/users/42"))
+      assert.equal("me", lookup(rt, "/users/me"))
+      assert.equal("vip", lookup(rt, "/users/vip"))
+      assert.equal("org", lookup(rt, "/users/settings"))
+      assert.equal("org", lookup(rt, "/acme/settings"))
+      assert.same({ id = "7" }, select(3, lookup(rt, "/users/7/posts")))
+    end)
+
+    it("check the predicates of each request along the record's chain", function()
+      local rt = build({ { id = "post", paths = { "/u/:id" }, methods = { "POST" } },
+                         { id = "get", paths = { "/u/:uid" }, methods = { "GET" } },
+                         { id = "lower", paths = { "/u/*" } } })
+      assert.equal("post", lookup(rt, { "/u/1", method = "POST" }))
+      local id, _, params = lookup(rt, { "/u/1", method = "GET" })
+      assert.equal("get", id)
+      assert.same({ uid = "1" }, params)
+      assert.equal("lower", lookup(rt, { "/u/1", method = "PUT" }))
+    end)
+
+    it("of more shapes than are looked up per segment count, and of three parameters, are walked", function()
+      local rt = build({ { id = "s1", paths = { "/:a/b/c" } }, { id = "s2", paths = { "/a/:b/c" } },
+                         { id = "s3", paths = { "/a/b/:c" } }, { id = "s4", paths = { "/:a/:b/c" } },
+                         { id = "s5", paths = { "/:a/b/:c" } }, { id = "s6", paths = { "/a/:b/:c" } },
+                         { id = "s7", paths = { "/:a/:b/:c" } } })
+      for path, want in pairs({ ["/a/b/c"] = "s1", ["/x/b/c"] = "s1", ["/a/x/c"] = "s2",
+                                ["/a/b/x"] = "s3", ["/x/y/c"] = "s4", ["/x/b/y"] = "s5",
+                                ["/a/x/y"] = "s6", ["/x/y/z"] = "s7" }) do
+        assert.equal(want, lookup(rt, path), path)
+      end
+      assert.same({ a = "x", b = "y" }, select(3, lookup(rt, "/x/y/c")))
+      assert.same({ a = "x", b = "y", c = "z" }, select(3, lookup(rt, "/x/y/z")))
+    end)
+
+    it("are kept up to date in place: a new route that beats one, a removed head", function()
+      local p1 = { id = "p1", paths = { "/a/:x/c" }, methods = { "GET" } }
+      local routes = { { id = "pad", paths = { "/pad" }, priority = 1 }, { id = "k", paths = { "/k/l/*" } },
+                       p1, { id = "p2", paths = { "/a/:y/c" } } }
+      local rt = build(routes)
+      assert.equal("p1", lookup(rt, "/a/b/c"))
+      -- a prefix of a higher priority on the record's way
+      local new = { routes[1], routes[2], p1, routes[4], { id = "hi", paths = { "/a/b/*" }, priority = 1 } }
+      local plan = router.plan(rt, routes, new)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal("hi", lookup(rt, "/a/b/c"))
+      assert.equal("p1", lookup(rt, "/a/z/c"))
+      -- another shape of a higher priority
+      local new2 = { new[1], new[2], p1, new[4], new[5], { id = "hp", paths = { "/:w/z/c" }, priority = 1 } }
+      plan = router.plan(rt, new, new2)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal("hp", lookup(rt, "/a/z/c"))
+      assert.equal("p1", lookup(rt, "/a/y/c"))
+      -- the record's head removed: the next of its chain
+      local new3 = { new2[1], new2[2], new2[4], new2[5], new2[6] }
+      plan = router.plan(rt, new2, new3)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      local id, _, params = lookup(rt, "/a/y/c")
+      assert.equal("p2", id)
+      assert.same({ y = "y" }, params)
+      -- a new parameter route at the record's own node, listed before p2
+      local new4 = { new3[1], new3[2], { id = "p0", paths = { "/a/:z/c" } }, new3[3], new3[4], new3[5] }
+      plan = router.plan(rt, new3, new4)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal("p0", lookup(rt, "/a/y/c"))
+    end)
+  end)
+
   describe("precedence", function()
     it("exact path over parameter over prefix", function()
       local routes = { { id = "prefix", paths = { "/users/*" } },
@@ -767,7 +865,16 @@ describe("router", function()
       end
     end
 
-    it("on 300 random tables of exact, prefix and parameter paths, hosts, methods and priorities", function()
+    -- the mix of the random tables: segments per pattern (at most), one
+    -- in param_one a parameter; the second mix has many parameter
+    -- patterns of several shapes (parameter records, more shapes than are
+    -- tried per segment count); applied: the changes made in place at
+    -- least (the others bring a new priority or path shape)
+    local MIXES = { { segs = 3, param_one = 6, name = "", applied = 300 },
+                    { segs = 4, param_one = 3, name = ", most with parameters", applied = 200 } }
+    for _, mix in ipairs(MIXES) do
+    it("on 300 random tables of exact, prefix and parameter paths, hosts, methods and priorities"
+       .. mix.name, function()
       local seed = 42
       local function rnd(n)
         seed = (seed * 1103515245 + 12345) % 2147483648
@@ -777,11 +884,11 @@ describe("router", function()
       local HOSTS = { "x.com", "a.x.com", "*.x.com", "x.*", "b.a.x.com" }
       local METHODS = { "GET", "POST" }
       local function rand_pattern()
-        local n = rnd(4) - 1
+        local n = rnd(mix.segs + 1) - 1
         local parts = {}
         for k = 1, n do
-          local r = rnd(6)
-          parts[k] = r == 6 and (":p" .. k) or SEGS[rnd(#SEGS)]
+          local r = rnd(mix.param_one)
+          parts[k] = r == mix.param_one and (":p" .. k) or SEGS[rnd(#SEGS)]
         end
         local p = "/" .. table.concat(parts, "/")
         if rnd(3) == 1 then
@@ -790,7 +897,7 @@ describe("router", function()
         return p
       end
       local function rand_path()
-        local n = rnd(5) - 1
+        local n = rnd(mix.segs + 2) - 1
         local parts = {}
         for k = 1, n do
           parts[k] = rnd(5) == 1 and tostring(rnd(3)) or SEGS[rnd(#SEGS)]
@@ -843,8 +950,10 @@ describe("router", function()
       end
       assert.same({}, mismatches)
     end)
+    end
 
-    it("after random changes applied in place, on 150 random tables", function()
+    for _, mix in ipairs(MIXES) do
+    it("after random changes applied in place, on 150 random tables" .. mix.name, function()
       local seed = 4242
       local function rnd(n)
         seed = (seed * 1103515245 + 12345) % 2147483648
@@ -858,10 +967,10 @@ describe("router", function()
         serial = serial + 1
         local r = { id = "r" .. serial, paths = {} }
         for k = 1, rnd(2) do
-          local n = rnd(4) - 1
+          local n = rnd(mix.segs + 1) - 1
           local parts = {}
           for j = 1, n do
-            parts[j] = rnd(6) == 6 and (":p" .. j) or SEGS[rnd(#SEGS)]
+            parts[j] = rnd(mix.param_one) == mix.param_one and (":p" .. j) or SEGS[rnd(#SEGS)]
           end
           local p = "/" .. table.concat(parts, "/")
           if rnd(3) == 1 then
@@ -888,7 +997,7 @@ describe("router", function()
       end
       local function rand_path()
         local parts = {}
-        for k = 1, rnd(5) - 1 do
+        for k = 1, rnd(mix.segs + 2) - 1 do
           parts[k] = rnd(5) == 1 and tostring(rnd(3)) or SEGS[rnd(#SEGS)]
         end
         return "/" .. table.concat(parts, "/")
@@ -944,7 +1053,8 @@ describe("router", function()
       assert.same({}, mismatches)
       -- many made in place (the others bring a new priority or path shape
       -- to these small tables, and are built anew)
-      assert.is_true(applied >= 300, ("applied %d, declined %d"):format(applied, declined))
+      assert.is_true(applied >= mix.applied, ("applied %d, declined %d"):format(applied, declined))
     end)
+    end
   end)
 end)
