@@ -6,6 +6,7 @@
 local cjson = require("cjson")
 local client = require("helpers.client")
 local gateway = require("helpers.gateway")
+local proc = require("helpers.proc")
 
 local POLICY_DIR = gateway.root .. "/spec/fixtures/policies-it"
 
@@ -239,6 +240,42 @@ describe(name, function()
                     assert.equal(200, res.status, res.body)
                     assert.same({ id = id, post = "7" }, cjson.decode(res.body).params)
                 end
+            end)
+
+            it("starts empty with each version: a reload's routes answer at once", function()
+                local mock = gateway.mock()
+                local function doc(id)
+                    local list = { tagged(id, { paths = { "/r/*" } }) }
+                    if id == "old" then
+                        list[2] = tagged("gone", { paths = { "/gone" } })
+                    end
+                    return { upstreams = { gateway.upstream("mock", mock) }, routes = list }
+                end
+                local g = gateway.start({ routes = doc("old"), workers = 1 })
+                local function tag(path)
+                    local res = assert(client.get(g.port, path))
+                    if res.status ~= 200 then
+                        return res.status
+                    end
+                    return cjson.decode(res.body).path:match("^/tag/(.*)$")
+                end
+                for _ = 1, 3 do
+                    assert.equal("old", tag("/r/x"))
+                    assert.equal("gone", tag("/gone"))
+                end
+                local before = g:config_versions()[0]
+                g:write_routes(doc("new"))
+                local rc, out = g:reload()
+                assert.equal(0, rc, out)
+                assert.truthy(proc.eventually(function()
+                    local now = g:config_versions()[0]
+                    return now and now > before
+                end, 10), "the reload did not reach the worker")
+                for _ = 1, 3 do
+                    assert.equal("new", tag("/r/x"))
+                    assert.equal(404, tag("/gone"))
+                end
+                g:stop()
             end)
 
             it("answers past its bound and for paths too long to keep", function()
