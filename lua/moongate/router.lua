@@ -129,16 +129,21 @@ local X_RANK = 3       -- its rank code
 local X_LEN = 4        -- the path's length
 local X_OFF = 5        -- where the path is in labels, when not inline
 local X_BEAT = 6       -- 1: the head is not decisive
-local X_NODE = 7       -- the trie node of the path
-local X_FAR = 8        -- 1: a record whose home is this slot lies past the next
+local X_FAR = 7        -- 1: a record whose home is this slot lies past the next
+local X_NODE = 8       -- the trie node of the path (a parameter record's: x_pnode)
 local X_INLINE_AT = 36 -- byte offset of the inline path in a record
 local X_INLINE_MAX = 28
--- a parameter record (X_PARAM) has its pattern's literal runs (see
--- "parameter records") in labels (never inline: the walk's trace takes
--- one way) and two more slots
-local X_SHAPE = 9      -- p1 + p2 * 256: its parameters' segment numbers (p2 0: one)
-local X_RUNS = 10      -- the lengths of the first two runs, l0 + l1 * 65536
+-- A parameter record (X_PARAM; see "parameter records") has X_LEN the
+-- length of its literal runs, and
+local X_P_PACK = 5     -- shape + l0 * 256 + l1 * 2^20: shape p1 + p2 * 16 (its
+                       -- parameters' segment numbers; p2 0: one), l0 and l1 the
+                       -- lengths of its first two runs
+local X_P_OFF = 8      -- where its runs are in labels, in a router of long runs
+local X_P_INLINE_AT = 32 -- else they are inline, from this byte offset
+local X_P_INLINE_MAX = 32 -- (a router's runs are all inline or all in labels:
+                          -- the walk's trace takes one way)
 local X_P_SEGS_MAX = 255 -- segments of a pattern with a parameter record (a shape's key)
+local X_P_RUN_MAX = 4095 -- the longest run
 local X_SHAPES_MAX = 4 -- shapes looked at per trie and segment count; more have no records
 local X_EXACT, X_PREFIX, X_PARAM = 0, 1, 2
 local X_SPARE_MIN = 64 -- records kept for updates; an update needing more rebuilds
@@ -343,14 +348,14 @@ local function parse_path_cached(p)
 end
 
 -- The parameter record of a pattern of kind "param" (segments segs, with
--- false for a parameter): its shape (p1 + p2 * 256, the segment numbers of
--- its one or two parameters), its literal runs joined (the bytes before
--- the first parameter's "/", between the parameters, after the last; a
--- parameter's own slashes are where the request's segment bounds are) and
--- the first two runs' lengths (l0 + l1 * 65536). nil for a pattern of
--- more parameters or segments (walked, as without records):
---   "/api/:v/items/:id" -> 2 + 4 * 256, "/api/items", 4 + 6 * 65536
-local param_recs = setmetatable({}, { __mode = "k" }) -- segs -> { shape, runs, lens }
+-- false for a parameter): its shape and first two runs' lengths
+-- (X_P_PACK) and its literal runs joined (the bytes before the first
+-- parameter's "/", between the parameters, after the last; a parameter's
+-- own slashes are where the request's segment bounds are). nil for a
+-- pattern of more parameters, or one past 15 segments or X_P_RUN_MAX
+-- (walked, as without records):
+--   "/api/:v/items/:id" -> 2 + 4 * 16 + 4 * 256 + 6 * 2^20, "/api/items"
+local param_recs = setmetatable({}, { __mode = "k" }) -- segs -> { pack, runs } or false
 
 local function param_record(segs)
   local pr = param_recs[segs]
@@ -362,7 +367,7 @@ local function param_record(segs)
         ps[#ps + 1] = k
       end
     end
-    if #ps >= 1 and #ps <= 2 and n <= X_P_SEGS_MAX then
+    if #ps >= 1 and #ps <= 2 and ps[#ps] <= 15 and n <= X_P_SEGS_MAX then
       local p1, p2 = ps[1], ps[2] or 0
       local run = {}
       for k = 1, n do
@@ -371,12 +376,14 @@ local function param_record(segs)
       local r0 = concat(run, "", 1, p1 - 1)
       local r1 = concat(run, "", p1 + 1, p2 > 0 and p2 - 1 or n)
       local r2 = p2 > 0 and concat(run, "", p2 + 1, n) or ""
-      pr = { p1 + p2 * 256, r0 .. r1 .. r2, #r0 + #r1 * 65536 }
+      if #r0 <= X_P_RUN_MAX and #r1 <= X_P_RUN_MAX then
+        pr = { p1 + p2 * 16 + #r0 * 256 + #r1 * 2 ^ 20, r0 .. r1 .. r2 }
+      end
     end
     param_recs[segs] = pr
   end
   if pr then
-    return pr[1], pr[2], pr[3]
+    return pr[1], pr[2]
   end
 end
 
@@ -755,23 +762,40 @@ for j = 1, X_P_SEGS_MAX do
   GPOW[j] = tobit(GPOW[j - 1] * GMULT)
 end
 
--- the bytes inline in a record of kind x start here, this many at most
-local function x_inline(kind)
+-- the bytes inline in a record of kind x of rt start at this byte
+-- offset, this many at most; where the offset in labels is otherwise
+local function x_inline(rt, kind)
   if kind == X_PARAM then
-    return X_INLINE_AT, -1
+    return X_P_INLINE_AT, rt.xp_inline and X_P_INLINE_MAX or -1, X_P_OFF
   end
-  return X_INLINE_AT, X_INLINE_MAX
+  return X_INLINE_AT, X_INLINE_MAX, X_OFF
 end
 
 -- the path bytes (the literal runs of a parameter record) of the record at base
 local function x_path(rt, base)
   local xr = rt.xrec
   local n = xr[base + X_LEN]
-  local at, max_inline = x_inline(xr[base + X_TAG] % 4)
+  local at, max_inline, off = x_inline(rt, xr[base + X_TAG] % 4)
   if n <= max_inline then
     return ffi_string(rt.xrec8 + (base * 4 + at), n)
   end
-  return ffi_string(rt.labels + xr[base + X_OFF], n)
+  return ffi_string(rt.labels + xr[base + off], n)
+end
+
+-- the trie node of the record at base
+local function x_node(rt, base)
+  if rt.xrec[base + X_TAG] % 4 == X_PARAM then
+    return rt.x_pnode[base]
+  end
+  return rt.xrec[base + X_NODE]
+end
+
+local function x_set_node(rt, base, node)
+  if rt.xrec[base + X_TAG] % 4 == X_PARAM then
+    rt.x_pnode[base] = node
+  else
+    rt.xrec[base + X_NODE] = node
+  end
 end
 
 -- the label of node k
@@ -791,10 +815,9 @@ end
 local function x_slot(rt, root, kind, path, segs, make)
   local tag = root * 4 + kind
   local m = xmix(body_key(segs, rt.mult), tag)
-  local shape, runs = 0, 0
+  local pack = 0
   if kind == X_PARAM then
-    local _
-    shape, _, runs = param_record(segs)
+    pack = tobit(param_record(segs))
   end
   local xr, mask = rt.xrec, rt.xmask
   local s = band(m, mask)
@@ -809,9 +832,10 @@ local function x_slot(rt, root, kind, path, segs, make)
       end
       local n = #path
       xr[base + X_KEY], xr[base + X_TAG], xr[base + X_LEN] = m, tag, n
-      local at, max_inline = x_inline(kind)
+      local at, max_inline, off = x_inline(rt, kind)
       if kind == X_PARAM then
-        xr[base + X_SHAPE], xr[base + X_RUNS] = shape, runs
+        local shape = band(pack, 255)
+        xr[base + X_P_PACK] = pack
         -- its shape is tried for the paths of its segment count (see
         -- "parameter records"); the trie's records, for x_psettle
         local key = root * 256 + #segs
@@ -831,7 +855,7 @@ local function x_slot(rt, root, kind, path, segs, make)
       if n <= max_inline then
         ffi_copy(rt.xrec8 + (base * 4 + at), path, n)
       else
-        xr[base + X_OFF] = rt.loff
+        xr[base + off] = rt.loff
         ffi_copy(rt.labels + rt.loff, path, n)
         rt.loff = rt.loff + n
       end
@@ -848,7 +872,7 @@ local function x_slot(rt, root, kind, path, segs, make)
       return base
     end
     if t == tag and xr[base + X_KEY] == m and x_path(rt, base) == path
-       and (kind ~= X_PARAM or xr[base + X_SHAPE] == shape) then
+       and (kind ~= X_PARAM or xr[base + X_P_PACK] == pack) then
       return base
     end
     s = band(s + 1, mask)
@@ -963,7 +987,7 @@ end
 -- segs: the path's literal segments (true: parsed again)
 local function x_refresh(rt, base, segs)
   local xr, nodes = rt.xrec, rt.nodes
-  local node, tag = xr[base + X_NODE], xr[base + X_TAG]
+  local node, tag = x_node(rt, base), xr[base + X_TAG]
   local root, kind = floor(tag / 4), tag % 4
   local nb = node * NODE
   local pre = kind == X_PREFIX
@@ -1022,7 +1046,8 @@ local function x_build(rt, xlist)
   rt.x_worst, rt.x_depth = {}, {}
   -- root * 256 + segment count -> the shapes of its parameter records;
   -- root -> its parameter records (slot, segments, ...)
-  rt.x_shapes, rt.x_plist = {}, {}
+  -- slot -> the node of a parameter record
+  rt.x_shapes, rt.x_plist, rt.x_pnode = {}, {}, {}
   rt.mapped_bytes = rt.mapped_bytes + mapped
   for k = 1, #xlist, 5 do
     if k % 1280 == 1 then
@@ -1030,7 +1055,7 @@ local function x_build(rt, xlist)
     end
     local segs = xlist[k + 4]
     local base = x_slot(rt, xlist[k + 1], xlist[k + 2], xlist[k + 3], segs, true)
-    xr[base + X_NODE] = xlist[k]
+    x_set_node(rt, base, xlist[k])
     x_refresh(rt, base, segs)
   end
 end
@@ -1066,6 +1091,7 @@ function _M.new(routes, opts)
   local prio, hclass, prank, segments, bkind, bkey = {}, {}, {}, {}, {}, {}
   local has_preds, has_params, pdepth = {}, {}, {}
   local max_nodes, label_bytes = 0, 0
+  local p_long = false -- some parameter record's runs are not inline
   local route_first = {} -- route -> its first entry (its entries follow it)
   local incremental = true
   -- method-only predicates and parameter lists repeat from route to route:
@@ -1136,6 +1162,7 @@ function _M.new(routes, opts)
           local _, runs = param_record(segs)
           if runs then
             label_bytes = label_bytes + #runs
+            p_long = p_long or #runs > X_P_INLINE_MAX
           end
         end
         pdepth[n] = not body and psegs[1]
@@ -1222,6 +1249,7 @@ function _M.new(routes, opts)
     records = count >= RECORDS_MIN_NODES
   end
   rt.xon = records
+  rt.xp_inline = not p_long
   if records then
     x_build(rt, kids.xlist)
   end
@@ -1268,14 +1296,15 @@ end
 
 -- the record kind and path (exact) or body (prefix) of the entry d, or
 -- nil (a pattern with parameters has none)
-local function record_of(d)
+local function record_of(rt, d)
   if d.kind == "exact" then
     return X_EXACT, d.path
   elseif d.kind == "prefix" and d.len then
     return X_PREFIX, sub(d.path, 1, d.len)
   elseif d.kind == "param" then
-    local shape, runs = param_record(d.segs)
-    if shape then
+    local pack, runs = param_record(d.segs)
+    -- a router of inline runs has no record for longer ones (walked)
+    if pack and (#runs <= X_P_INLINE_MAX or not rt.xp_inline) then
       return X_PARAM, runs
     end
   end
@@ -1480,10 +1509,10 @@ finish_plan = function(rt, removed, runs, changed)
   -- the records the new entries may make, and their long paths
   local xnew = 0
   for _, d in ipairs(plan.entries) do
-    local xk, xpath = record_of(d)
+    local xk, xpath = record_of(rt, d)
     if xk and rt.xon then
       xnew = xnew + 1
-      local _, max_inline = x_inline(xk)
+      local _, max_inline = x_inline(rt, xk)
       if #xpath > max_inline then
         plan.label_bytes = plan.label_bytes + #xpath
       end
@@ -1736,10 +1765,10 @@ local function add_entry(rt, d)
   if not rt.xon then
     return
   end
-  local xk, xpath = record_of(d)
+  local xk, xpath = record_of(rt, d)
   if xk then
     local base = x_slot(rt, root, xk, xpath, d.segs, true)
-    rt.xrec[base + X_NODE] = node
+    x_set_node(rt, base, node)
     rt.x_dirty[base] = d.segs
   end
   if d.kind ~= "exact" and rank < (rt.x_worst[root] or 0) then
@@ -1771,7 +1800,7 @@ local function remove_entry(rt, e, d)
   end
   local is_prefix = d.kind == "prefix"
   local slot = node * NODE + (is_prefix and N_PREFIX or N_EXACT)
-  local xk, xpath = record_of(d)
+  local xk, xpath = record_of(rt, d)
   if xk and rt.xon then
     -- its record's head may change (to a worse one, or none)
     rt.x_dirty[assert(x_slot(rt, rt.buckets[d.bkind][d.bkey], xk, xpath, d.segs, false))] = d.segs
@@ -1981,7 +2010,7 @@ local function x_look(rt, v, tag, len, h)
   return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
 end
 
--- Looks up the parameter record of shape shp (p1 + p2 * 256) in the trie
+-- Looks up the parameter record of shape shp (p1 + p2 * 16) in the trie
 -- of tag (root * 4 + X_PARAM) for the path of nb - 1 segments read into
 -- bnd_i, bnd_g and seg_h. Its key is the path's less
 -- the parameters' terms (see body_key); a record found is checked byte for
@@ -1990,7 +2019,7 @@ end
 -- slot and next), which is safe: the prefix records and the walk do not
 -- rely on it.
 local function x_param_find(rt, v, tag, shp, nb)
-  local p1, p2 = band(shp, 255), rshift(shp, 8)
+  local p1, p2 = band(shp, 15), rshift(shp, 4)
   local n = nb - 1
   local a1 = bnd_i[p1 + 1]
   if a1 == bnd_i[p1] + 1 then
@@ -2014,23 +2043,23 @@ local function x_param_find(rt, v, tag, shp, nb)
   local xr, mask = rt.xrec, rt.xmask
   local s = band(m, mask)
   local base = s * XREC
-  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_SHAPE] ~= shp then
+  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or band(xr[base + X_P_PACK], 255) ~= shp then
     base = band(s + 1, mask) * XREC
-    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_SHAPE] ~= shp then
+    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or band(xr[base + X_P_PACK], 255) ~= shp then
       return -1
     end
   end
   -- the runs: before the first parameter, between, after the last
-  local runs, total = xr[base + X_RUNS], xr[base + X_LEN]
-  local l0, l1 = band(runs, 0xffff), rshift(runs, 16)
+  local pack, total = xr[base + X_P_PACK], xr[base + X_LEN]
+  local l0, l1 = band(rshift(pack, 8), 0xfff), rshift(pack, 20)
   local l2 = total - l0 - l1
   if bnd_i[p1] ~= l0 or b1 - a1 ~= l1 or len - a2 ~= l2 then
     return -1
   end
-  local off = xr[base + X_OFF]
-  if C.memcmp(v.path, rt.labels + off, l0) ~= 0
-     or C.memcmp(v.path + a1, rt.labels + (off + l0), l1) ~= 0
-     or l2 > 0 and C.memcmp(v.path + a2, rt.labels + (off + l0 + l1), l2) ~= 0 then
+  local lit = rt.xp_inline and base * 4 + X_P_INLINE_AT or xr[base + X_P_OFF]
+  local lits = rt.xp_inline and rt.xrec8 or rt.labels
+  if C.memcmp(v.path, lits + lit, l0) ~= 0 or C.memcmp(v.path + a1, lits + (lit + l0), l1) ~= 0
+     or l2 > 0 and C.memcmp(v.path + a2, lits + (lit + l0 + l1), l2) ~= 0 then
     return -1
   end
   seg_s[p1], seg_e[p1] = bnd_i[p1] + 1, a1

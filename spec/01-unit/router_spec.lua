@@ -211,7 +211,7 @@ describe("router", function()
                          { id = "t", paths = { "/:tenant/a/b" } } })
       -- white box: the shapes looked up for paths of 2 and 6 segments
       assert.same({ 2 }, rt.x_shapes[rt.none * 256 + 2])
-      assert.same({ 3 + 5 * 256 }, rt.x_shapes[rt.none * 256 + 6])
+      assert.same({ 3 + 5 * 16 }, rt.x_shapes[rt.none * 256 + 6])
       assert.same({ id = "42" }, select(3, lookup(rt, "/users/42")))
       assert.same({ svc = "s", id = "9" }, select(3, lookup(rt, "/api/v2/s/items/9/lines")))
       assert.same({ tenant = "acme" }, select(3, lookup(rt, "/acme/a/b")))
@@ -260,6 +260,25 @@ describe("router", function()
       end
       assert.same({ a = "x", b = "y" }, select(3, lookup(rt, "/x/y/c")))
       assert.same({ a = "x", b = "y", c = "z" }, select(3, lookup(rt, "/x/y/z")))
+    end)
+
+    it("hold long literal runs elsewhere, and in place a router of short ones walks a long one", function()
+      local long = "/organizations/:org/projects/:project/issue-comments" -- 38 bytes of runs
+      local rt = build({ { id = "long", paths = { long } }, { id = "short", paths = { "/u/:id" } } })
+      assert.is_false(rt.xp_inline) -- white box: the runs are in labels
+      assert.same({ org = "o", project = "p" }, select(3, lookup(rt, "/organizations/o/projects/p/issue-comments")))
+      assert.same({ id = "1" }, select(3, lookup(rt, "/u/1")))
+      assert.is_nil(lookup(rt, "/organizations/o/projects/p/issue-comment"))
+      -- (one of its path rank, for an update in place)
+      local routes = { { id = "short", paths = { "/u/:id" } }, { id = "x", paths = { "/a/:b/c/:d/e" } } }
+      rt = build(routes)
+      assert.is_true(rt.xp_inline)
+      local new = { routes[1], routes[2], { id = "long", paths = { long } } }
+      local plan = router.plan(rt, routes, new)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.same({ org = "o", project = "p" }, select(3, lookup(rt, "/organizations/o/projects/p/issue-comments")))
+      assert.same({ b = "1", d = "2" }, select(3, lookup(rt, "/a/1/c/2/e")))
     end)
 
     it("are kept up to date in place: a new route that beats one, a removed head", function()
