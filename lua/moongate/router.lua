@@ -1249,6 +1249,8 @@ function _M.new(routes, opts)
     records = count >= RECORDS_MIN_NODES
   end
   rt.xon = records
+  -- host_roots' last Host (false: none) and its buckets
+  rt.h_last, rt.h_n, rt.h_r1, rt.h_r2, rt.h_r3 = false, 0, 0, 0, 0
   rt.xp_inline = not p_long
   if records then
     x_build(rt, kids.xlist)
@@ -1854,6 +1856,7 @@ function _M.apply(rt, plan)
     end
   end
   rt.x_dirty, rt.x_new, rt.x_pnew = nil, nil, nil
+  rt.h_last = false -- host_roots' last Host: its buckets may have changed
 end
 
 -- ---- matching ---------------------------------------------------------------
@@ -2369,19 +2372,38 @@ local function params_of(info, v)
   return params
 end
 
+-- The host buckets of a Host: its exact bucket, then its wildcards'
+-- (roots[1..n]). The last Host's are kept in rt (h_last: a worker's
+-- requests mostly name a few hosts): then the lookup reads no host table
+-- (in a router of thousands of hosts, a cache miss) and makes no suffix
+-- string. apply forgets them (buckets may be added).
+local function host_roots(rt, host)
+  if host == rt.h_last then
+    roots[1], roots[2], roots[3] = rt.h_r1, rt.h_r2, rt.h_r3
+    return rt.h_n
+  end
+  local nroots = 0
+  local root = rt.exact_hosts[host]
+  if root then
+    nroots = 1
+    roots[1] = root
+  end
+  if rt.suffix_hosts or rt.prefix_hosts then
+    nroots = wildcard_roots(rt, host, nroots)
+  end
+  if nroots <= 3 then
+    rt.h_last, rt.h_n = host, nroots
+    rt.h_r1, rt.h_r2, rt.h_r3 = roots[1] or 0, roots[2] or 0, roots[3] or 0
+  end
+  return nroots
+end
+
 function _M.match(rt, v, host_fn, r)
   local nroots = 0
   if rt.any_host then
     local host = host_fn(r)
     if host then
-      local root = rt.exact_hosts[host]
-      if root then
-        nroots = 1
-        roots[1] = root
-      end
-      if rt.suffix_hosts or rt.prefix_hosts then
-        nroots = wildcard_roots(rt, host, nroots)
-      end
+      nroots = host_roots(rt, host)
     end
   end
   local none = rt.none

@@ -605,6 +605,24 @@ describe("router", function()
       assert.equal(5, rt.size)
     end)
 
+    it("finds the buckets of a Host looked up before the change (the last Host's are kept)", function()
+      local routes = { { id = "a", paths = { "/*" }, hosts = { "a.x.com" } }, { id = "none", paths = { "/p" } } }
+      local rt = build(routes)
+      assert.equal("a", lookup(rt, { "/q", host = "a.x.com" }))
+      assert.is_nil(lookup(rt, { "/q", host = "b.x.com" }))
+      assert.is_nil(lookup(rt, { "/q", host = "b.x.com" })) -- the kept buckets: none
+      local new = { routes[1], routes[2], { id = "w", paths = { "/*" }, hosts = { "*.x.com" } },
+                    { id = "b", paths = { "/*" }, hosts = { "b.x.com" } } }
+      local plan = router.plan(rt, routes, new)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal("b", lookup(rt, { "/q", host = "b.x.com" }))
+      assert.equal("w", lookup(rt, { "/q", host = "c.x.com" }))
+      assert.equal("a", lookup(rt, { "/q", host = "a.x.com" }))
+      assert.equal("a", lookup(rt, { "/q", host = "a.x.com" }))
+      assert.equal("b", lookup(rt, { "/q", host = "b.x.com" }))
+    end)
+
     it("lets a later listed route win among ties only when it is alone", function()
       local routes = { { id = "a", paths = { "/p" } }, { id = "b", paths = { "/p" } } }
       local rt = update(routes, function(list)
