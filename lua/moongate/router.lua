@@ -708,7 +708,7 @@ end
 -- Parameter records. A node where patterns of kind "param" with one or
 -- two parameters end ("/users/:id/posts") has a record too, keyed by root,
 -- shape (the parameters' segment numbers) and the path's key with the
--- parameters' segments left out (masked_key: the path's key, read once,
+-- parameters' segments left out (x_param_find: the path's key, read once,
 -- less the parameters' terms), holding the pattern's literal runs (the
 -- request's bytes outside the parameters' segments must equal them, its
 -- segment bounds being where the pattern's are). Per trie and segment
@@ -734,17 +734,36 @@ local function xmix(h, tag)
   return bxor(k, rshift(k, 16))
 end
 
+-- segment -> hash under p_mult: a build keys and checks its records
+-- along the same segments again and again (bounded: starts over past
+-- PARSED_MAX)
+local p_hashes, p_mult, p_nhashes = {}, 0, 0
+
+local function seg_hash(seg, mult)
+  if mult ~= p_mult or p_nhashes >= PARSED_MAX then
+    p_hashes, p_mult, p_nhashes = {}, mult, 0
+  end
+  local h = p_hashes[seg]
+  if not h then
+    h = hash(seg, mult)
+    p_hashes[seg] = h
+    p_nhashes = p_nhashes + 1
+  end
+  return h
+end
+
 -- The key of a path (or prefix body) of literal segments segs: one
 -- multiply-add per segment over the segments' hashes, so that a lookup
 -- gets the key of each body of the path from its segments' (walk).
 -- Products stay below 2^51.
--- A parameter's segment (false) adds 0 (masked_key takes its term out).
+-- A parameter's segment (false) adds 0 (x_param_find takes its term out
+-- of the path's key).
 local GMULT = 999331
 local function body_key(segs, mult)
   local g = 0
   for k = 1, #segs do
     local seg = segs[k]
-    g = tobit(g * GMULT + (seg and hash(seg, mult) + 1 or 0))
+    g = tobit(g * GMULT + (seg and seg_hash(seg, mult) + 1 or 0))
   end
   return g
 end
@@ -938,6 +957,14 @@ end
 -- only costs lookups a walk). Not on the request path.
 local P_VISITS = 256
 local p_visits = 0
+-- whether node c's label is seg (no string made)
+local function label_is(rt, c, seg)
+  local base = c * NODE
+  local n = rt.nodes[base + N_LEN]
+  return n == #seg and C.memcmp(n <= INLINE_MAX and rt.nodes8 + (base * 4 + INLINE_AT)
+                                or rt.labels + rt.nodes[base + N_OFF], seg, n) == 0
+end
+
 local function p_beaten(rt, a, segs, idx, R, own, via_param)
   p_visits = p_visits + 1
   if p_visits > P_VISITS then
@@ -957,8 +984,8 @@ local function p_beaten(rt, a, segs, idx, R, own, via_param)
   local seg = segs[idx]
   local pc = nodes[base + N_PARAM]
   if seg then
-    local c = child_of(nodes, rt.karr, a, hash(seg, rt.mult))
-    if c ~= 0 and label_at(rt, c) == seg and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
+    local c = child_of(nodes, rt.karr, a, seg_hash(seg, rt.mult))
+    if c ~= 0 and label_is(rt, c, seg) and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
       return true
     end
     return seg ~= "" and pc ~= 0 and p_beaten(rt, pc, segs, idx + 1, R, own, true)
