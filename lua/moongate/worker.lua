@@ -633,27 +633,26 @@ local function host_known()
   return known_host
 end
 
+-- t[k], made empty when missing
+local function sub_table(t, k)
+  local sub_t = t[k]
+  if not sub_t then
+    sub_t = {}
+    t[k] = sub_t
+  end
+  return sub_t
+end
+
 -- The table of mc's answers for the request's method and host.
 local function cache_bucket(mc, v, r)
   local t = mc.keys
   if mc.by_method then
-    local m = ffi_string(v.method, v.method_len)
-    local tm = t[m]
-    if not tm then
-      tm = {}
-      t[m] = tm
-    end
-    t = tm
+    t = sub_table(t, ffi_string(v.method, v.method_len))
   end
   if mc.by_host then
     local h = request_host(r) or NO_HOST
     known_host = h ~= NO_HOST and h or nil
-    local th = t[h]
-    if not th then
-      th = {}
-      t[h] = th
-    end
-    t = th
+    t = sub_table(t, h)
   end
   return t
 end
