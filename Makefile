@@ -83,7 +83,7 @@ $(BIN): runtime/src/main.c $(LIB)
 		-Wl,-rpath,'$$ORIGIN/../lib' $(if $(INSTALL_LIBDIR),-Wl$(comma)-rpath$(comma)$(INSTALL_LIBDIR)) \
 		-Wl,--no-as-needed $(LDLIBS_ALL)
 
-$(BUILD)/test/%: runtime/test/%.c $(LIB)
+$(BUILD)/test/%: runtime/test/%.c runtime/test/*.h $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) -o $@ $< -L$(BUILD) -lmoongate -Wl,-rpath,'$$ORIGIN/..' $(LDLIBS_ALL)
 

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "sysutil.h"
 #include "etcd.h"
 
 static uv_loop_t loop;
@@ -28,30 +29,6 @@ static pid_t etcd_pid;
 static int client_port, dead_port;
 
 /* ---- the etcd server -------------------------------------------------------- */
-
-static int free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    socklen_t n = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, (struct sockaddr *)&a, sizeof(a));
-    getsockname(fd, (struct sockaddr *)&a, &n);
-    port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-    char cmd[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd);
-}
 
 static int ctl(const char *args)
 {

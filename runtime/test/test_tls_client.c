@@ -21,36 +21,13 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "sysutil.h"
 #include "http_client.h"
 
 static uv_loop_t loop;
 static char dir[256];
 static pid_t plain_srv, mtls_srv;
 static int plain_port, mtls_port;
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...)
-{
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof(cmd), fmt, ap);
-    va_end(ap);
-    return system(cmd);
-}
-
-static int free_port(void)
-{
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    socklen_t n = sizeof(a);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), port;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, (struct sockaddr *)&a, sizeof(a));
-    getsockname(fd, (struct sockaddr *)&a, &n);
-    port = ntohs(a.sin_port);
-    close(fd);
-    return port;
-}
 
 static int make_pki(void)
 {

@@ -367,20 +367,8 @@ return { name = "hello", access = function() return 200, { hello = "etcd" } end 
 
     -- no copy: `moongate start` fails, saying why
     local node2 = etcd_node({ e.url }, { timeout_ms = 300, cache = dir .. "/none.json" })
-    local ports = require("helpers.ports")
-    local port = ports.free()
-    gateway.merge(node2, { listen = { { address = "127.0.0.1:" .. port } },
-                           status = { listen = "127.0.0.1:" .. ports.free() },
-                           admin = { listen = "127.0.0.1:" .. ports.free() },
-                           pid_file = dir .. "/moongate.pid", workers = NWORKERS })
     node2.config_source.path = nil
-    local conf = dir .. "/moongate.json"
-    proc.write_file(conf, gateway.json_encode(node2))
-    local t0 = gettime()
-    local rc, out = proc.run({ "timeout", "20", gateway.bin(), "start", "-c", conf },
-                             { stderr = true })
-    assert.is_true(rc ~= 0 and rc ~= 124, "exit code " .. rc .. ": " .. out)
-    assert.is_true(gettime() - t0 < 10)
+    local out = gateway.start_refused(node2, dir, NWORKERS)
     assert.matches("etcd: unreachable at start [^\n]* and no last%-known%-good copy in "
                    .. dir:gsub("%p", "%%%0") .. "/none.json: refusing to start", out)
     assert.matches("the control process has no configuration to serve", out)

@@ -438,6 +438,24 @@ end
 -- The mock backend.
 ---------------------------------------------------------------------------
 
+-- `moongate start` of node (a node config table: its listeners, pid file
+-- and workers are set here, in dir), expected to refuse: asserts that it
+-- exits non-zero within 10 s (not by the 20 s `timeout` around it) and
+-- returns its output and the config's path, for the caller's own checks.
+function _M.start_refused(node, dir, workers)
+    merge(node, { listen = { { address = "127.0.0.1:" .. ports.free() } },
+                  status = { listen = "127.0.0.1:" .. ports.free() },
+                  admin = { listen = "127.0.0.1:" .. ports.free() },
+                  pid_file = dir .. "/moongate.pid", workers = workers or 1 })
+    local conf = dir .. "/moongate.json"
+    proc.write_file(conf, _M.json_encode(node))
+    local t0 = proc.now()
+    local rc, out = proc.run({ "timeout", "20", _M.bin(), "start", "-c", conf }, { stderr = true })
+    assert(rc ~= 0 and rc ~= 124, "exit code " .. rc .. ": " .. out)
+    assert(proc.now() - t0 < 10, "took " .. (proc.now() - t0) .. " s: " .. out)
+    return out, conf
+end
+
 -- Starts `moongate mock --listen 127.0.0.1:<free port>` and waits for it.
 --   opts.args = extra arguments; opts.env; opts.timeout (default 10).
 -- Returns {port =, pid =, dir =, log_path =, stop = fn, url = fn(path),
