@@ -593,9 +593,11 @@ end
 -- header or query predicate has none (the answer depends on more than
 -- the key). Kept: answers without parameters (ctx.params is a request's
 -- own table) for paths up to MATCH_PATH_MAX bytes; not misses (a scan of
--- random paths would fill it with 404s). Bounded: the MATCH_CACHE_MAX-th
--- new key empties it. A new version starts with an empty one (the router
--- of the version before may have been changed in place: config_version).
+-- random paths would fill it with 404s), and a lookup makes no table.
+-- Bounded: past MATCH_CACHE_MAX keys (paths, and the method and host
+-- tables made for them) it starts again empty. A new version starts
+-- with an empty one (the router of the version before may have been
+-- changed in place: config_version).
 local MATCH_CACHE_MAX = 4096
 local MATCH_PATH_MAX = 256
 local NO_HOST = {} -- the key of a request without a Host
@@ -633,28 +635,47 @@ local function host_known()
   return known_host
 end
 
--- t[k], made empty when missing
-local function sub_table(t, k)
+-- The request's method and host, as the keys of mc's levels (nil when mc
+-- has no such level); sets known_host for router.match.
+local function cache_keys(mc, v, r)
+  local m, h
+  if mc.by_method then
+    m = ffi_string(v.method, v.method_len)
+  end
+  if mc.by_host then
+    h = request_host(r) or NO_HOST
+    known_host = h ~= NO_HOST and h or nil
+  end
+  return m, h
+end
+
+-- The table of mc's answers for method m and host h, or nil when there is
+-- none yet (a lookup makes nothing: a miss must not grow the cache).
+local function find_bucket(mc, m, h)
+  local t = mc.keys
+  if m then
+    t = t[m]
+  end
+  if t and h then
+    t = t[h]
+  end
+  return t
+end
+
+-- t[k], made when missing (t itself when k is nil); each table made
+-- counts as a key of mc, so that hosts without paths cannot grow the
+-- cache past its bound either.
+local function level(mc, t, k)
+  if k == nil then
+    return t
+  end
   local sub_t = t[k]
   if not sub_t then
     sub_t = {}
     t[k] = sub_t
+    mc.n = mc.n + 1
   end
   return sub_t
-end
-
--- The table of mc's answers for the request's method and host.
-local function cache_bucket(mc, v, r)
-  local t = mc.keys
-  if mc.by_method then
-    t = sub_table(t, ffi_string(v.method, v.method_len))
-  end
-  if mc.by_host then
-    local h = request_host(r) or NO_HOST
-    known_host = h ~= NO_HOST and h or nil
-    t = sub_table(t, h)
-  end
-  return t
 end
 
 -- router.match through cfg's match cache
@@ -664,21 +685,21 @@ local function route_of(cfg, v, r)
   if not mc or len > MATCH_PATH_MAX then
     return router.match(cfg.router, v, request_host, r)
   end
-  local bucket = cache_bucket(mc, v, r)
+  local m, h = cache_keys(mc, v, r)
   local path = ffi_string(v.path, len)
-  local hit = bucket[path]
+  local bucket = find_bucket(mc, m, h)
+  local hit = bucket and bucket[path] -- the router's entry: its route is hit.route
   if hit then
-    return hit[1], hit[2], nil
+    return hit.route, hit, nil
   end
   local route, entry, params = router.match(cfg.router, v,
                                             mc.by_host and host_known or request_host, r)
   if route and not params then
-    if mc.n >= MATCH_CACHE_MAX then
+    if mc.n + 3 > MATCH_CACHE_MAX then
       mc.keys, mc.n = {}, 0
-      bucket = cache_bucket(mc, v, r)
     end
+    level(mc, level(mc, mc.keys, m), h)[path] = entry
     mc.n = mc.n + 1
-    bucket[path] = { route, entry }
   end
   return route, entry, params
 end

@@ -278,6 +278,41 @@ describe(name, function()
                 g:stop()
             end)
 
+            -- misses are not kept, nor anything made for them: a client
+            -- sending a new Host with every request that 404s must not
+            -- grow the worker (the host level of the cache)
+            it("keeps nothing for requests that miss, whatever their Host", function()
+                local c
+                local function flood(from, to)
+                    for i = from, to do
+                        if (i - from) % 500 == 0 then -- within keep-alive's request limit
+                            if c then
+                                c:close()
+                            end
+                            c = assert(client.connect(gw.port))
+                        end
+                        assert(c:request({ path = "/nothing/" .. i,
+                                           headers = { Host = "h" .. i .. ".flood.test" } }))
+                        assert.equal(404, assert(c:read_response()).status)
+                    end
+                end
+                local function rss() -- of every worker: connections spread
+                    local kb = 0
+                    for _, pid in ipairs(gw:workers()) do
+                        kb = kb + proc.rss_kb(pid)
+                    end
+                    return kb
+                end
+                flood(1, 2000) -- warm up: buffers, the GC's own pace
+                local before = rss()
+                flood(2001, 22000)
+                local after = rss()
+                -- kept, each miss would hold a host string and a table
+                -- (~250 bytes: ~5 MB for 20,000)
+                assert.is_true(after - before < 2000,
+                               ("worker RSS %d -> %d KiB"):format(before, after))
+            end)
+
             it("answers past its bound and for paths too long to keep", function()
                 local c = assert(client.connect(gw.port))
                 for i = 1, 5000 do
