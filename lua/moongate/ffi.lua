@@ -225,6 +225,39 @@ int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *k
                       size_t auth_len, uint32_t timeout_ms, const mg_tls_opts_t *tls, char *err,
                       size_t errlen);
 int mg_ctl_etcd_rerange(void);
+enum {
+    MG_ROUTE_DONE = 0,
+    MG_ROUTE_CHECK = 1,
+    MG_RT_NODE = 16,
+    MG_RT_XREC = 16,
+    MG_RT_N_XDEPTH = 12,
+    MG_RT_N_XSHAPED = 13
+};
+typedef struct mg_router_s {
+    const int32_t *nodes;
+    const int32_t *karr;
+    const uint8_t *labels;
+    const int32_t *xrec;
+    const int32_t *xbits;
+    const int32_t *xshp;
+    const int32_t *ranks;
+    const int32_t *next_entry;
+    int32_t mult;
+    int32_t xmask, xbmask, xshp_mask, xp_inline;
+} mg_router_t;
+typedef struct mg_route_walk_s {
+    const mg_router_t *rt;
+    const char *path;
+    int32_t path_len;
+    int32_t nroots;
+    int32_t *roots;
+    int32_t *bnd_i, *bnd_g, *seg_h, *stk;
+    int32_t nb;
+    int32_t best, best_rank, best_end;
+    int32_t check;
+    int32_t at, crank, cend, k, i, d, ri, sp, kb, shapes, xbase, xcons;
+} mg_route_walk_t;
+int mg_route_walk(mg_route_walk_t *w, int passed);
 ]]
 
 ffi.cdef(_M.cdef)

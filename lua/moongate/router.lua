@@ -43,16 +43,20 @@
 -- collide with a route's); two segments of one node never share a hash
 -- (new tries other multipliers until they do not).
 --
--- Cost of a lookup: one pass over the path bytes (a multiply-add each) per
--- trie walked, one probe (rarely more) and one memcmp per segment, a
--- branch per parameter child met: independent of the number of routes. The walk is
--- one loop over bytes, segments, parameter branches and tries (a loop
--- nested in another breaks LuaJIT traces into pieces). It allocates
--- nothing unless the winner has parameters (their values and the params
--- table), a query predicate is checked (the decoded query, once) or a
--- header predicate is (the header's value). A wildcard host is looked up
--- by its suffix/prefix at each dot: a short string each, made only when
--- some wildcard has that length.
+-- The lookup is C's (runtime/src/route.c, through the FFI): it reads the
+-- path once (segment boundaries, a multiply-add per byte), then per trie
+-- its records (below) or else a walk: one probe (rarely more) and one
+-- memcmp per segment, a branch per parameter child met: independent of
+-- the number of routes. A walk in Lua was a loop nested in the request's
+-- code, which LuaJIT made the root trace the rest of a lookup hung from:
+-- lookups ran up to 2x slower from one process to the next, depending on
+-- which requests came first. An entry with predicates stops the C walk
+-- and is checked here (check_walk), then the walk goes on. A lookup
+-- allocates nothing unless the winner has parameters (their values and
+-- the params table), a query predicate is checked (the decoded query,
+-- once) or a header predicate is (the header's value). A wildcard host is
+-- looked up by its suffix/prefix at each dot: a short string each, made
+-- only when some wildcard has that length.
 -- Build: O(total pattern length) and no sort of the entries, unless there
 -- are so many priorities and path shapes that ranks pass 2^29.
 
@@ -99,7 +103,7 @@ local SLASH = byte("/")
 
 -- A node: NODE int32 slots (64 bytes) of the nodes array, node k at k * NODE
 -- (node 0 is "none"):
-local NODE = 16
+local NODE = C.MG_RT_NODE -- 16
 local N_MIN = 0        -- the lowest rank code (see ranks_of) in this subtree
 local N_PARAM = 1      -- the parameter child, or 0
 local N_EXACT = 2      -- the best entry whose pattern ends here, or 0
@@ -118,10 +122,14 @@ local N_KHASH = 8      -- the only child's segment hash (N_KMASK < 0)
 local N_KID = 9        -- the only child, or 0
 local N_KOFF = 10      -- the children's table (N_KMASK >= 0)
 local N_KMASK = 11     -- its slot count - 1, or -1: at most one child, in the node
+-- a root node has no segment: two of its inline slots tell route.c of its
+-- records (see x_slot)
+local N_XDEPTH = C.MG_RT_N_XDEPTH   -- the bnd index of its deepest prefix record's body
+local N_XSHAPED = C.MG_RT_N_XSHAPED -- 1: it has parameter records (x_shapes_sync)
 local INLINE_AT = 48   -- the byte offset of the inline segment in a node
 local INLINE_MAX = 16  -- the longest inline segment
 -- a record (see "records")
-local XREC = 16        -- int32 slots of a record
+local XREC = C.MG_RT_XREC -- 16 int32 slots of a record
 local X_KEY = 0        -- the mixed hash of (tag, path): xmix
 local X_TAG = 1        -- root * 4 + kind (X_EXACT, X_PREFIX, X_PARAM); 0: the slot is empty
 local X_HEAD = 2       -- the node's chain head (N_EXACT or N_PREFIX), or 0
@@ -242,7 +250,7 @@ local function kid_slots(n)
 end
 
 -- The child of node whose segment hash is h, or 0 (not on the request
--- path: walk has its own copy, folded into its loop).
+-- path: route.c has its own).
 local function child_of(nodes, karr, node, h)
   local base = node * NODE
   local km = nodes[base + N_KMASK]
@@ -708,7 +716,7 @@ end
 -- Parameter records. A node where patterns of kind "param" with one or
 -- two parameters end ("/users/:id/posts") has a record too, keyed by root,
 -- shape (the parameters' segment numbers) and the path's key with the
--- parameters' segments left out (x_param_find: the path's key, read once,
+-- parameters' segments left out (route.c param_look: the path's key, read once,
 -- less the parameters' terms), holding the pattern's literal runs (the
 -- request's bytes outside the parameters' segments must equal them, its
 -- segment bounds being where the pattern's are). Per trie and segment
@@ -754,9 +762,9 @@ end
 
 -- The key of a path (or prefix body) of literal segments segs: one
 -- multiply-add per segment over the segments' hashes, so that a lookup
--- gets the key of each body of the path from its segments' (walk).
+-- gets the key of each body of the path from its segments' (route.c).
 -- Products stay below 2^51.
--- A parameter's segment (false) adds 0 (x_param_find takes its term out
+-- A parameter's segment (false) adds 0 (route.c param_look takes its term out
 -- of the path's key).
 local GMULT = 999331
 local function body_key(segs, mult)
@@ -866,6 +874,8 @@ local function x_slot(rt, root, kind, path, segs, make)
         if not known and #list < X_SHAPES_MAX then
           list[#list + 1] = shape
           rt.x_shapes[key] = list
+          rt.nodes[root * NODE + N_XSHAPED] = 1
+          rt.xshp_dirty = true
         end
         local pl = rt.x_plist[root] or {}
         rt.x_plist[root] = pl
@@ -883,6 +893,7 @@ local function x_slot(rt, root, kind, path, segs, make)
       end
       if kind == X_PREFIX and #segs + 1 > (rt.x_depth[root] or 0) then
         rt.x_depth[root] = #segs + 1
+        rt.nodes[root * NODE + N_XDEPTH] = #segs + 1
       end
       local b = band(m, rt.xbmask)
       local w = rshift(b, 5)
@@ -1051,6 +1062,38 @@ local function aligned_int32(n)
   return p + (skew == 0 and 0 or (64 - skew) / 4), owner, mapped
 end
 
+-- route.c's copy of rt.x_shapes: (root, segment count, shapes a byte each,
+-- the first lowest) triples in an open-addressing table at most half full,
+-- home slot (root * 2654435761 xor count) & mask. Made anew when a shape
+-- was added (x_slot): by builds and updates, never by a lookup.
+local HOME_MULT = tobit(2654435761)
+local function x_shapes_sync(rt)
+  local keys = 0
+  for _ in pairs(rt.x_shapes) do
+    keys = keys + 1
+  end
+  local slots = 4
+  while slots < 2 * keys do
+    slots = slots * 2
+  end
+  local t, mask = int32_arr(3 * slots), slots - 1
+  for key, list in pairs(rt.x_shapes) do
+    local root, n = floor(key / 256), key % 256
+    local packed = 0
+    for k = #list, 1, -1 do
+      packed = bor(lshift(packed, 8), list[k])
+    end
+    local s = band(bxor(mulmod(root, HOME_MULT), n), mask)
+    while t[3 * s] ~= 0 do
+      s = band(s + 1, mask)
+    end
+    t[3 * s], t[3 * s + 1], t[3 * s + 2] = root, n, packed
+  end
+  rt.xshp = t -- kept alive by rt
+  rt.c.xshp, rt.c.xshp_mask = t, mask
+  rt.xshp_dirty = false
+end
+
 -- Makes rt's records from xlist (node, root, kind, path, segments: five
 -- slots a record), with room for X_SPARE_MIN or an eighth more.
 local function x_build(rt, xlist)
@@ -1085,6 +1128,10 @@ local function x_build(rt, xlist)
     x_set_node(rt, base, xlist[k])
     x_refresh(rt, base, segs)
   end
+  local c = rt.c
+  c.xrec, c.xbits, c.xmask, c.xbmask = xr, rt.xbits, rt.xmask, rt.xbmask
+  c.xp_inline = rt.xp_inline and 1 or 0
+  x_shapes_sync(rt)
 end
 
 local DEFAULT_PATHS = { "/*" }
@@ -1271,6 +1318,11 @@ function _M.new(routes, opts)
     -- child hangs at or below it along literal segments (see "records")
     pmin = kids.pmin,
   }
+  -- what route.c reads (x_build adds the records')
+  local c = ffi.new("mg_router_t")
+  c.nodes, c.karr, c.labels, c.ranks, c.next_entry = nodes, kids.karr, labels, ranks, next_entry
+  c.mult = mult
+  rt.c = c
   local records = opts.records
   if records == nil then
     records = count >= RECORDS_MIN_NODES
@@ -1883,18 +1935,50 @@ function _M.apply(rt, plan)
     end
   end
   rt.x_dirty, rt.x_new, rt.x_pnew = nil, nil, nil
+  if rt.xshp_dirty then
+    x_shapes_sync(rt)
+  end
   rt.h_last = false -- host_roots' last Host: its buckets may have changed
 end
 
 -- ---- matching ---------------------------------------------------------------
 
--- The lookup in progress: a worker matches one request at a time and match
--- never yields. The arrays are reused, never reallocated.
-local best, best_rank, best_end
+-- The walk is route.c's (mg_route_walk): one walk state per worker (a
+-- worker matches one request at a time and match never yields), with
+-- its arrays: the host buckets to walk (roots), and the path's segment
+-- boundaries, hashes and keys and the parameter stack (sized to the
+-- longest path met so far).
+local W = ffi.new("mg_route_walk_t")
+local roots, roots_cap = nil, 0
+local walk_cap = 0
+-- W holds raw pointers: what they point into is kept here
+local W_arrays = {} -- luacheck: ignore 241 (only kept)
+-- the request whose predicates are checked (passes)
 local req_v, req_r, req_rt, req_method, req_args
-local roots = {}                      -- the tries to walk
-local seg_s, seg_e = {}, {}           -- the path's segments met so far
-local stk_node, stk_off, stk_d = {}, {}, {} -- parameter children to try
+
+-- room for n host buckets (at least 64; kept)
+local function roots_room(n)
+  local cap = max(64, 2 * roots_cap)
+  while cap < n do
+    cap = cap * 2
+  end
+  local mem = int32_arr(cap)
+  if roots_cap > 0 then
+    ffi_copy(mem, roots, roots_cap * 4)
+  end
+  roots, roots_cap, W_arrays.roots = mem, cap, mem
+  W.roots = mem
+end
+roots_room(64)
+
+-- room for a path of len bytes (at least 256; kept)
+local function walk_room(len)
+  local cap = max(256, 2 * walk_cap, len + 2)
+  local mem = int32_arr(6 * cap)
+  W.bnd_i, W.bnd_g, W.seg_h, W.stk = mem, mem + cap, mem + 2 * cap, mem + 3 * cap
+  walk_cap, W_arrays.walk = cap, mem
+end
+walk_room(0)
 
 local function values_pass(list, get, for_query)
   for k = 1, #list do
@@ -1956,378 +2040,41 @@ local function passes(preds)
   return true
 end
 
--- the rest of a chain whose first entry failed its predicates
-local function consider_chain(e, i)
-  local rt = req_rt
-  local ranks, ents, next_entry = rt.ranks, rt.ents, rt.next_entry
-  e = next_entry[e]
-  while e ~= 0 do
-    local rp = ranks[e]
-    if rp >= best_rank then
-      return
-    end
-    if rp % 2 == 0 or passes(ents[4 * e - 1]) then
-      best, best_rank, best_end = e, rp, i
-      return
-    end
-    e = next_entry[e]
-  end
-end
 
--- e: the first entry of a chain whose patterns ended at offset i, rp its
--- rank code, known to beat the best. Keeps the first entry of the
--- chain that beats the best and whose predicates pass.
-local function consider(e, rp, i)
-  if rp % 2 == 0 or passes(req_rt.ents[4 * e - 1]) then
-    best, best_rank, best_end = e, rp, i
-    return
-  end
-  consider_chain(e, i)
-end
-
--- The path read once, at the start of walk: bnd_i[k] is the offset of its
--- k-th "/" (bnd_i[1] = 0) and, past the last one, its length; bnd_g[k]
--- the key of the path's bytes before bnd_i[k] (a prefix's body ending
--- there; bnd_g[nb] the whole path's: body_key); seg_h[k] the hash of the
--- segment after the k-th "/" (what the walk looks children up by: a
--- trie level is a segment, so the segment at a depth is the same on
--- every branch, and each byte is hashed once whatever the tries walked).
-local bnd_i, bnd_g, seg_h = {}, {}, {}
--- the parameter shapes of the root being looked at, the one tried (not
--- locals of walk: its loop has as many live values as a side trace's
--- entry can take)
-local pl, si = {}, 0
-
--- what a record tells of its trie (x_look)
-local X_NONE, X_DECIDED, X_WALK = 0, 1, 2
-
--- Looks up the record (tag, the first len bytes of the path, whose hash
--- is h): X_NONE when there is none with a head (for sure), X_DECIDED when
--- its head is decisive and won (or cannot beat the best so far: nothing
--- else in the trie can then), X_WALK otherwise. Reads the home slot and
--- the next only (see X_FAR).
-local function x_look(rt, v, tag, len, h)
-  local m = xmix(h, tag)
-  local b = band(m, rt.xbmask)
-  if band(rt.xbits[rshift(b, 5)], lshift(1, b)) == 0 then
-    return X_NONE
-  end
-  local xr, mask = rt.xrec, rt.xmask
-  local s = band(m, mask)
-  local base = s * XREC
-  local far = xr[base + X_FAR]
-  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_LEN] ~= len
-     or C.memcmp(v.path, len <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
-                 or rt.labels + xr[base + X_OFF], len) ~= 0 then
-    base = band(s + 1, mask) * XREC
-    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or xr[base + X_LEN] ~= len
-       or C.memcmp(v.path, len <= X_INLINE_MAX and rt.xrec8 + (base * 4 + X_INLINE_AT)
-                   or rt.labels + xr[base + X_OFF], len) ~= 0 then
-      return far == 0 and X_NONE or X_WALK
-    end
-  end
-  local head = xr[base + X_HEAD]
-  if head == 0 then
-    return X_NONE
-  end
-  local rank = xr[base + X_RANK]
-  if rank < best_rank then
-    consider(head, rank, len)
-    if best ~= head then
-      return X_WALK
-    end
-  end
-  return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
-end
-
--- Looks up the parameter record of shape shp (p1 + p2 * 16) in the trie
--- of tag (root * 4 + X_PARAM) for the path of nb - 1 segments read into
--- bnd_i, bnd_g and seg_h. Its key is the path's less
--- the parameters' terms (see body_key); a record found is checked byte for
--- byte (its literal runs) and its parameters' segments noted for params_of.
--- Returns its slot, or -1 when it is not found where a lookup looks (home
--- slot and next), which is safe: the prefix records and the walk do not
--- rely on it.
-local function x_param_find(rt, v, tag, shp, nb)
-  local p1, p2 = band(shp, 15), rshift(shp, 4)
-  local n = nb - 1
-  local a1 = bnd_i[p1 + 1]
-  if a1 == bnd_i[p1] + 1 then
-    return -1 -- a parameter takes a non-empty segment
-  end
-  local g = bnd_g[nb] - mulmod(seg_h[p1] + 1, GPOW[n - p1])
-  local len = bnd_i[nb]
-  local b1, a2 = len, len -- the second run's end, the third's start
-  if p2 > 0 then
-    b1, a2 = bnd_i[p2], bnd_i[p2 + 1]
-    if a2 == b1 + 1 then
-      return -1
-    end
-    g = g - mulmod(seg_h[p2] + 1, GPOW[n - p2])
-  end
-  local m = xmix(tobit(g), tag)
-  local b = band(m, rt.xbmask)
-  if band(rt.xbits[rshift(b, 5)], lshift(1, b)) == 0 then
-    return -1
-  end
-  local xr, mask = rt.xrec, rt.xmask
-  local s = band(m, mask)
-  local base = s * XREC
-  if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or band(xr[base + X_P_PACK], 255) ~= shp then
-    base = band(s + 1, mask) * XREC
-    if xr[base + X_KEY] ~= m or xr[base + X_TAG] ~= tag or band(xr[base + X_P_PACK], 255) ~= shp then
-      return -1
-    end
-  end
-  -- the runs: before the first parameter, between, after the last
-  local pack, total = xr[base + X_P_PACK], xr[base + X_LEN]
-  local l0, l1 = band(rshift(pack, 8), 0xfff), rshift(pack, 20)
-  local l2 = total - l0 - l1
-  if bnd_i[p1] ~= l0 or b1 - a1 ~= l1 or len - a2 ~= l2 then
-    return -1
-  end
-  local lit = rt.xp_inline and base * 4 + X_P_INLINE_AT or xr[base + X_P_OFF]
-  local lits = rt.xp_inline and rt.xrec8 or rt.labels
-  if C.memcmp(v.path, lits + lit, l0) ~= 0 or C.memcmp(v.path + a1, lits + (lit + l0), l1) ~= 0
-     or l2 > 0 and C.memcmp(v.path + a2, lits + (lit + l0 + l1), l2) ~= 0 then
-    return -1
-  end
-  seg_s[p1], seg_e[p1] = bnd_i[p1] + 1, a1
-  if p2 > 0 then
-    seg_s[p2], seg_e[p2] = b1 + 1, a2
-  end
-  return base
-end
-
--- x_param_find, then what the record found tells (as x_look). Two
--- functions: the side trace of a predicate's check (in consider) takes
--- every value live in the frames above it at its exit, and x_param_find's
--- are many.
-local function x_param(rt, v, tag, shp, nb)
-  local base = x_param_find(rt, v, tag, shp, nb)
-  if base < 0 then
-    return X_NONE
-  end
-  local xr = rt.xrec
-  local head = xr[base + X_HEAD]
-  if head == 0 then
-    return X_NONE
-  end
-  local rank = xr[base + X_RANK]
-  if rank < best_rank then
-    consider(head, rank, bnd_i[nb])
-    if best ~= head then
-      return X_WALK
-    end
-  end
-  return xr[base + X_BEAT] == 0 and X_DECIDED or X_WALK
-end
-
--- Reads the path (bnd_i: one loop over its bytes, a multiply-add each),
--- then walks roots[1..nroots] along it: at each root, its records first
--- (see "records"); then, unless they decided the trie, depth first, the
--- literal child before the parameter child (kept on a stack). Without
--- records, the segments' bytes are hashed as the walk meets them. One
--- loop: an iteration either arrives at a node (candidates), or looks at a
--- prefix record of a root, or hashes a byte of the segment being read
--- (without records), or ends a segment (children), or probes the
--- next slot of a children's table. Pointers are read from v and rt at
--- each use rather than kept in locals: a cdata pointer live at a trace
--- exit is boxed there (an allocation).
-local function walk(rt, v, len, nroots)
-  local nodes, karr = rt.nodes, rt.karr
-  local xroot, kb = 0, 0 -- the root whose records were looked at; a body of the path
-  local nb = 0 -- the count of bnd_i
-  local k, i, d = roots[1], 0, 0
-  local ri, sp = 1, 0
-  local j, h = 0, 0
-  local ks, koff, kmask = 0, 0, 0 -- a probe of a children's table
-  -- a number from the start, as arrived below
-  local child = 0 -- luacheck: ignore 311
-  -- 1: at node k, 0: reading a segment, 2: probing, 3: at root k, looking
-  -- at its prefix records, 4: at its parameter records (a number: true
-  -- and false are two types to the
-  -- JIT, and a loop variable changing type breaks the trace)
-  local arrived = 1
-  if rt.xon and len > 0 and v.path[0] == SLASH then
-    -- read the path first (a path not starting with "/" has no segment;
-    -- without records, segments are read as the walk goes: what a walk
-    -- does not reach is not read)
-    nb = 1
-    local g, sh = 0, 0 -- a body key, a segment hash
-    bnd_i[1], bnd_g[1] = 0, 0
-    local mult = rt.mult
-    for jj = 1, len - 1 do
-      local c = v.path[jj]
-      if c == SLASH then
-        seg_h[nb] = sh
-        g = tobit(g * GMULT + sh + 1)
-        nb = nb + 1
-        bnd_i[nb], bnd_g[nb] = jj, g
-        sh = 0
-      else
-        sh = tobit(sh * mult + c)
-      end
-    end
-    seg_h[nb] = sh
-    nb = nb + 1
-    bnd_i[nb], bnd_g[nb] = len, tobit(g * GMULT + sh + 1)
-  end
-  while true do
-    if arrived == 1 then
-      arrived = 0
-      local base = k * NODE
-      local x = X_WALK
-      if i == 0 and nb > 0 and k ~= xroot then
-        -- a root: the path's exact record, or else its prefix records,
-        -- may decide the trie
-        xroot = k
-        x = x_look(rt, v, 4 * k + X_EXACT, len, bnd_g[nb])
-        if x == X_NONE then
-          local shapes = nb <= X_P_SEGS_MAX and rt.x_shapes[k * 256 + nb - 1]
-          if shapes then
-            pl, si, arrived = shapes, 1, 4
-            goto continue
-          end
-          kb = rt.x_depth[k] or 0
-          if kb > 0 then
-            kb, arrived = kb < nb and kb or nb, 3
-            goto continue
-          end
-        end
-      end
-      if x ~= X_DECIDED and nodes[base + N_MIN] < best_rank then
-        local pre = nodes[base + N_PREFIX]
-        if pre ~= 0 and nodes[base + N_PREFIX_RANK] < best_rank then
-          consider(pre, nodes[base + N_PREFIX_RANK], i)
-        end
-        if i < len then
-          if v.path[i] == SLASH then
-            if nb > 0 then
-              j, h = bnd_i[d + 2], seg_h[d + 1] -- the next segment (read above)
-            else
-              j, h = i + 1, 0 -- read the next segment
-            end
-            goto continue
-          end
-        else
-          local ex = nodes[base + N_EXACT]
-          if ex ~= 0 and nodes[base + N_EXACT_RANK] < best_rank then
-            consider(ex, nodes[base + N_EXACT_RANK], i)
-          end
-        end
-      end
-    elseif arrived == 4 then
-      -- the parameter record of shape pl[si] of root k
-      local x = x_param(rt, v, 4 * k + X_PARAM, pl[si], nb)
-      if x == X_NONE then
-        si = si + 1
-        if pl[si] then
-          goto continue
-        end
-        -- none: the prefix records, or a walk
-        kb = rt.x_depth[k] or 0
-        arrived = 1
-        if kb > 0 then
-          kb, arrived = kb < nb and kb or nb, 3
-        end
-        goto continue
-      end
-      if x ~= X_DECIDED then
-        arrived = 1
-        goto continue
-      end
-    elseif arrived == 3 then
-      -- the prefix record of body kb of root k (the longest first)
-      local x = x_look(rt, v, 4 * k + X_PREFIX, bnd_i[kb], bnd_g[kb])
-      if x == X_NONE and kb > 1 then
-        kb = kb - 1
-        goto continue
-      end
-      if x ~= X_DECIDED then
-        arrived = 1 -- walk the trie (its records were looked at)
-        goto continue
-      end
-    else
-      if arrived == 0 then
-        local c = j < len and v.path[j] or SLASH
-        if c ~= SLASH then
-          h = tobit(h * rt.mult + c)
-          j = j + 1
-          goto continue
-        end
-        -- the segment (i, j) is read: the children of node k
-        d = d + 1
-        seg_s[d], seg_e[d] = i + 1, j
-        local base = k * NODE
-        local pc = nodes[base + N_PARAM]
-        if pc ~= 0 and j > i + 1 then
-          sp = sp + 1
-          stk_node[sp], stk_off[sp], stk_d[sp] = pc, j, d
-        end
-        kmask = nodes[base + N_KMASK]
-        if kmask < 0 then
-          child = nodes[base + N_KHASH] == h and nodes[base + N_KID] or 0
-        else
-          koff = nodes[base + N_KOFF]
-          ks = home(h, kmask)
-          child = karr[koff + 2 * ks + 1]
-          if child ~= 0 and karr[koff + 2 * ks] ~= h then
-            arrived = 2
-            goto continue
-          end
-        end
-      else -- the next slot
-        ks = band(ks + 1, kmask)
-        child = karr[koff + 2 * ks + 1]
-        if child ~= 0 and karr[koff + 2 * ks] ~= h then
-          goto continue
-        end
-      end
-      if child ~= 0 then
-        -- the hash may be another segment's: compare the bytes
-        local cbase = child * NODE
-        local n = nodes[cbase + N_LEN]
-        if n == j - i - 1 and (n == 0 or C.memcmp(v.path + i + 1, n <= INLINE_MAX
-            and rt.nodes8 + (cbase * 4 + INLINE_AT) or rt.labels + nodes[cbase + N_OFF], n) == 0) then
-          k, i, arrived = child, j, 1
-          goto continue
-        end
-      end
-    end
-    -- this branch is done: the last parameter child left, or the next trie
-    if sp > 0 then
-      k, i, d = stk_node[sp], stk_off[sp], stk_d[sp]
-      sp = sp - 1
-    elseif ri < nroots then
-      ri = ri + 1
-      k, i, d = roots[ri], 0, 0
-    else
-      return
-    end
-    arrived = 1
-    ::continue::
-  end
+-- Lua's part of a walk that stopped at an entry with predicates: checks
+-- them, and each next one the walk stops at, until it is done. Its own
+-- function, out of match's straight line (a loop there, entered by few
+-- requests, would be a trace of its own for the rest).
+local function check_walk(rt, v, r)
+  req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
+  local ents = rt.ents
+  repeat
+    local ok = passes(ents[4 * W.check - 1]) and 1 or 0
+  until C.mg_route_walk(W, ok) == 0
+  req_v, req_r, req_rt, req_args = nil, nil, nil, nil
 end
 
 -- adds to roots the wildcard buckets of host at the dot at k; returns
 -- their count. A suffix or prefix is made into a string only when some
 -- bucket has its length (and no allocation then when it names one).
 local function wildcards_at(rt, host, hlen, k, nroots)
+  if nroots + 2 >= roots_cap then
+    roots_room(nroots + 3)
+  end
   local sfx = rt.suffix_hosts
   if sfx and rt.suffix_lens[hlen - k + 1] then
     local root = sfx[sub(host, k)] -- "a.example.com" -> ".example.com"
     if root then
-      nroots = nroots + 1
       roots[nroots] = root
+      nroots = nroots + 1
     end
   end
   local pfx = rt.prefix_hosts
   if pfx and rt.prefix_lens[k] then
     local root = pfx[sub(host, 1, k)] -- "example.org" -> "example."
     if root then
-      nroots = nroots + 1
       roots[nroots] = root
+      nroots = nroots + 1
     end
   end
   return nroots
@@ -2361,9 +2108,10 @@ local function wildcard_roots(rt, host, nroots)
   return nroots
 end
 
+-- segment d of the path walked last
 local function segment(v, d)
-  local s = seg_s[d]
-  return ffi_string(v.path + s, seg_e[d] - s)
+  local s = W.bnd_i[d] + 1
+  return ffi_string(v.path + s, W.bnd_i[d + 1] - s)
 end
 
 -- The entry table of entry number k, made on its first match: route,
@@ -2400,27 +2148,27 @@ local function params_of(info, v)
 end
 
 -- The host buckets of a Host: its exact bucket, then its wildcards'
--- (roots[1..n]). The last Host's are kept in rt (h_last: a worker's
+-- (roots[0..n-1]). The last Host's are kept in rt (h_last: a worker's
 -- requests mostly name a few hosts): then the lookup reads no host table
 -- (in a router of thousands of hosts, a cache miss) and makes no suffix
 -- string. apply forgets them (buckets may be added).
 local function host_roots(rt, host)
   if host == rt.h_last then
-    roots[1], roots[2], roots[3] = rt.h_r1, rt.h_r2, rt.h_r3
+    roots[0], roots[1], roots[2] = rt.h_r1, rt.h_r2, rt.h_r3
     return rt.h_n
   end
   local nroots = 0
   local root = rt.exact_hosts[host]
   if root then
     nroots = 1
-    roots[1] = root
+    roots[0] = root
   end
   if rt.suffix_hosts or rt.prefix_hosts then
     nroots = wildcard_roots(rt, host, nroots)
   end
   if nroots <= 3 then
     rt.h_last, rt.h_n = host, nroots
-    rt.h_r1, rt.h_r2, rt.h_r3 = roots[1] or 0, roots[2] or 0, roots[3] or 0
+    rt.h_r1, rt.h_r2, rt.h_r3 = roots[0], roots[1], roots[2]
   end
   return nroots
 end
@@ -2435,31 +2183,36 @@ function _M.match(rt, v, host_fn, r)
   end
   local none = rt.none
   if none then
-    nroots = nroots + 1
     roots[nroots] = none
+    nroots = nroots + 1
   end
   if nroots == 0 then
     return nil
   end
-  best, best_rank, best_end = 0, huge, 0
-  req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
   local len = v.path_len
-  walk(rt, v, len, nroots)
-  local route, e, params
-  if best ~= 0 then
-    local ents = rt.ents
-    route, e = ents[4 * best - 3], ents[4 * best - 2]
-    if not e then
-      e = make_entry(rt, best)
-    end
-    if best_rank % 4 >= 2 then -- parameters
-      params = params_of(ents[4 * best], v)
-      if e.view_mt then
-        e = setmetatable({ len = best_end }, e.view_mt)
-      end
+  if len + 2 > walk_cap then
+    walk_room(len)
+  end
+  W.rt, W.path, W.path_len, W.nroots = rt.c, v.path, len, nroots
+  if C.mg_route_walk(W, 0) ~= 0 then
+    check_walk(rt, v, r)
+  end
+  local best = W.best
+  if best == 0 then
+    return nil
+  end
+  local ents = rt.ents
+  local route, e = ents[4 * best - 3], ents[4 * best - 2]
+  if not e then
+    e = make_entry(rt, best)
+  end
+  local params
+  if W.best_rank % 4 >= 2 then -- parameters
+    params = params_of(ents[4 * best], v)
+    if e.view_mt then
+      e = setmetatable({ len = W.best_end }, e.view_mt)
     end
   end
-  req_v, req_r, req_rt, req_args = nil, nil, nil, nil
   return route, e, params
 end
 

@@ -362,6 +362,52 @@ int mg_ctl_etcd_start(const char *endpoints, size_t endpoints_len, const char *k
                       size_t auth_len, uint32_t timeout_ms, const mg_tls_opts_t *tls, char *err,
                       size_t errlen);
 int mg_ctl_etcd_rerange(void);
+/* Route lookup (route.c): the walk of the segment tries that
+ * lua/moongate/router.lua compiles (its "Layout" and "records" comments
+ * give the arrays' shapes; MG_RT_* are the numbers both sides use). Lua
+ * fills a mg_route_walk_t (router, path, the host buckets to walk in
+ * order) and calls mg_route_walk(w, 0): MG_ROUTE_DONE with w->best the
+ * winning entry (0: none), its rank code and where its pattern ended; or
+ * MG_ROUTE_CHECK when entry w->check has predicates (methods, headers,
+ * query: Lua's), to be called again with passed 1 or 0 until DONE. The
+ * walk's arrays (bnd_i, bnd_g, seg_h: path_len + 2 each; stk: 3 times
+ * that; roots) are Lua's. After DONE, segment d of the path is the bytes
+ * (bnd_i[d], bnd_i[d + 1]) exclusive, when nb > 0. Reads only: the
+ * router may be shared by any number of walks. */
+enum {
+    MG_ROUTE_DONE = 0,
+    MG_ROUTE_CHECK = 1,
+    MG_RT_NODE = 16,     /* int32 slots of a node */
+    MG_RT_XREC = 16,     /* int32 slots of a record */
+    MG_RT_N_XDEPTH = 12, /* a root node's deepest prefix record (bnd_i index) */
+    MG_RT_N_XSHAPED = 13 /* 1: a root node with parameter records (xshp) */
+};
+typedef struct mg_router_s {
+    const int32_t *nodes;      /* MG_RT_NODE int32 a node */
+    const int32_t *karr;       /* children's tables */
+    const uint8_t *labels;     /* segments and paths not held inline */
+    const int32_t *xrec;       /* records (MG_RT_XREC int32 each), or NULL */
+    const int32_t *xbits;      /* their filter */
+    const int32_t *xshp;       /* (root, segment count, shapes) triples */
+    const int32_t *ranks;      /* entry -> rank code */
+    const int32_t *next_entry; /* entry -> the next of its chain, or 0 */
+    int32_t mult;              /* segment hash multiplier */
+    int32_t xmask, xbmask, xshp_mask, xp_inline;
+} mg_router_t;
+typedef struct mg_route_walk_s {
+    const mg_router_t *rt;
+    const char *path;
+    int32_t path_len;
+    int32_t nroots;
+    int32_t *roots;
+    int32_t *bnd_i, *bnd_g, *seg_h, *stk;
+    int32_t nb;
+    int32_t best, best_rank, best_end;
+    int32_t check;
+    /* where a walk stopped for a check (mg_route_walk's own) */
+    int32_t at, crank, cend, k, i, d, ri, sp, kb, shapes, xbase, xcons;
+} mg_route_walk_t;
+int mg_route_walk(mg_route_walk_t *w, int passed);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

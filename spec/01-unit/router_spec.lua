@@ -534,6 +534,52 @@ describe("router", function()
       assert.same({ id = "1" }, select(3, lookup(rt, "/u/1")))
       assert.is_nil(select(3, lookup(rt, "/m")))
     end)
+    -- the walk's arrays (route.c's) are sized to the longest path and the
+    -- most host buckets met so far: both grow past their first size
+    it("walks paths of thousands of segments, and hosts of more wildcard buckets than the first room", function()
+      local names, pat = {}, {}
+      for k = 1, 40 do
+        names[k] = "p" .. k
+        pat[k] = ":p" .. k
+      end
+      for _, records in ipairs({ true, false }) do
+        local rt = router.new({ { id = "deep", paths = { "/" .. table.concat(pat, "/") } },
+                                { id = "a", paths = { "/a/*" } }, { id = "ab", paths = { "/a/b" } },
+                                { id = "pb", paths = { "/:x/b/*" } } },
+                              { header = header_of, records = records })
+        local function id(path)
+          local route, _, params = router.match(rt, view(path), host_of, {})
+          return route and route.id, params
+        end
+        local long = "/a" .. string.rep("/x", 5000)
+        assert.equal("a", id(long))
+        assert.equal("ab", id("/a/b"))
+        assert.equal("pb", id("/z" .. "/b" .. string.rep("/y", 3000)))
+        local vals = {}
+        for k = 1, 40 do
+          vals[k] = "v" .. k
+        end
+        local got, params = id("/" .. table.concat(vals, "/"))
+        assert.equal("deep", got)
+        assert.equal("v1", params.p1)
+        assert.equal("v40", params.p40)
+        assert.is_nil(id("/" .. table.concat(vals, "/") .. "/more"))
+        assert.equal("a", id("/a")) -- short again after the long ones
+      end
+      -- 100 wildcard hosts *.a, *.a.a, ...: a Host of 100 dots has 100 buckets
+      local routes = {}
+      for k = 100, 1, -1 do
+        routes[#routes + 1] = { id = "w" .. k, hosts = { "*" .. string.rep(".a", k) }, paths = { "/" } }
+      end
+      routes[#routes + 1] = { id = "none", paths = { "/" } }
+      local rt = build(routes)
+      local host = "x" .. string.rep(".a", 100)
+      -- every wildcard matches; the one listed first wins
+      assert.equal("w100", lookup(rt, { "/", host = host }))
+      assert.equal("w3", lookup(rt, { "/", host = "x.a.a.a" }))
+      assert.equal("none", lookup(rt, { "/", host = "x.b" }))
+      assert.equal("w100", lookup(rt, { "/", host = host }))
+    end)
   end)
 
   describe("route predicates in the config schema", function()
