@@ -67,7 +67,7 @@ enum {
 #define SLASH '/'
 
 /* where a walk stopped for a check */
-enum { AT_NONE = 0, AT_EXACT_REC, AT_PARAM_REC, AT_PREFIX_REC, AT_NODE_PREFIX, AT_NODE_EXACT };
+enum { AT_NONE = 0, AT_RECORD, AT_NODE_PREFIX, AT_NODE_EXACT };
 
 /* what a record lookup found */
 #define R_NONE (-1) /* no record with a head, for sure */
@@ -281,7 +281,7 @@ int mg_route_walk(mg_route_walk_t *w, int passed)
 {
     const mg_router_t *rt = w->rt;
     const int32_t *nodes = rt->nodes;
-    int32_t base, rank, x, e;
+    int32_t base, rank, x, e, end;
 
     if (w->at != AT_NONE) {
         int at = w->at;
@@ -295,9 +295,7 @@ int mg_route_walk(mg_route_walk_t *w, int passed)
             return MG_ROUTE_CHECK;
         }
         switch (at) {
-        case AT_EXACT_REC: goto exact_rec_done;
-        case AT_PARAM_REC: goto param_rec_done;
-        case AT_PREFIX_REC: goto prefix_rec_done;
+        case AT_RECORD: goto record_done;
         case AT_NODE_PREFIX: goto node_prefix_done;
         default: goto next_branch; /* AT_NODE_EXACT */
         }
@@ -322,16 +320,8 @@ next_root:
     /* the bucket's records: the path's exact record */
     x = look(w, w->k * 4 + X_EXACT, w->path_len, (uint32_t)w->bnd_g[w->nb]);
     if (x >= 0) {
-        w->xbase = x;
-        w->xcons = 0;
-        rank = rt->xrec[x + X_RANK];
-        if (rank < w->best_rank) {
-            w->xcons = 1;
-            CONSIDER(rt->xrec[x + X_HEAD], rank, w->path_len, AT_EXACT_REC);
-        }
-    exact_rec_done:
-        if (rec_decides(w)) goto next_branch;
-        goto node;
+        end = w->path_len;
+        goto record;
     }
     if (x == R_WALK) goto node;
     /* else the parameter records of the path's segment count */
@@ -340,17 +330,10 @@ next_root:
         int32_t shp = w->shapes & 255;
         w->shapes = (int32_t)((uint32_t)w->shapes >> 8);
         x = param_look(w, w->k * 4 + X_PARAM, shp);
-        if (x < 0) continue;
-        w->xbase = x;
-        w->xcons = 0;
-        rank = rt->xrec[x + X_RANK];
-        if (rank < w->best_rank) {
-            w->xcons = 1;
-            CONSIDER(rt->xrec[x + X_HEAD], rank, w->path_len, AT_PARAM_REC);
+        if (x >= 0) {
+            end = w->path_len;
+            goto record;
         }
-    param_rec_done:
-        if (rec_decides(w)) goto next_branch;
-        goto node;
     }
     /* else its prefix records, the longest body first */
     w->kb = nodes[w->k * MG_RT_NODE + MG_RT_N_XDEPTH];
@@ -359,20 +342,25 @@ next_root:
     for (;;) {
         x = look(w, w->k * 4 + X_PREFIX, w->bnd_i[w->kb], (uint32_t)w->bnd_g[w->kb]);
         if (x >= 0) {
-            w->xbase = x;
-            w->xcons = 0;
-            rank = rt->xrec[x + X_RANK];
-            if (rank < w->best_rank) {
-                w->xcons = 1;
-                CONSIDER(rt->xrec[x + X_HEAD], rank, w->bnd_i[w->kb], AT_PREFIX_REC);
-            }
-        prefix_rec_done:
-            if (rec_decides(w)) goto next_branch;
-            goto node;
+            end = w->bnd_i[w->kb];
+            goto record;
         }
         if (x == R_WALK || w->kb == 1) goto node;
         w->kb--;
     }
+
+record:
+    /* the record x found, whose patterns end at offset end: its head, then
+     * whether it decides the bucket */
+    w->xbase = x;
+    w->xcons = 0;
+    rank = rt->xrec[x + X_RANK];
+    if (rank < w->best_rank) {
+        w->xcons = 1;
+        CONSIDER(rt->xrec[x + X_HEAD], rank, end, AT_RECORD);
+    }
+record_done:
+    if (rec_decides(w)) goto next_branch;
 
 node:
     /* at node w->k, offset w->i (the end of segment w->d) */
