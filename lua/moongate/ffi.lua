@@ -244,6 +244,13 @@ typedef struct mg_router_s {
     const int32_t *next_entry;
     int32_t mult;
     int32_t xmask, xbmask, xshp_mask, xp_inline;
+    const int32_t *hosts;
+    const uint8_t *host_bytes;
+    int32_t hosts_mask;
+    int32_t wild;
+    int32_t none;
+    uint32_t sfx_lens[8];
+    uint32_t pfx_lens[8];
 } mg_router_t;
 typedef struct mg_route_walk_s {
     const mg_router_t *rt;
@@ -257,7 +264,8 @@ typedef struct mg_route_walk_s {
     int32_t check;
     int32_t at, crank, cend, k, i, d, ri, sp, kb, shapes, xbase, xcons;
 } mg_route_walk_t;
-int mg_route_walk(mg_route_walk_t *w, int passed);
+int mg_route_find(mg_route_walk_t *w, const char *host, int32_t host_len);
+int mg_route_resume(mg_route_walk_t *w, int passed);
 ]]
 
 ffi.cdef(_M.cdef)

@@ -54,9 +54,10 @@
 -- and is checked here (check_walk), then the walk goes on. A lookup
 -- allocates nothing unless the winner has parameters (their values and
 -- the params table), a query predicate is checked (the decoded query,
--- once) or a header predicate is (the header's value). A wildcard host is
--- looked up by its suffix/prefix at each dot: a short string each, made
--- only when some wildcard has that length.
+-- once) or a header predicate is (the header's value). The Host's
+-- buckets are looked up in C too (hosts_sync): the exact host, then a
+-- wildcard's suffix or prefix at each dot whose length some wildcard has,
+-- by hashes of one pass over the Host each way: no string is made.
 -- Build: O(total pattern length) and no sort of the entries, unless there
 -- are so many priorities and path shapes that ranks pass 2^29.
 
@@ -1136,6 +1137,67 @@ local function x_build(rt, xlist)
   x_shapes_sync(rt)
 end
 
+-- route.c's table of the host buckets (its host_roots): (key, length * 4
+-- + kind, root, offset of the name in host_bytes) a slot, open addressing
+-- at most half full, home slot xmix(hash, kind) & mask; the hash is
+-- h * HMULT + byte over the name, from its last byte for a suffix. With
+-- the lengths of the wildcards' suffixes and prefixes (bitmaps of
+-- 0-255), and the host-less bucket. Made anew by new and by an update
+-- that added a bucket, never by a lookup.
+local HMULT = 1000003
+local HOST_KIND = { exact = 0, suffix = 1, prefix = 2 }
+
+local function name_hash(name, reverse)
+  local h, n = 0, #name
+  for k = 1, n do
+    h = tobit(h * HMULT + byte(name, reverse and n + 1 - k or k))
+  end
+  return h
+end
+
+local function hosts_sync(rt)
+  local c, buckets = rt.c, rt.buckets
+  local count, bytes = 0, 0
+  for kind in pairs(HOST_KIND) do
+    for name in pairs(buckets[kind]) do
+      count, bytes = count + 1, bytes + #name
+    end
+  end
+  local slots = 4
+  while slots < 2 * count do
+    slots = slots * 2
+  end
+  local t, names = int32_arr(4 * slots), uint8_arr(bytes + 1)
+  local mask, off = slots - 1, 0
+  ffi.fill(c.sfx_lens, 32)
+  ffi.fill(c.pfx_lens, 32)
+  for kind, code in pairs(HOST_KIND) do
+    local lens = kind == "suffix" and c.sfx_lens or kind == "prefix" and c.pfx_lens
+    for name, root in pairs(buckets[kind]) do
+      local n = #name
+      local m = xmix(name_hash(name, kind == "suffix"), code)
+      local s = band(m, mask)
+      while t[4 * s + 2] ~= 0 do
+        s = band(s + 1, mask)
+      end
+      t[4 * s], t[4 * s + 1], t[4 * s + 2], t[4 * s + 3] = m, n * 4 + code, root, off
+      ffi_copy(names + off, name, n)
+      off = off + n
+      if lens and n <= 255 then
+        local w = rshift(n, 5)
+        local bits = bor(lens[w], lshift(1, n))
+        lens[w] = bits < 0 and bits + 4294967296 or bits
+      end
+    end
+  end
+  rt.hosts, rt.host_bytes = t, names -- kept alive by rt
+  c.hosts, c.host_bytes = t, names
+  c.hosts_mask = count > 0 and mask or -1
+  c.wild = (next(buckets.suffix) or next(buckets.prefix)) and 1 or 0
+  c.none = rt.none or 0
+  rt.hosts_dirty = false
+end
+
 local DEFAULT_PATHS = { "/*" }
 local NO_HOST = { false }
 
@@ -1330,8 +1392,7 @@ function _M.new(routes, opts)
     records = count >= RECORDS_MIN_NODES
   end
   rt.xon = records
-  -- host_roots' last Host (false: none) and its buckets
-  rt.h_last, rt.h_n, rt.h_r1, rt.h_r2, rt.h_r3 = false, 0, 0, 0, 0
+  hosts_sync(rt)
   rt.xp_inline = not p_long
   if records then
     x_build(rt, kids.xlist)
@@ -1786,6 +1847,7 @@ end
 local function add_root(rt, d, rank)
   local root = add_node(rt, "", rank)
   rt.buckets[d.bkind][d.bkey] = root
+  rt.hosts_dirty = true -- hosts_sync at the end of apply
   if d.bkind == "none" then
     rt.none = root
   else
@@ -1940,18 +2002,20 @@ function _M.apply(rt, plan)
   if rt.xshp_dirty then
     x_shapes_sync(rt)
   end
-  rt.h_last = false -- host_roots' last Host: its buckets may have changed
+  if rt.hosts_dirty then
+    hosts_sync(rt)
+  end
 end
 
 -- ---- matching ---------------------------------------------------------------
 
--- The walk is route.c's (mg_route_walk): one walk state per worker (a
+-- The walk is route.c's (mg_route_find): one walk state per worker (a
 -- worker matches one request at a time and match never yields), with
 -- its arrays: the host buckets to walk (roots), and the path's segment
 -- boundaries, hashes and keys and the parameter stack (sized to the
 -- longest path met so far).
 local W = ffi.new("mg_route_walk_t")
-local roots, roots_cap = nil, 0
+local roots_cap = 0
 local walk_cap = 0
 -- W holds raw pointers: what they point into is kept here
 local W_arrays = {} -- luacheck: ignore 241 (only kept)
@@ -1960,15 +2024,9 @@ local req_v, req_r, req_rt, req_method, req_args
 
 -- room for n host buckets (at least 64; kept)
 local function roots_room(n)
-  local cap = max(64, 2 * roots_cap)
-  while cap < n do
-    cap = cap * 2
-  end
+  local cap = max(64, 2 * roots_cap, n)
   local mem = int32_arr(cap)
-  if roots_cap > 0 then
-    ffi_copy(mem, roots, roots_cap * 4)
-  end
-  roots, roots_cap, W_arrays.roots = mem, cap, mem
+  roots_cap, W_arrays.roots = cap, mem
   W.roots = mem
 end
 roots_room(64)
@@ -2052,62 +2110,8 @@ local function check_walk(rt, v, r)
   local ents = rt.ents
   repeat
     local ok = passes(ents[4 * W.check - 1]) and 1 or 0
-  until C.mg_route_walk(W, ok) == 0
+  until C.mg_route_resume(W, ok) == 0
   req_v, req_r, req_rt, req_args = nil, nil, nil, nil
-end
-
--- adds to roots the wildcard buckets of host at the dot at k; returns
--- their count. A suffix or prefix is made into a string only when some
--- bucket has its length (and no allocation then when it names one).
-local function wildcards_at(rt, host, hlen, k, nroots)
-  if nroots + 2 >= roots_cap then
-    roots_room(nroots + 3)
-  end
-  local sfx = rt.suffix_hosts
-  if sfx and rt.suffix_lens[hlen - k + 1] then
-    local root = sfx[sub(host, k)] -- "a.example.com" -> ".example.com"
-    if root then
-      roots[nroots] = root
-      nroots = nroots + 1
-    end
-  end
-  local pfx = rt.prefix_hosts
-  if pfx and rt.prefix_lens[k] then
-    local root = pfx[sub(host, 1, k)] -- "example.org" -> "example."
-    if root then
-      roots[nroots] = root
-      nroots = nroots + 1
-    end
-  end
-  return nroots
-end
-
--- adds the wildcard buckets of host to roots; returns their count. The
--- first three dots are unrolled: a loop of one to three turns, entered per
--- request, is one the JIT gives up on.
-local function wildcard_roots(rt, host, nroots)
-  local hlen = #host
-  local k = find(host, ".", 2, true)
-  if not k or k >= hlen then
-    return nroots
-  end
-  nroots = wildcards_at(rt, host, hlen, k, nroots)
-  k = find(host, ".", k + 1, true)
-  if not k or k >= hlen then
-    return nroots
-  end
-  nroots = wildcards_at(rt, host, hlen, k, nroots)
-  k = find(host, ".", k + 1, true)
-  if not k or k >= hlen then
-    return nroots
-  end
-  nroots = wildcards_at(rt, host, hlen, k, nroots)
-  k = find(host, ".", k + 1, true)
-  while k and k < hlen do
-    nroots = wildcards_at(rt, host, hlen, k, nroots)
-    k = find(host, ".", k + 1, true)
-  end
-  return nroots
 end
 
 -- segment d of the path walked last
@@ -2149,54 +2153,18 @@ local function params_of(info, v)
   return params
 end
 
--- The host buckets of a Host: its exact bucket, then its wildcards'
--- (roots[0..n-1]). The last Host's are kept in rt (h_last: a worker's
--- requests mostly name a few hosts): then the lookup reads no host table
--- (in a router of thousands of hosts, a cache miss) and makes no suffix
--- string. apply forgets them (buckets may be added).
-local function host_roots(rt, host)
-  if host == rt.h_last then
-    roots[0], roots[1], roots[2] = rt.h_r1, rt.h_r2, rt.h_r3
-    return rt.h_n
-  end
-  local nroots = 0
-  local root = rt.exact_hosts[host]
-  if root then
-    nroots = 1
-    roots[0] = root
-  end
-  if rt.suffix_hosts or rt.prefix_hosts then
-    nroots = wildcard_roots(rt, host, nroots)
-  end
-  if nroots <= 3 then
-    rt.h_last, rt.h_n = host, nroots
-    rt.h_r1, rt.h_r2, rt.h_r3 = roots[0], roots[1], roots[2]
-  end
-  return nroots
-end
-
 function _M.match(rt, v, host_fn, r)
-  local nroots = 0
-  if rt.any_host then
-    local host = host_fn(r)
-    if host then
-      nroots = host_roots(rt, host)
-    end
-  end
-  local none = rt.none
-  if none then
-    roots[nroots] = none
-    nroots = nroots + 1
-  end
-  if nroots == 0 then
-    return nil
+  local host = rt.any_host and host_fn(r) or nil
+  local hlen = host and #host or 0
+  if 2 * hlen + 2 > roots_cap then
+    roots_room(2 * hlen + 2)
   end
   local len = v.path_len
   if len + 2 > walk_cap then
     walk_room(len)
   end
-  W.rt, W.path, W.path_len, W.nroots = rt.c, v.path, len, nroots
-  if C.mg_route_walk(W, 0) ~= 0 then
+  W.rt, W.path, W.path_len = rt.c, v.path, len
+  if C.mg_route_find(W, host, hlen) ~= 0 then
     check_walk(rt, v, r)
   end
   local best = W.best

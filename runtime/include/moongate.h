@@ -365,15 +365,17 @@ int mg_ctl_etcd_rerange(void);
 /* Route lookup (route.c): the walk of the segment tries that
  * lua/moongate/router.lua compiles (its "Layout" and "records" comments
  * give the arrays' shapes; MG_RT_* are the numbers both sides use). Lua
- * fills a mg_route_walk_t (router, path, the host buckets to walk in
- * order) and calls mg_route_walk(w, 0): MG_ROUTE_DONE with w->best the
- * winning entry (0: none), its rank code and where its pattern ended; or
- * MG_ROUTE_CHECK when entry w->check has predicates (methods, headers,
- * query: Lua's), to be called again with passed 1 or 0 until DONE. The
- * walk's arrays (bnd_i, bnd_g, seg_h: path_len + 2 each; stk: 3 times
- * that; roots) are Lua's. After DONE, segment d of the path is the bytes
- * (bnd_i[d], bnd_i[d + 1]) exclusive, when nb > 0. Reads only: the
- * router may be shared by any number of walks. */
+ * fills a mg_route_walk_t (router, path, room) and calls
+ * mg_route_find(w, host, host_len) (host NULL: none): C looks up the
+ * Host's buckets (exact, then wildcards), adds the host-less one, and
+ * walks them: MG_ROUTE_DONE with w->best the winning entry (0: none), its
+ * rank code and where its pattern ended; or MG_ROUTE_CHECK when entry
+ * w->check has predicates (methods, headers, query: Lua's), and Lua calls
+ * mg_route_resume(w, passed) with 1 or 0 until DONE. The walk's arrays
+ * are Lua's: bnd_i, bnd_g, seg_h path_len + 2 int32 each, stk 3 times
+ * that, roots 2 * host_len + 2. After DONE, segment d of the path is the
+ * bytes (bnd_i[d], bnd_i[d + 1]) exclusive, when nb > 0. Reads the router
+ * only: any number of walks may share it. */
 enum {
     MG_ROUTE_DONE = 0,
     MG_ROUTE_CHECK = 1,
@@ -393,6 +395,13 @@ typedef struct mg_router_s {
     const int32_t *next_entry; /* entry -> the next of its chain, or 0 */
     int32_t mult;              /* segment hash multiplier */
     int32_t xmask, xbmask, xshp_mask, xp_inline;
+    const int32_t *hosts;      /* host buckets: (key, length * 4 + kind, root, offset) */
+    const uint8_t *host_bytes; /* their names (offset) */
+    int32_t hosts_mask;        /* slots - 1, or -1: no host bucket */
+    int32_t wild;              /* 1: some wildcard buckets */
+    int32_t none;              /* the bucket of the routes without hosts, or 0 */
+    uint32_t sfx_lens[8];      /* the lengths of wildcard suffixes (".example.com") */
+    uint32_t pfx_lens[8];      /* and prefixes ("example."), 0-255; longer: any */
 } mg_router_t;
 typedef struct mg_route_walk_s {
     const mg_router_t *rt;
@@ -407,7 +416,8 @@ typedef struct mg_route_walk_s {
     /* where a walk stopped for a check (mg_route_walk's own) */
     int32_t at, crank, cend, k, i, d, ri, sp, kb, shapes, xbase, xcons;
 } mg_route_walk_t;
-int mg_route_walk(mg_route_walk_t *w, int passed);
+int mg_route_find(mg_route_walk_t *w, const char *host, int32_t host_len);
+int mg_route_resume(mg_route_walk_t *w, int passed);
 /* MG_CDEF_END */
 
 #ifdef __cplusplus

@@ -277,7 +277,9 @@ static int rec_decides(const mg_route_walk_t *w)
     return xr[w->xbase + X_BEAT] == 0;
 }
 
-int mg_route_walk(mg_route_walk_t *w, int passed)
+/* The walk: from the start when w->at is AT_NONE, else on from where it
+ * stopped, the stopping entry's predicates passed or not. */
+static int walk(mg_route_walk_t *w, int passed)
 {
     const mg_router_t *rt = w->rt;
     const int32_t *nodes = rt->nodes;
@@ -428,4 +430,77 @@ next_branch:
         goto node;
     }
     goto next_root;
+}
+
+/* Host buckets. A bucket is found by the hash of its name: forward
+ * (h = h * HMULT + byte) for an exact host and a wildcard prefix
+ * ("example."), over the bytes from the last for a wildcard suffix
+ * (".example.com"), so that one pass each way gives the hash of every
+ * suffix and prefix ending at a dot; the name is compared after. */
+#define HMULT 1000003u
+enum { HOST_EXACT = 0, HOST_SUFFIX = 1, HOST_PREFIX = 2 };
+
+static int32_t host_bucket(const mg_router_t *rt, uint32_t h, int32_t kind, const uint8_t *name,
+                           int32_t len)
+{
+    uint32_t m = xmix(h, kind), s = m & (uint32_t)rt->hosts_mask;
+    for (;;) {
+        const int32_t *t = rt->hosts + 4 * s;
+        if (t[2] == 0) return 0;
+        if (t[0] == (int32_t)m && t[1] == len * 4 + kind &&
+            memcmp(rt->host_bytes + t[3], name, (size_t)len) == 0)
+            return t[2];
+        s = (s + 1) & (uint32_t)rt->hosts_mask;
+    }
+}
+
+static inline int len_in(const uint32_t *lens, int32_t len)
+{
+    return len > 255 || (lens[len >> 5] & (1u << (len & 31))) != 0;
+}
+
+/* The buckets of host into roots: its exact one, then the wildcards' of
+ * each dot but a first or last byte's (a suffix, then a prefix, looked up
+ * only when some wildcard has that length). Returns their count. */
+static int32_t host_roots(const mg_router_t *rt, const uint8_t *h, int32_t n, int32_t *roots)
+{
+    int32_t count = 0, r, j;
+    uint32_t f = 0;
+    for (j = 0; j < n; j++)
+        f = f * HMULT + h[j];
+    if ((r = host_bucket(rt, f, HOST_EXACT, h, n)) != 0) roots[count++] = r;
+    if (!rt->wild) return count;
+    f = 0;
+    for (j = n - 1; j >= 1; j--) {
+        f = f * HMULT + h[j];
+        if (j < n - 1 && h[j] == '.' && len_in(rt->sfx_lens, n - j) &&
+            (r = host_bucket(rt, f, HOST_SUFFIX, h + j, n - j)) != 0)
+            roots[count++] = r;
+    }
+    f = 0;
+    for (j = 0; j < n - 1; j++) {
+        f = f * HMULT + h[j];
+        if (j >= 1 && h[j] == '.' && len_in(rt->pfx_lens, j + 1) &&
+            (r = host_bucket(rt, f, HOST_PREFIX, h, j + 1)) != 0)
+            roots[count++] = r;
+    }
+    return count;
+}
+
+int mg_route_find(mg_route_walk_t *w, const char *host, int32_t host_len)
+{
+    const mg_router_t *rt = w->rt;
+    int32_t n = 0;
+    if (host && host_len > 0 && rt->hosts_mask >= 0)
+        n = host_roots(rt, (const uint8_t *)host, host_len, w->roots);
+    if (rt->none != 0) w->roots[n++] = rt->none;
+    w->nroots = n;
+    w->at = AT_NONE; /* a walk left at a check (Lua raised) is dropped */
+    return walk(w, 0);
+}
+
+int mg_route_resume(mg_route_walk_t *w, int passed)
+{
+    if (w->at == AT_NONE) return MG_ROUTE_DONE;
+    return walk(w, passed);
 }

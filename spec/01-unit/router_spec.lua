@@ -534,6 +534,41 @@ describe("router", function()
       assert.same({ id = "1" }, select(3, lookup(rt, "/u/1")))
       assert.is_nil(select(3, lookup(rt, "/m")))
     end)
+    it("starts each lookup anew after a predicate check raised in the one before", function()
+      local boom = true
+      local function header(r, name)
+        if boom then
+          error("header failed")
+        end
+        return r.headers and r.headers[name]
+      end
+      for _, records in ipairs({ true, false }) do
+        boom = true
+        local rt = router.new({ { id = "h", paths = { "/a/*" }, headers = { ["x-t"] = "1" } },
+                                { id = "a", paths = { "/a/*" } }, { id = "b", paths = { "/b" } } },
+                              { header = header, records = records })
+        assert.has_error(function() router.match(rt, view("/a/x"), host_of, {}) end, "header failed")
+        boom = false
+        -- the walk stopped at "h"'s check is not gone on with for "/b"
+        assert.equal("b", router.match(rt, view("/b"), host_of, {}).id)
+        assert.equal("h", router.match(rt, view("/a/x"), host_of, { headers = { ["x-t"] = "1" } }).id)
+        assert.equal("a", router.match(rt, view("/a/x"), host_of, {}).id)
+      end
+    end)
+
+    it("looks up hosts and wildcards longer than 255 bytes", function()
+      local long = string.rep("a", 300)
+      local rt = build({ { id = "exact", hosts = { long .. ".com" }, paths = { "/" } },
+                         { id = "sfx", hosts = { "*." .. long .. ".net" }, paths = { "/" } },
+                         { id = "pfx", hosts = { long .. ".*" }, paths = { "/" } } })
+      assert.equal("exact", lookup(rt, { "/", host = long .. ".com" }))
+      assert.equal("sfx", lookup(rt, { "/", host = "x." .. long .. ".net" }))
+      assert.equal("pfx", lookup(rt, { "/", host = long .. ".org" }))
+      assert.is_nil(lookup(rt, { "/", host = long .. "b.org" }))
+      assert.equal("pfx", lookup(rt, { "/", host = long .. ".net" })) -- "aaa.*" takes any ending
+      assert.is_nil(lookup(rt, { "/", host = "b" .. long .. ".net" }))
+    end)
+
     -- the walk's arrays (route.c's) are sized to the longest path and the
     -- most host buckets met so far: both grow past their first size
     it("walks paths of thousands of segments, and hosts of more wildcard buckets than the first room", function()
