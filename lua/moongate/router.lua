@@ -1193,7 +1193,7 @@ local function hosts_sync(rt)
   rt.hosts, rt.host_bytes = t, names -- kept alive by rt
   c.hosts, c.host_bytes = t, names
   c.hosts_mask = count > 0 and mask or -1
-  c.wild = (next(buckets.suffix) or next(buckets.prefix)) and 1 or 0
+  c.wild = (next(buckets.suffix) and 1 or 0) + (next(buckets.prefix) and 2 or 0)
   c.none = rt.none or 0
   rt.hosts_dirty = false
 end

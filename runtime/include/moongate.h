@@ -398,7 +398,7 @@ typedef struct mg_router_s {
     const int32_t *hosts;      /* host buckets: (key, length * 4 + kind, root, offset) */
     const uint8_t *host_bytes; /* their names (offset) */
     int32_t hosts_mask;        /* slots - 1, or -1: no host bucket */
-    int32_t wild;              /* 1: some wildcard buckets */
+    int32_t wild;              /* 1: some wildcard suffixes, 2: prefixes (or both) */
     int32_t none;              /* the bucket of the routes without hosts, or 0 */
     uint32_t sfx_lens[8];      /* the lengths of wildcard suffixes (".example.com") */
     uint32_t pfx_lens[8];      /* and prefixes ("example."), 0-255; longer: any */

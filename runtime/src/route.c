@@ -439,6 +439,7 @@ next_branch:
  * suffix and prefix ending at a dot; the name is compared after. */
 #define HMULT 1000003u
 enum { HOST_EXACT = 0, HOST_SUFFIX = 1, HOST_PREFIX = 2 };
+enum { WILD_SUFFIX = 1, WILD_PREFIX = 2 }; /* mg_router_t.wild */
 
 static int32_t host_bucket(const mg_router_t *rt, uint32_t h, int32_t kind, const uint8_t *name,
                            int32_t len)
@@ -459,30 +460,35 @@ static inline int len_in(const uint32_t *lens, int32_t len)
     return len > 255 || (lens[len >> 5] & (1u << (len & 31))) != 0;
 }
 
-/* The buckets of host into roots: its exact one, then the wildcards' of
- * each dot but a first or last byte's (a suffix, then a prefix, looked up
- * only when some wildcard has that length). Returns their count. */
+/* The buckets of host into roots: its exact one first, then the
+ * wildcards' of each dot but a first or last byte's (prefixes in the
+ * forward pass that hashes the whole host, suffixes in a pass from the
+ * last byte; each looked up only when some wildcard has that length; the
+ * order of the others does not change the answer). Returns their count. */
 static int32_t host_roots(const mg_router_t *rt, const uint8_t *h, int32_t n, int32_t *roots)
 {
     int32_t count = 0, r, j;
     uint32_t f = 0;
-    for (j = 0; j < n; j++)
+    int pfx = (rt->wild & WILD_PREFIX) != 0;
+    for (j = 0; j < n; j++) {
         f = f * HMULT + h[j];
-    if ((r = host_bucket(rt, f, HOST_EXACT, h, n)) != 0) roots[count++] = r;
-    if (!rt->wild) return count;
-    f = 0;
-    for (j = n - 1; j >= 1; j--) {
-        f = f * HMULT + h[j];
-        if (j < n - 1 && h[j] == '.' && len_in(rt->sfx_lens, n - j) &&
-            (r = host_bucket(rt, f, HOST_SUFFIX, h + j, n - j)) != 0)
-            roots[count++] = r;
-    }
-    f = 0;
-    for (j = 0; j < n - 1; j++) {
-        f = f * HMULT + h[j];
-        if (j >= 1 && h[j] == '.' && len_in(rt->pfx_lens, j + 1) &&
+        if (pfx && j >= 1 && j < n - 1 && h[j] == '.' && len_in(rt->pfx_lens, j + 1) &&
             (r = host_bucket(rt, f, HOST_PREFIX, h, j + 1)) != 0)
             roots[count++] = r;
+    }
+    if ((r = host_bucket(rt, f, HOST_EXACT, h, n)) != 0) {
+        if (count > 0) roots[count] = roots[0];
+        roots[0] = r;
+        count++;
+    }
+    if (rt->wild & WILD_SUFFIX) {
+        f = 0;
+        for (j = n - 1; j >= 1; j--) {
+            f = f * HMULT + h[j];
+            if (j < n - 1 && h[j] == '.' && len_in(rt->sfx_lens, n - j) &&
+                (r = host_bucket(rt, f, HOST_SUFFIX, h + j, n - j)) != 0)
+                roots[count++] = r;
+        }
     }
     return count;
 }
