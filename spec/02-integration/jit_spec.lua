@@ -14,12 +14,23 @@ local proc = require("helpers.proc")
 local REQUEST_PATH = { "worker%.lua", "request%.lua", "context%.lua", "consumers%.lua",
                        "limit%.lua", "key%-auth%.lua", "rate%-limit%.lua", "moongate/init%.lua" }
 
--- The router's walk is a loop (a turn per byte of the path): LuaJIT gives
--- up the traces that start before it until it blacklists their start,
--- which is what it is meant to do; the route's own trace starts after it.
+-- The router's walk is C (route.c) since 2026-11-29; when it was a Lua
+-- loop, LuaJIT gave up the traces that started before it until it
+-- blacklisted their start (what it is meant to do). Kept: a router.lua
+-- loop (the predicate checks' loop, parameters past two) may still do so.
 local function expected(line)
     return line:find("inner loop in root trace at router.lua", 1, true)
         or line:find("blacklisted at router.lua", 1, true)
+end
+
+-- whether a -jv log line names a file of the request path
+local function on_path(line)
+    for _, file in ipairs(REQUEST_PATH) do
+        if line:find(file) then
+            return true
+        end
+    end
+    return false
 end
 
 describe("JIT", function()
@@ -78,21 +89,17 @@ describe("JIT", function()
         local log = read_log(start)
         local aborts, traces = {}, 0
         for line in log:gmatch("[^\n]+") do
-            if line:find("^%[TRACE %-%-%-") and not expected(line) then
-                for _, file in ipairs(REQUEST_PATH) do
-                    if line:find(file) then
-                        aborts[#aborts + 1] = line
-                        break
-                    end
-                end
-            elseif line:find("^%[TRACE +%d+ ") then
-                traces = traces + 1
+            if line:find("^%[TRACE %-%-%-") and not expected(line) and on_path(line) then
+                aborts[#aborts + 1] = line
+            elseif line:find("^%[TRACE +%d+ ") and on_path(line) then
+                traces = traces + 1 -- a trace of the request path: the JIT ran on it
             end
         end
         assert.same({}, aborts)
-        -- the request path's traces (the route's, the router's walk, the
-        -- kit's functions) were made by these requests
-        assert.is_true(traces >= 3, "no trace of the request path:\n" .. log)
+        -- these requests made traces of the request path (the check above
+        -- is not vacuous: the JIT was on and compiled it); how many depends
+        -- on what the first request's traces covered already
+        assert.is_true(traces >= 1, "no trace of the request path:\n" .. log)
     end)
 
     -- the tools README's "Performance" names: the trace dump as traces are
