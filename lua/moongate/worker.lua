@@ -496,11 +496,9 @@ local function new_slot(rp)
 end
 
 -- A request of route (router.match's route, entry and params), from the
--- route's path rewriting to the upstream chosen. Its own function, so that
--- LuaJIT compiles it as one trace that starts here: the router's walk is a
--- loop (one turn per byte of the path), and a trace that starts before a
--- loop which has a trace of its own aborts ("inner loop in root trace"),
--- so access's trace never forms; this one starts after that loop.
+-- route's path rewriting to the upstream chosen. Its own function: when
+-- the router's walk was a Lua loop, a trace starting before it aborted
+-- ("inner loop in root trace"), and this one started after it.
 local function routed(rp, co, slot, cfg, route, entry, params)
   local r, v = slot.r, slot.v
   local id = route.id
@@ -581,138 +579,18 @@ local function routed(rp, co, slot, cfg, route, entry, params)
   end
 end
 
--- ---- match cache ------------------------------------------------------------
-
--- A version's match cache: the router's answer by request line, as Kong
--- keeps one (its router's LRU of matches). The router's walk is a loop,
--- so the part of access before it never compiles (a trace that starts
--- before a loop with a trace of its own aborts); a hit skips it, and the
--- request from C's call to the upstream chosen is one compiled path.
--- Keyed by path, under the method when some route of the version names
--- methods and under the host when some names hosts. A version with a
--- header or query predicate has none (the answer depends on more than
--- the key). Kept: answers without parameters (ctx.params is a request's
--- own table) for paths up to MATCH_PATH_MAX bytes; not misses (a scan of
--- random paths would fill it with 404s), and a lookup makes no table.
--- Bounded: past MATCH_CACHE_MAX keys (paths, and the method and host
--- tables made for them) it starts again empty. A new version starts
--- with an empty one (the router of the version before may have been
--- changed in place: config_version).
-local MATCH_CACHE_MAX = 4096
-local MATCH_PATH_MAX = 256
-local NO_HOST = {} -- the key of a request without a Host
-
-local function nonempty(t)
-  return t ~= nil and next(t) ~= nil
-end
-
--- cfg's match cache, or false when its routes cannot have one
-local function match_cache_of(cfg)
-  local mc = cfg.match_cache
-  if mc ~= nil then
-    return mc
-  end
-  local by_method, by_host = false, false
-  mc = { n = 0, keys = {}, by_method = false, by_host = false }
-  for _, route in ipairs(cfg.routes or {}) do
-    if nonempty(route.headers) or nonempty(route.query) then
-      mc = false
-      break
-    end
-    by_method = by_method or nonempty(route.methods)
-    by_host = by_host or nonempty(route.hosts)
-  end
-  if mc then
-    mc.by_method, mc.by_host = by_method, by_host
-  end
-  cfg.match_cache = mc
-  return mc
-end
-
--- the host request_host found, for router.match (no closure per request)
-local known_host
-local function host_known()
-  return known_host
-end
-
--- The request's method and host, as the keys of mc's levels (nil when mc
--- has no such level); sets known_host for router.match.
-local function cache_keys(mc, v, r)
-  local m, h
-  if mc.by_method then
-    m = ffi_string(v.method, v.method_len)
-  end
-  if mc.by_host then
-    h = request_host(r) or NO_HOST
-    known_host = h ~= NO_HOST and h or nil
-  end
-  return m, h
-end
-
--- The table of mc's answers for method m and host h, or nil when there is
--- none yet (a lookup makes nothing: a miss must not grow the cache).
-local function find_bucket(mc, m, h)
-  local t = mc.keys
-  if m then
-    t = t[m]
-  end
-  if t and h then
-    t = t[h]
-  end
-  return t
-end
-
--- t[k], made when missing (t itself when k is nil); each table made
--- counts as a key of mc, so that hosts without paths cannot grow the
--- cache past its bound either.
-local function level(mc, t, k)
-  if k == nil then
-    return t
-  end
-  local sub_t = t[k]
-  if not sub_t then
-    sub_t = {}
-    t[k] = sub_t
-    mc.n = mc.n + 1
-  end
-  return sub_t
-end
-
--- router.match through cfg's match cache
-local function route_of(cfg, v, r)
-  local mc = match_cache_of(cfg)
-  local len = v.path_len
-  if not mc or len > MATCH_PATH_MAX then
-    return router.match(cfg.router, v, request_host, r)
-  end
-  local m, h = cache_keys(mc, v, r)
-  local path = ffi_string(v.path, len)
-  local bucket = find_bucket(mc, m, h)
-  local hit = bucket and bucket[path] -- the router's entry: its route is hit.route
-  if hit then
-    return hit.route, hit, nil
-  end
-  local route, entry, params = router.match(cfg.router, v,
-                                            mc.by_host and host_known or request_host, r)
-  if route and not params then
-    if mc.n + 3 > MATCH_CACHE_MAX then
-      mc.keys, mc.n = {}, 0
-    end
-    level(mc, level(mc, mc.keys, m), h)[path] = entry
-    mc.n = mc.n + 1
-  end
-  return route, entry, params
-end
-
--- co: the coroutine C resumes (lua.c), for moongate.context. LuaJIT gives
--- up compiling the part before the router's walk (see routed and the match
--- cache), so it does as little as it can.
+-- co: the coroutine C resumes (lua.c), for moongate.context. The router's
+-- lookup is one FFI call (route.c): nothing here stops LuaJIT compiling
+-- from the request's start to the upstream. (A match cache by path was
+-- here while the walk was a Lua loop; with the walk in C it saved 193
+-- instructions a request when every request had the same path and cost
+-- 1,082 when none did: bench/ir-per-request, 2026-11-29.)
 function _M.access(rp, co)
   co = co or coroutine.running() -- C passes it (lua.c)
   local slot = slots[rp] or new_slot(rp)
   local r, v = slot.r, slot.v
   local cfg = current
-  local route, entry, params = route_of(cfg, v, r)
+  local route, entry, params = router.match(cfg.router, v, request_host, r)
   if not route then
     respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
                                                                            v.request_id_len) })
