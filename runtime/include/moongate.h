@@ -413,7 +413,7 @@ typedef struct mg_route_walk_s {
     int32_t nb;
     int32_t best, best_rank, best_end;
     int32_t check;
-    /* where a walk stopped for a check (mg_route_walk's own) */
+    /* where a walk stopped for a check (route.c's own) */
     int32_t at, crank, cend, k, i, d, ri, sp, kb, shapes, xbase, xcons;
 } mg_route_walk_t;
 int mg_route_find(mg_route_walk_t *w, const char *host, int32_t host_len);
