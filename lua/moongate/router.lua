@@ -103,7 +103,8 @@ local _M = {}
 local SLASH = byte("/")
 
 -- A node: NODE int32 slots (64 bytes) of the nodes array, node k at k * NODE
--- (node 0 is "none"):
+-- (node 0 is "none"). runtime/src/route.c reads nodes and records by the
+-- same numbers (written there again, but for MG_RT_*): change both.
 local NODE = C.MG_RT_NODE -- 16
 local N_MIN = 0        -- the lowest rank code (see ranks_of) in this subtree
 local N_PARAM = 1      -- the parameter child, or 0
@@ -150,7 +151,7 @@ local X_P_PACK = 5     -- shape + l0 * 256 + l1 * 2^20: shape p1 + p2 * 16 (its
 local X_P_OFF = 8      -- where its runs are in labels, in a router of long runs
 local X_P_INLINE_AT = 32 -- else they are inline, from this byte offset
 local X_P_INLINE_MAX = 32 -- (a router's runs are all inline or all in labels:
-                          -- the walk's trace takes one way)
+                          -- rt.xp_inline, route.c's xp_inline)
 local X_P_SEGS_MAX = 255 -- segments of a pattern with a parameter record (a shape's key)
 local X_P_RUN_MAX = 4095 -- the longest run
 local X_SHAPES_MAX = 4 -- shapes looked at per trie and segment count; more have no records
@@ -727,7 +728,7 @@ end
 -- tried in turn when the path has no exact record, before the prefix
 -- records. What could beat such a record's head on a path it matches is
 -- a prefix on the way or a parameter pattern of the same segment count
--- (p_beaten walks every branch a matched path may take: at a parameter,
+-- (beaten walks every branch a matched path may take: at a parameter,
 -- every child); not an exact path, which the exact record found first
 -- (the walk's own answer is the same). An update marks the parameter
 -- records of a trie whose shape a new prefix or parameter entry of a
@@ -783,13 +784,6 @@ end
 -- below 2^48, where doubles are exact)
 local function mulmod(a, b)
   return tobit(tobit(rshift(a, 16) * b) * 65536 + band(a, 0xffff) * b)
-end
-
--- GPOW[j] = GMULT^j mod 2^32: the weight of a segment j segments before
--- the end in a path's key (body_key is a polynomial in GMULT)
-local GPOW = { [0] = 1 }
-for j = 1, X_P_SEGS_MAX do
-  GPOW[j] = tobit(GPOW[j - 1] * GMULT)
 end
 
 -- the bytes inline in a record of kind x of rt start at this byte
@@ -894,8 +888,7 @@ local function x_slot(rt, root, kind, path, segs, make)
       if dist > 1 then
         xr[home_base + X_FAR] = 1
       end
-      if kind == X_PREFIX and #segs + 1 > (rt.x_depth[root] or 0) then
-        rt.x_depth[root] = #segs + 1
+      if kind == X_PREFIX and #segs + 1 > rt.nodes[root * NODE + N_XDEPTH] then
         rt.nodes[root * NODE + N_XDEPTH] = #segs + 1
       end
       local b = band(m, rt.xbmask)
@@ -911,33 +904,6 @@ local function x_slot(rt, root, kind, path, segs, make)
     s = band(s + 1, mask)
     dist = dist + 1
   end
-end
-
--- Whether an entry of rank code below R, other than the exact chain of
--- the path's own node, matches the path (segments segs[idx..] from node
--- on): a prefix on the way (a prefix ending at a node matches a path that
--- ends there or goes on with "/"), or a parameter pattern through a
--- parameter child. Predicates are ignored (they may pass on another
--- request); N_MIN prunes what cannot beat R. Not on the request path.
-local function beaten(rt, node, segs, idx, R, via_param)
-  local nodes = rt.nodes
-  local base = node * NODE
-  if nodes[base + N_MIN] >= R then
-    return false
-  end
-  if nodes[base + N_PREFIX] ~= 0 and nodes[base + N_PREFIX_RANK] < R then
-    return true
-  end
-  local seg = segs[idx]
-  if seg == nil then
-    return via_param and nodes[base + N_EXACT] ~= 0 and nodes[base + N_EXACT_RANK] < R
-  end
-  local c = child_of(nodes, rt.karr, node, hash(seg, rt.mult))
-  if c ~= 0 and label_at(rt, c) == seg and beaten(rt, c, segs, idx + 1, R, via_param) then
-    return true
-  end
-  local pc = nodes[base + N_PARAM]
-  return seg ~= "" and pc ~= 0 and beaten(rt, pc, segs, idx + 1, R, true)
 end
 
 -- Whether the head (rank code R) of the prefix record of node (the body's
@@ -962,13 +928,17 @@ local function prefix_beaten(rt, root, segs, node, R)
 end
 
 -- Whether an entry of rank code below R, other than the chain of node
--- own (a parameter record's), matches some path that the pattern of
--- segments segs (false: a parameter) matches, from segment idx at node a
--- on: a prefix on the way, or a pattern ending where the path ends that
--- went through a parameter child (one of literal segments only is an
--- exact path: its record is looked up before). At a parameter, every
--- child is a way. Visits at most P_VISITS nodes (then: beaten, which
--- only costs lookups a walk). Not on the request path.
+-- own (the record's), matches some path that the pattern of segments
+-- segs (false: a parameter) matches, from segment idx at node a on: a
+-- prefix on the way (a prefix ending at a node matches a path that ends
+-- there or goes on with "/"), or a pattern ending where the path ends
+-- that went through a parameter child (one of literal segments only is
+-- an exact path: its record is looked up before). At a parameter, every
+-- child is a way. Predicates are ignored (they may pass on another
+-- request); N_MIN prunes what cannot beat R. Visits at most P_VISITS
+-- nodes (then: beaten, which only costs lookups a walk), so that records
+-- cost a build O(records), whatever the trie's shape. Not on the request
+-- path. Exact records (segments all literal) and parameter records.
 local P_VISITS = 256
 local p_visits = 0
 -- whether node c's label is seg (no string made)
@@ -979,7 +949,7 @@ local function label_is(rt, c, seg)
                                 or rt.labels + rt.nodes[base + N_OFF], seg, n) == 0
 end
 
-local function p_beaten(rt, a, segs, idx, R, own, via_param)
+local function beaten(rt, a, segs, idx, R, own, via_param)
   p_visits = p_visits + 1
   if p_visits > P_VISITS then
     return true
@@ -999,24 +969,24 @@ local function p_beaten(rt, a, segs, idx, R, own, via_param)
   local pc = nodes[base + N_PARAM]
   if seg then
     local c = child_of(nodes, rt.karr, a, seg_hash(seg, rt.mult))
-    if c ~= 0 and label_is(rt, c, seg) and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
+    if c ~= 0 and label_is(rt, c, seg) and beaten(rt, c, segs, idx + 1, R, own, via_param) then
       return true
     end
-    return seg ~= "" and pc ~= 0 and p_beaten(rt, pc, segs, idx + 1, R, own, true)
+    return seg ~= "" and pc ~= 0 and beaten(rt, pc, segs, idx + 1, R, own, true)
   end
-  if pc ~= 0 and p_beaten(rt, pc, segs, idx + 1, R, own, true) then
+  if pc ~= 0 and beaten(rt, pc, segs, idx + 1, R, own, true) then
     return true
   end
   -- a parameter's segment may be any literal child's
   local km = nodes[base + N_KMASK]
   if km < 0 then
     local c = nodes[base + N_KID]
-    return c ~= 0 and p_beaten(rt, c, segs, idx + 1, R, own, via_param)
+    return c ~= 0 and beaten(rt, c, segs, idx + 1, R, own, via_param)
   end
   local karr, off = rt.karr, nodes[base + N_KOFF]
   for sl = 0, km do
     local c = karr[off + 2 * sl + 1]
-    if c ~= 0 and p_beaten(rt, c, segs, idx + 1, R, own, via_param) then
+    if c ~= 0 and beaten(rt, c, segs, idx + 1, R, own, via_param) then
       return true
     end
   end
@@ -1042,11 +1012,9 @@ local function x_refresh(rt, base, segs)
   end
   local beat = false
   if head ~= 0 then
-    if kind == X_EXACT then
-      beat = beaten(rt, root, segs, 1, rank, false)
-    elseif kind == X_PARAM then
+    if kind == X_EXACT or kind == X_PARAM then
       p_visits = 0
-      beat = p_beaten(rt, root, segs, 1, rank, node, false)
+      beat = beaten(rt, root, segs, 1, rank, node, false)
     else
       beat = prefix_beaten(rt, root, segs, node, rank)
     end
@@ -1114,9 +1082,9 @@ local function x_build(rt, xlist)
   rt.xrec, rt.xrec_mem, rt.xrec8 = xr, xr_mem, ffi_cast(uint8_ptr, xr)
   rt.xmask, rt.xcap, rt.xn = slots - 1, cap, 0
   rt.xbits, rt.xbmask = int32_arr(bits / 32), bits - 1
-  -- per root: the worst head rank of its records; the bnd_i index of its
-  -- deepest prefix record's body (the walk looks at no deeper one)
-  rt.x_worst, rt.x_depth = {}, {}
+  -- per root: the worst head rank of its records (the deepest prefix
+  -- record's body, which route.c looks at first, is in the root: N_XDEPTH)
+  rt.x_worst = {}
   -- root * 256 + segment count -> the shapes of its parameter records;
   -- root -> its parameter records (slot, segments, ...)
   -- slot -> the node of a parameter record
@@ -1332,20 +1300,9 @@ function _M.new(routes, opts)
     error("router: segment hashes collide under every multiplier")
   end
 
-  local suffix_lens, prefix_lens = {}, {}
-  for key in pairs(buckets.suffix) do
-    suffix_lens[#key] = (suffix_lens[#key] or 0) + 1
-  end
-  for key in pairs(buckets.prefix) do
-    prefix_lens[#key] = (prefix_lens[#key] or 0) + 1
-  end
   local rt = {
     none = buckets.none[""],
-    exact_hosts = buckets.exact,
-    suffix_hosts = next(buckets.suffix) and buckets.suffix or nil,
-    prefix_hosts = next(buckets.prefix) and buckets.prefix or nil,
-    suffix_lens = suffix_lens,
-    prefix_lens = prefix_lens,
+    -- the host buckets are looked up by route.c (hosts_sync)
     any_host = next(buckets.exact) ~= nil or next(buckets.suffix) ~= nil
                or next(buckets.prefix) ~= nil,
     nodes = nodes,
@@ -1852,13 +1809,6 @@ local function add_root(rt, d, rank)
     rt.none = root
   else
     rt.any_host = true
-    if d.bkind == "suffix" then
-      rt.suffix_hosts = rt.buckets.suffix
-      rt.suffix_lens[#d.bkey] = (rt.suffix_lens[#d.bkey] or 0) + 1
-    elseif d.bkind == "prefix" then
-      rt.prefix_hosts = rt.buckets.prefix
-      rt.prefix_lens[#d.bkey] = (rt.prefix_lens[#d.bkey] or 0) + 1
-    end
   end
   return root
 end
@@ -2019,8 +1969,10 @@ local roots_cap = 0
 local walk_cap = 0
 -- W holds raw pointers: what they point into is kept here
 local W_arrays = {} -- luacheck: ignore 241 (only kept)
--- the request whose predicates are checked (passes)
-local req_v, req_r, req_rt, req_method, req_args
+-- the request whose predicates are checked (passes), and its router's
+-- header getter (not the router: a check that raised would keep an old
+-- version's router alive through a reload until the next check)
+local req_v, req_r, req_header, req_method, req_args
 
 -- room for n host buckets (at least 64; kept)
 local function roots_room(n)
@@ -2065,7 +2017,7 @@ local function values_pass(list, get, for_query)
 end
 
 local function get_header(name)
-  return req_rt.header(req_r, name)
+  return req_header(req_r, name)
 end
 
 local function get_arg(name)
@@ -2100,18 +2052,17 @@ local function passes(preds)
   return true
 end
 
-
 -- Lua's part of a walk that stopped at an entry with predicates: checks
 -- them, and each next one the walk stops at, until it is done. Its own
 -- function, out of match's straight line (a loop there, entered by few
 -- requests, would be a trace of its own for the rest).
 local function check_walk(rt, v, r)
-  req_v, req_r, req_rt, req_method, req_args = v, r, rt, nil, nil
+  req_v, req_r, req_header, req_method, req_args = v, r, rt.header, nil, nil
   local ents = rt.ents
   repeat
     local ok = passes(ents[4 * W.check - 1]) and 1 or 0
   until C.mg_route_resume(W, ok) == 0
-  req_v, req_r, req_rt, req_args = nil, nil, nil, nil
+  req_v, req_r, req_header, req_args = nil, nil, nil, nil
 end
 
 -- segment d of the path walked last

@@ -1,9 +1,10 @@
 /* route.c: the lookup of a route in the segment tries that
  * lua/moongate/router.lua compiles (its header comment gives the layout,
- * "records" and "parameter records" what they hold; the numbers below are
- * its constants and must stay equal to them: router.lua checks the ones
- * shared through moongate.h at load, and its specs compare every answer
- * with a linear scan of the routes).
+ * "records" and "parameter records" what they hold). The numbers below
+ * are its constants: the ones route.c shares with it by name are in
+ * moongate.h (MG_RT_*, read by router.lua); the others are written in both
+ * files and must be changed in both (spec/01-unit/router_spec.lua compares
+ * every answer with a linear scan of the routes: a mismatch fails it).
  *
  * A lookup reads the path once (segment boundaries, each segment's hash
  * and each body's key), then, per host bucket in order: the bucket's

@@ -315,6 +315,25 @@ describe("router", function()
       assert.is_table(plan)
       router.apply(rt, plan)
       assert.equal("p0", lookup(rt, "/a/y/c"))
+      -- a shape in a trie that had none (a new host's): route.c's copy of
+      -- the shapes (white box: what it reads) has it after the update
+      local function c_shapes(root, n)
+        local c = rt.c
+        for sl = 0, c.xshp_mask do
+          if c.xshp[3 * sl] == root and c.xshp[3 * sl + 1] == n then
+            return c.xshp[3 * sl + 2]
+          end
+        end
+      end
+      local new5 = { new4[1], new4[2], new4[3], new4[4], new4[5], new4[6],
+                     { id = "q", hosts = { "h.test" }, paths = { "/q/:a/r" } } }
+      plan = router.plan(rt, new4, new5)
+      assert.is_table(plan)
+      router.apply(rt, plan)
+      assert.equal(2, c_shapes(rt.buckets.exact["h.test"], 3)) -- its parameter is segment 2
+      local idq, _, paramsq = lookup(rt, { "/q/1/r", host = "h.test" })
+      assert.equal("q", idq)
+      assert.same({ a = "1" }, paramsq)
     end)
   end)
 
@@ -554,6 +573,19 @@ describe("router", function()
         assert.equal("h", router.match(rt, view("/a/x"), host_of, { headers = { ["x-t"] = "1" } }).id)
         assert.equal("a", router.match(rt, view("/a/x"), host_of, {}).id)
       end
+    end)
+
+    it("keeps no router alive after its predicate check raised (a reload's old one is freed)", function()
+      local weak = setmetatable({}, { __mode = "v" })
+      do
+        local rt = router.new({ { id = "h", paths = { "/a" }, headers = { ["x-t"] = "1" } } },
+                              { header = function() error("header failed") end })
+        weak[1] = rt
+        assert.has_error(function() router.match(rt, view("/a"), host_of, {}) end, "header failed")
+      end
+      collectgarbage()
+      collectgarbage()
+      assert.is_nil(weak[1])
     end)
 
     it("looks up hosts and wildcards longer than 255 bytes", function()

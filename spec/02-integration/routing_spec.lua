@@ -54,8 +54,7 @@ local ROUTES = {
       policies = { { name = "it-inspect", conf = {} } } },
 }
 
-local function suite(name, routes)
-describe(name, function()
+describe("routing", function()
     local gw
 
     setup(function()
@@ -63,7 +62,7 @@ describe(name, function()
         gw = gateway.start({
             routes = {
                 upstreams = { gateway.upstream("mock", mock) },
-                routes = routes,
+                routes = ROUTES,
             },
             node = { lua_path = { POLICY_DIR } },
         })
@@ -303,6 +302,3 @@ describe(name, function()
         end)
     end)
 end)
-end
-
-suite("routing", ROUTES)
