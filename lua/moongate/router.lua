@@ -2,13 +2,22 @@
 -- tries held in FFI arrays.
 --
 --   local rt = router.new(routes)            -- once per config version
---   local route, entry, params = router.match(rt, v, host_fn, r)
+--   local route, entry = router.match(rt, v, host_fn, r)
+--   local params = router.params(entry, v)   -- before the next match
+--   local caps = router.capture(entry, caps) -- or kept for later:
+--   local params = router.params(entry, v, caps)
 --
 -- v is the request's mg_req_view_t; host_fn(r) gives its Host (lower-cased,
 -- port stripped) or nil, and is called only when some route names hosts.
 -- entry.kind is "exact", "prefix" or "param"; for "prefix", entry.len is
 -- the length of the matched prefix (what strip_prefix drops); entry.path is
--- the pattern. params maps parameter names to values (nil without any).
+-- the pattern; entry.names, the names of its parameters (nil without any).
+-- A match makes no Lua value (no garbage per lookup): the parameters'
+-- values stay where they are in the path until asked for. params makes
+-- the table of them (name -> value) from the last match; capture saves
+-- where they are (two numbers a value, into a table reused from request to
+-- request) so that params can make them after other matches, while v's
+-- path lasts (the request's).
 --
 -- Precedence (README "Routing"). Each (route, path, host) is an entry with
 -- one rank, ordered by
@@ -2065,10 +2074,12 @@ local function check_walk(rt, v, r)
   req_v, req_r, req_header, req_args = nil, nil, nil, nil
 end
 
--- segment d of the path walked last
-local function segment(v, d)
-  local s = W.bnd_i[d] + 1
-  return ffi_string(v.path + s, W.bnd_i[d + 1] - s)
+-- where segment d of the path walked last starts (0-based) and ends
+local function seg_start(d)
+  return W.bnd_i[d] + 1
+end
+local function seg_end(d)
+  return W.bnd_i[d + 1]
 end
 
 -- The entry table of entry number k, made on its first match: route,
@@ -2077,7 +2088,7 @@ local function make_entry(rt, k)
   local info = rt.ents[4 * k]
   local e = {
     route = rt.ents[4 * k - 3], path = rt.paths[k], kind = rt.kinds[k],
-    len = rt.lens[k] or nil, names = info and info.names,
+    len = rt.lens[k] or nil, names = info and info.names or nil, psegs = info and info.psegs or nil,
   }
   if info and e.kind == "prefix" then
     -- "/users/:id/*": the stripped length differs per request, so match
@@ -2088,18 +2099,33 @@ local function make_entry(rt, k)
   return e
 end
 
--- the winner's parameters; unrolled for one or two (a short loop here
--- would be a trace of its own, left after an iteration or two)
-local function params_of(info, v)
-  local names, psegs = info.names, info.psegs
-  local n = #names
-  local params = new_tab(0, n)
-  params[names[1]] = segment(v, psegs[1])
-  if n > 1 then
-    params[names[2]] = segment(v, psegs[2])
-    for k = 3, n do
-      params[names[k]] = segment(v, psegs[k])
+-- Where the values of entry's parameters are in the path of the last
+-- match: caps[2i - 1], caps[2i] the start and end offsets of value i.
+function _M.capture(entry, caps)
+  local psegs = entry.psegs
+  for i = 1, #psegs do
+    caps[2 * i - 1], caps[2 * i] = seg_start(psegs[i]), seg_end(psegs[i])
+  end
+  return caps
+end
+
+-- The table of entry's parameters (name -> value) in v's path: from caps
+-- (capture) or, without, the last match; nil when entry has none.
+function _M.params(entry, v, caps)
+  local names = entry.names
+  if not names then
+    return nil
+  end
+  local psegs, path = entry.psegs, v.path
+  local params = new_tab(0, #names)
+  for i = 1, #names do
+    local s, e
+    if caps then
+      s, e = caps[2 * i - 1], caps[2 * i]
+    else
+      s, e = seg_start(psegs[i]), seg_end(psegs[i])
     end
+    params[names[i]] = ffi_string(path + s, e - s)
   end
   return params
 end
@@ -2127,14 +2153,12 @@ function _M.match(rt, v, host_fn, r)
   if not e then
     e = make_entry(rt, best)
   end
-  local params
-  if W.best_rank % 4 >= 2 then -- parameters
-    params = params_of(ents[4 * best], v)
-    if e.view_mt then
-      e = setmetatable({ len = W.best_end }, e.view_mt)
-    end
+  -- only an entry with parameters can need a view (its rank code says
+  -- so): the others' tables are not read here, a cache line fewer a lookup
+  if W.best_rank % 4 >= 2 and e.view_mt then
+    e = setmetatable({ len = W.best_end }, e.view_mt)
   end
-  return route, e, params
+  return route, e
 end
 
 return _M

@@ -440,7 +440,12 @@ end
 
 -- ctx fields made on their first read: most requests never read them
 local ctx_lazy = {
-  params = function() return {} end,
+  -- the route's parameters (routed), made from the path on the first read
+  params = function(ctx)
+    local req = ctx.req
+    local entry = req._pentry
+    return entry and router.params(entry, req._v, req._pcaps) or {}
+  end,
   vars = function() return {} end,
   request_id = function(ctx)
     local v = ctx.req._v
@@ -489,17 +494,17 @@ local function new_slot(rp)
   end
   local r, v = ffi_cast(req_ptr, rp), ffi_cast(view_ptr, rp)
   local slot = { r = r, v = v, req = request.new_req(r, v), resp = request.new_resp(r, v),
-                 ctx = setmetatable(new_tab(0, 8), ctx_mt) }
+                 ctx = setmetatable(new_tab(0, 8), ctx_mt), caps = {} }
   slots[rp] = slot
   nslots = nslots + 1
   return slot
 end
 
--- A request of route (router.match's route, entry and params), from the
+-- A request of route (router.match's route and entry), from the
 -- route's path rewriting to the upstream chosen. Its own function: when
 -- the router's walk was a Lua loop, a trace starting before it aborted
 -- ("inner loop in root trace"), and this one started after it.
-local function routed(rp, co, slot, cfg, route, entry, params)
+local function routed(rp, co, slot, cfg, route, entry)
   local r, v = slot.r, slot.v
   local id = route.id
   C.mg_req_set_route(r, id, #id)
@@ -530,7 +535,11 @@ local function routed(rp, co, slot, cfg, route, entry, params)
     clear(resp)
     resp._r, resp._v = r, v
     clear(ctx)
-    ctx.req, ctx.resp, ctx.route, ctx.params = req, resp, route, params
+    ctx.req, ctx.resp, ctx.route = req, resp, route
+    if entry.names then
+      -- where the route's parameters are in the path, for ctx.params
+      req._pentry, req._pcaps = entry, router.capture(entry, slot.caps)
+    end
     ctx.consumers, ctx.phase = cfg.consumers, "access"
     -- for access_error while the access policies run; and until the log
     -- phase when a later phase needs it, from before they run: a request
@@ -590,13 +599,13 @@ function _M.access(rp, co)
   local slot = slots[rp] or new_slot(rp)
   local r, v = slot.r, slot.v
   local cfg = current
-  local route, entry, params = router.match(cfg.router, v, request_host, r)
+  local route, entry = router.match(cfg.router, v, request_host, r)
   if not route then
     respond(r, 404, { error = "no route matched", request_id = ffi_string(v.request_id,
                                                                            v.request_id_len) })
     return
   end
-  return routed(rp, co, slot, cfg, route, entry, params)
+  return routed(rp, co, slot, cfg, route, entry)
 end
 
 -- C calls this in a fresh coroutine when the access coroutine raised

@@ -52,6 +52,9 @@ local ROUTES = {
     -- parameters as a policy sees them (it-inspect answers with ctx.params)
     { id = "inspect", paths = { "/users/:id/posts/:post" }, upstream = "mock",
       policies = { { name = "it-inspect", conf = {} } } },
+    -- the same after a sleep (it-sleep runs first: priority 70 > 10)
+    { id = "slow-inspect", paths = { "/slow/:id/:n/*" }, upstream = "mock",
+      policies = { { name = "it-sleep", conf = { ms = 150 } }, { name = "it-inspect", conf = {} } } },
 }
 
 describe("routing", function()
@@ -177,6 +180,32 @@ describe("routing", function()
         local body = cjson.decode(res.body)
         assert.equal("inspect", body.route)
         assert.same({ id = "alice", post = "42" }, body.params)
+    end)
+
+    it("gives each request its own ctx.params, read after other requests were routed", function()
+        -- 8 requests sleep in a policy, then read ctx.params; while they
+        -- sleep, 30 more requests with other values are routed (the
+        -- values stay in the path until read: nothing of a later lookup
+        -- may show through)
+        local conns = {}
+        for i = 1, 8 do
+            local c = assert(client.connect(gw.port))
+            assert(c:request({ path = "/slow/id-" .. i .. "/" .. (i * 1000) .. "/rest/of/it" }))
+            conns[i] = c
+        end
+        for i = 1, 30 do
+            local res = client.get(gw.port, "/users/u" .. i .. "/posts/" .. i)
+            assert.equal(200, res.status, res.body)
+            assert.same({ id = "u" .. i, post = tostring(i) }, cjson.decode(res.body).params)
+        end
+        for i, c in ipairs(conns) do
+            local res = assert(c:read_response({ timeout = 5 }))
+            assert.equal(200, res.status, res.body)
+            local body = cjson.decode(res.body)
+            assert.equal("slow-inspect", body.route)
+            assert.same({ id = "id-" .. i, n = tostring(i * 1000) }, body.params)
+            c:close()
+        end
     end)
 
     it("answers 404 with a JSON body when no route matches", function()
