@@ -1,11 +1,12 @@
 -- Router microbenchmark (make bench-router): lookup mean, build time and
 -- memory of lua/moongate/router.lua at 100 / 1k / 10k / 100k routes, with
--- PASS/FAIL against the targets at 10k (lookup < 2 us and flat as the count
--- grows, build < 100 ms, memory < 20 MB). Run from the repository root with
--- plain luajit after `make build` (moongate.ffi loads build/libmoongate.so):
+-- PASS/FAIL against the targets at 10k (lookup < 2 us, build < 100 ms,
+-- memory < 20 MB) and "flat as the count grows" (below). Run from the
+-- repository root with plain luajit after `make build` (moongate.ffi loads
+-- build/libmoongate.so):
 --
 --   luajit bench/router.lua [--lookups N] [--sizes 100,1000,...] [--samples N]
---                             [--jv FILE]
+--                             [--jv FILE] [--quick]
 --
 -- The routes are a mix like a large deployment's: 40% exact paths, 30%
 -- prefixes, 20% paths with two parameters, 10% on hosts (half exact hosts,
@@ -17,22 +18,25 @@
 --              them: the tries of most routes are out of the CPU caches)
 --   hot ns     the same lookups cycling through HOT requests only (their
 --              tries stay cached: what is left is the work of a lookup)
+--   peer ns    the peer (make_peer: one hash lookup of the path, what
+--              lua-resty-radixtree does for an exact path) over the same
+--              routes, timed in turns with the lookups
+--   C instr    instructions per call of the C lookup (callgrind: work();
+--              not with --quick, which skips valgrind)
 --   build ms, memory MB (collectgarbage("count") after a full GC, plus the
 --              arrays the router mapped itself), hits,
 --   B/lookup   garbage per lookup (the collector stopped)
---   compiled/GC/I  where the profiler's samples fell: compiled code (with
---              the C walk it calls), the garbage collector, the
---              interpreter (with C called from it: the walk is compiled
---              code's only when the JIT compiled the loop calling it)
+--   exits/1k   trace exits to the interpreter per 1000 lookups (each a
+--              lookup that ran partly interpreted; watch() and
+--              exits_per_lookup())
 -- Timings are the median of 5 rounds. --jv FILE writes LuaJIT's -jv log
 -- of the timed loop (what compiles, what aborts).
 --
 -- --child N --count M builds the router of N routes, warms up, then does
 -- exactly M lookups over the same requests and exits: for valgrind
--- (callgrind --cache-sim=yes with M = 0 and M = 200000, the difference
--- divided by M gives instructions and simulated cache misses per lookup;
--- slow: ~20 min per size on a 2-core machine, and LuaJIT's randomized
--- string hashing moves the totals by ~40M instructions from run to run).
+-- (work() counts the C lookup's instructions over such a run; the whole
+-- process's, with M = 0 and M = 200000, differ by the lookups' but also by
+-- ~40M instructions from run to run: the two builds are not the same work).
 package.path = "./lua/?.lua;./lua/?/init.lua;" .. package.path
 
 local lib = require("bench.lib")
@@ -272,23 +276,46 @@ local function peer_lookups(map, reqs, count)
   return hits
 end
 
--- the share of profiler samples in each VM state while fn runs: "N"
--- compiled code, "I" interpreter, "C" C functions, "G" garbage collector,
--- "J" trace compiler
-local function vm_states(fn)
-  local profile = require("jit.profile")
-  local counts, total = {}, 0
-  profile.start("vi1", function(_, samples, state)
-    counts[state] = (counts[state] or 0) + samples
-    total = total + samples
-  end)
-  fn()
-  profile.stop()
-  local share = {}
-  for state, c in pairs(counts) do
-    share[state] = c / total
+-- Whether the lookups run compiled: watch(fn) runs fn and returns
+-- whether a trace starting in lookups (its loop) was completed meanwhile,
+-- and how many traces made meanwhile fall back to the interpreter;
+-- exits_per_lookup(fn, count) the trace exits to the interpreter per
+-- lookup while fn does count lookups (each one a lookup that ran partly
+-- interpreted). (This was the profiler's VM states first; it flushes the
+-- traces when it starts, and its hook runs only when a trace exits, with
+-- the state of the first sample since the last exit for all of them: a
+-- few exits made a 0% or a 33% "interpreted" out of the same code.)
+local function watch(fn)
+  local traceinfo = require("jit.util").traceinfo
+  local started, done, fallbacks = {}, false, 0
+  local function on_trace(what, tr, func)
+    if what == "start" and func == lookups then
+      started[tr] = true
+    elseif what == "stop" then
+      done = done or started[tr] == true
+      -- a side trace that only goes back to the interpreter: what follows
+      -- that exit runs interpreted every time, and is no trace exit
+      -- (texit)
+      if traceinfo(tr).linktype == "interpreter" then
+        fallbacks = fallbacks + 1
+      end
+    end
   end
-  return share
+  jit.attach(on_trace, "trace")
+  fn()
+  jit.attach(on_trace)
+  return done, fallbacks
+end
+
+local function exits_per_lookup(fn, count)
+  local exits = 0
+  local function on_exit()
+    exits = exits + 1
+  end
+  jit.attach(on_exit, "texit")
+  fn()
+  jit.attach(on_exit)
+  return exits / count
 end
 
 -- ns per lookup: the median of ROUNDS timed rounds (the machine may be
@@ -296,6 +323,8 @@ end
 -- a peer (map, peer_reqs), a round of its lookups after each, and its
 -- median third
 local ROUNDS = 5
+-- the growth of a time taken as flat (see the targets)
+local NOISE = 1.25
 local function time_lookups(rt, reqs, count, map, peer_reqs)
   local per, peer = {}, {}
   local hits = 0
@@ -359,7 +388,7 @@ local function run(size)
 
   -- warm-up (lets the JIT compile), then the timed rounds with GC on, the
   -- router's and the peer's in turns: a noisy neighbour slows both alike
-  lookups(rt, reqs, 100000)
+  local traced, fallbacks = watch(function() lookups(rt, reqs, 100000) end)
   peer_lookups(map, peer_reqs, 100000)
   if JV_FILE then
     require("jit.v").on(JV_FILE .. "." .. size)
@@ -374,12 +403,8 @@ local function run(size)
   lookups(rt, hot, 50000)
   local hot_ns = time_lookups(rt, hot, LOOKUPS)
 
-  -- warmed up again without the profiler first: about one process in eight
-  -- at 100k routes ran this stage interpreted otherwise (the timed rounds
-  -- before it compiled), which is not what a worker, without a profiler,
-  -- runs
-  lookups(rt, reqs, 100000)
-  local states = vm_states(function() lookups(rt, reqs, LOOKUPS) end)
+  -- how many of the lookups left their traces for the interpreter
+  local exits = exits_per_lookup(function() lookups(rt, reqs, LOOKUPS) end, LOOKUPS)
 
   -- garbage per lookup: the same loop with the collector stopped
   full_gc()
@@ -392,7 +417,7 @@ local function run(size)
   return {
     size = size, routes = #routes, build_ms = build_ms, mem_mb = mem_mb,
     lookup_ns = lookup_ns, hot_ns = hot_ns, peer_ns = peer_ns, hits = hits, wrong = wrong,
-    garbage = garbage, states = states,
+    garbage = garbage, traced = traced and 1 or 0, fallbacks = fallbacks, exits = exits,
   }
 end
 
@@ -400,7 +425,7 @@ end
 -- has one router, and the JIT's traces (or a profiler signal aborting one)
 -- from a size never carry over to the next.
 local FIELDS = { "size", "routes", "lookup_ns", "hot_ns", "peer_ns", "build_ms", "mem_mb", "hits",
-                 "wrong", "garbage", "N", "G", "I" }
+                 "wrong", "garbage", "traced", "fallbacks", "exits" }
 
 if CHILD and COUNT then
   local routes, gens = make_routes(CHILD)
@@ -416,8 +441,6 @@ end
 
 if CHILD then
   local res = run(CHILD)
-  res.N, res.G = res.states.N or 0, res.states.G or 0
-  res.I = (res.states.I or 0) + (res.states.C or 0)
   local out = {}
   for k, name in ipairs(FIELDS) do
     out[k] = format("%.6g", res[name])
@@ -472,25 +495,24 @@ local function measure(size)
     k = k + 1
     res[FIELDS[k]] = tonumber(x)
   end
-  res.states = { N = res.N, G = res.G, I = res.I }
   return res
 end
 
 print(format("router bench: %s, %d lookups per size in %d rounds (median), over %d distinct"
   .. " requests (%d%% misses); hot: the first %d of them", jit.version, LOOKUPS, ROUNDS, SAMPLES,
   MISS_RATIO * 100, HOT))
-print(format("%8s %10s %8s %8s %8s %9s %10s %7s %8s %14s", "routes", "lookup ns", "hot ns",
-  "peer ns", "C instr", "build ms", "memory MB", "hits", "B/lookup", "compiled/GC/I"))
+print(format("%8s %10s %8s %8s %8s %9s %10s %7s %8s %9s", "routes", "lookup ns", "hot ns",
+  "peer ns", "C instr", "build ms", "memory MB", "hits", "B/lookup", "exits/1k"))
 local results = {}
 for _, size in ipairs(SIZES) do
   local res = measure(size)
   res.instr = not args.quick and work(size) or nil
   results[#results + 1] = res
-  local st = res.states
-  print(format("%8d %10.0f %8.0f %8.0f %8s %9.1f %10.2f %6.0f%% %8.1f %6.0f/%.0f/%.0f%%%s",
+  print(format("%8d %10.0f %8.0f %8.0f %8s %9.1f %10.2f %6.0f%% %8.1f %9.2f%s%s",
     res.size, res.lookup_ns, res.hot_ns, res.peer_ns,
     res.instr and format("%.0f", res.instr) or "-", res.build_ms, res.mem_mb, res.hits * 100,
-    res.garbage, (st.N or 0) * 100, (st.G or 0) * 100, (st.I or 0) * 100,
+    res.garbage, res.exits * 1000, (res.traced == 1 and "" or "  (LOOP NOT COMPILED)")
+    .. (res.fallbacks == 0 and "" or format("  (%d traces fall back)", res.fallbacks)),
     res.wrong > 0 and format("  (%d WRONG MATCHES)", res.wrong) or ""))
 end
 
@@ -500,7 +522,7 @@ local fastest, slowest = math.huge, 0
 local hot_fastest, hot_slowest = math.huge, 0
 local peer_fastest, peer_slowest = math.huge, 0
 local instr_least, instr_most = math.huge, 0
-local wrong, interpreted = 0, 0
+local wrong, exits, untraced, fallbacks = 0, 0, 0, 0
 for _, res in ipairs(results) do
   if res.size == 10000 then
     at10k = res
@@ -516,7 +538,9 @@ for _, res in ipairs(results) do
     instr_most = math.max(instr_most, res.instr)
   end
   wrong = wrong + res.wrong
-  interpreted = math.max(interpreted, res.states.I or 0)
+  exits = math.max(exits, res.exits)
+  untraced = untraced + (1 - res.traced)
+  fallbacks = fallbacks + res.fallbacks
 end
 
 local failed = 0
@@ -543,9 +567,14 @@ if #results > 1 then
   -- machine (and more when neighbours share its L3). That costs any
   -- structure, the peer's single hash lookup too, so the time's measure is
   -- the peer's: the router's cold time grows no more than the peer's from
-  -- the fewest routes to the most (timed in turns in each process). The
-  -- hot figures (the same data cached) are printed, not judged: they move
-  -- with what the neighbours leave of the caches.
+  -- the fewest routes to the most (timed in turns in each process), and
+  -- stays under the 10k target's 2 us at every count (a ratio alone would
+  -- pass a router slow everywhere). Growth under NOISE is flat whatever
+  -- the peer's: one size's runs differ by that much on a shared machine
+  -- (100 routes: 171-262 ns in six runs), so between sizes where neither
+  -- grows (100 and 1,000) the ratio of the two ratios would be a coin. The hot figures (the same data
+  -- cached) are printed, not judged: they move with what the neighbours
+  -- leave of the caches.
   if instr_most > 0 then
     target(instr_most < 1.25 * instr_least, format("work per lookup flat as routes grow (C "
       .. "lookup instructions, callgrind; most < 1.25x least): %.0f..%.0f, x%.2f", instr_least,
@@ -553,14 +582,19 @@ if #results > 1 then
   else
     print("(work per lookup not measured: --quick, or valgrind not found)")
   end
-  target(slowest / fastest <= peer_slowest / peer_fastest, format("lookup time flat as routes "
-    .. "grow (grows no more than the peer's single hash lookup): %.0f..%.0f ns, x%.2f; peer "
-    .. "%.0f..%.0f ns, x%.2f", fastest, slowest, slowest / fastest, peer_fastest, peer_slowest,
+  target(slowest / fastest <= math.max(peer_slowest / peer_fastest, NOISE) and slowest < 2000,
+    format("lookup time flat as routes grow (grows no more than the peer's single hash lookup "
+    .. "or x%.2f, < 2 us at every count): %.0f..%.0f ns, x%.2f; peer %.0f..%.0f ns, x%.2f",
+    NOISE, fastest, slowest, slowest / fastest, peer_fastest, peer_slowest,
     peer_slowest / peer_fastest))
   print(format("     hot lookups (not judged): %.0f..%.0f ns, x%.2f", hot_fastest, hot_slowest,
     hot_slowest / hot_fastest))
 end
 target(wrong == 0, "every request reached the route it was made for")
-target(interpreted < 0.1, format("lookups run compiled (interpreter < 10%% of samples): %.1f%%",
-  interpreted * 100))
+-- (traces falling back to the interpreter are printed, not judged: one
+-- in about one process in ten at 100 routes, in match or a predicate
+-- check, the lookups no slower; how often one runs, LuaJIT does not say)
+target(untraced == 0 and exits < 0.01, format("lookups run compiled (their loop traced at every "
+  .. "count, < 1%% of lookups leaving it for the interpreter): %d not traced, at most %.3f%% "
+  .. "left; %d traces fall back", untraced, exits * 100, fallbacks))
 os.exit(failed == 0 and 0 or 1, true)
