@@ -256,7 +256,9 @@ local function lookups(rt, reqs, count)
   return hits
 end
 
--- the peer's timed loop (make_peer)
+-- the peer's timed loop (make_peer): lookups' loop again, not lookups
+-- given a function (a loop is one trace, specialised to what it called
+-- first: the router's and the peer's would share it)
 local function peer_lookups(map, reqs, count)
   local ffi_string = ffi.string
   local ptrs, n = reqs.ptrs, reqs.n
