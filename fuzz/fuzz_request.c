@@ -415,6 +415,9 @@ static void proxy_conf(const char *fuzz_dir)
          * inputs: it opens, half-opens and closes as the answers go) */
         "    {\"name\": \"circuit-breaker\", \"conf\": {\"min_requests\": 4, \"open_ms\": 20,\n"
         "     \"probes\": 2, \"close_after\": 1, \"slow_ms\": 5, \"slow_rate\": 0.9}}]},\n"
+        "  {\"id\": \"pp\", \"paths\": [\"/pp/:a/*\"], \"upstream\": \"b\", "
+        "\"strip_prefix\": true,\n"
+        "   \"policies\": [{\"name\": \"fuzz-edit\"}]},\n"
         "  {\"id\": \"exact\", \"paths\": [\"/exact\"], \"methods\": [\"GET\", \"POST\"], "
         "\"upstream\": "
         "\"b\"},\n"

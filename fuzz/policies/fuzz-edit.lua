@@ -1,7 +1,8 @@
 -- A policy for the proxy fuzz target (fuzz/fuzz_request.c, proxy mode):
 -- request headers of the fuzzed input steer what it does, so the fuzzer
 -- reaches header edits, URI rewrites, local answers, body reads, sleeps,
--- errors and the header_filter and log phases of the C runtime.
+-- errors and the header_filter and log phases of the C runtime. On route
+-- "pp" it checks ctx.params against the path (an abort when they differ).
 --   x-fuzz-set / x-fuzz-add: "Name: value"  ctx.req:set_header / add_header
 --   x-fuzz-del: name                        ctx.req:set_header(name, nil)
 --   x-fuzz-uri: /path[?query]               ctx.req:set_uri
@@ -29,8 +30,18 @@ local function name_value(s)
   return match(s, "^([^:]*):%s*(.*)$")
 end
 
+-- an oracle's failure: a crash, which the fuzzer keeps as a finding
+local function finding(what)
+  io.stderr:write("fuzz-edit: ", what, "\n")
+  local ffi = require("ffi")
+  pcall(ffi.cdef, "void abort(void);")
+  ffi.C.abort()
+end
+
 local function access(_, ctx)
   local req = ctx.req
+  -- route "pp" (/pp/:a/*): the value its path has, before any x-fuzz-uri
+  local want_a = ctx.route.id == "pp" and match(req.path, "^/pp/([^/]+)")
   local n, v = name_value(req:header("x-fuzz-set"))
   if n then
     req:set_header(n, v)
@@ -67,6 +78,14 @@ local function access(_, ctx)
   local ms = tonumber(req:header("x-fuzz-sleep"))
   if ms and ms >= 0 then
     mg.sleep(ms)
+  end
+  if want_a then
+    -- ctx.params is made on this first read, after any sleep (other
+    -- inputs' requests routed meanwhile): it must be this path's segment
+    local got = ctx.params.a
+    if got ~= want_a then
+      finding("ctx.params.a is " .. tostring(got) .. ", the path has " .. want_a)
+    end
   end
   if req:header("x-fuzz-error") then
     error("fuzz-edit: asked to fail")
