@@ -693,6 +693,13 @@ void mg__conn_pump(mg_conn_t *c)
         return;
     }
     if (r->sink != MG_SINK_PROXY) return;
+    /* The upstream connection is gone while the request is not over: it
+     * failed (a 502 is being answered, or a retry waits) or was released
+     * with the response. The bytes wait in the buffer; a body not read to
+     * its end closes the connection after the response (mg__req_fail,
+     * mg__conn_req_done). Found by the proxy fuzz target: a client's pipelined
+     * bytes arriving while a failed upstream's 502 was written. */
+    if (!r->up) return;
     for (;;) {
         if (r->up->out.pending) return; /* the write callback pumps again */
         if (body_parse(c) < 0) {
