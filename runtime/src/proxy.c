@@ -569,6 +569,7 @@ static int on_r_body(llhttp_t *p, const char *at, size_t len)
     mg_upconn_t *u = up_of(p);
     mg_req_t *r = u->req;
     mg_conn_t *c = r->conn;
+    if (r->resp_no_body) return 0; /* a status a policy made body-less (send_head) */
     r->resp_sent += len;
     if (r->phases & MG_PHASE_BODY_FILTER) { /* filtered after this parse step */
         mg__out_add(&r->body_spans, at, len);
@@ -706,7 +707,20 @@ static void send_head(mg_req_t *r, mg_upconn_t *u)
 {
     llhttp_t *p = &u->parser;
     int64_t len;
-    if (r->resp_no_body)
+    int status = r->lua_status ? r->lua_status : p->status_code;
+    int bodyless = status == 204 || status == 304;
+    if (bodyless && !r->resp_no_body) {
+        /* a header_filter policy made it 204 or 304: the upstream's body is
+         * read to its end but not sent (the client's parser expects none) */
+        r->resp_no_body = 1;
+    }
+    if (r->resp_no_body && !bodyless && r->lua_status &&
+        llhttp_get_method(&r->conn->parser) != HTTP_HEAD)
+        /* a 204 or 304 a policy made another status: no content, and the
+         * upstream's Content-Length (a 304's describes what was not sent)
+         * must not make the client wait for it */
+        len = 0;
+    else if (r->resp_no_body)
         len = (p->flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -3;
     else if (r->phases & MG_PHASE_BODY_FILTER)
         len = MG_LEN_CHUNKED; /* filters change lengths */
@@ -716,7 +730,6 @@ static void send_head(mg_req_t *r, mg_upconn_t *u)
         len = (int64_t)p->content_length;
     else
         len = MG_LEN_CHUNKED; /* close-delimited upstream: chunked keeps the client's connection */
-    int status = r->lua_status ? r->lua_status : p->status_code;
     const char *reason = r->lua_status ? NULL : u->reason;
     if (mg__req_head_write(r, status, reason, u->reason_len, u->hdrs, u->nhdrs, len)) {
         up_fail(r, u, 502, "response head too large");
