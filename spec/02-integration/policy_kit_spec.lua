@@ -777,6 +777,26 @@ describe("policy kit", function()
             assert.same({ pid }, gw:workers())
         end)
 
+        -- (found by the proxy fuzz target: the 500 kept the upstream's
+        -- 204 "no body", sent its Content-Length and not its body, and the
+        -- client read the next answer as that body)
+        it("in header_filter of an upstream 204 or 304 gives a 500 with its body", function()
+            local c = assert(client.connect(gw.port))
+            for _, status in ipairs({ 204, 304 }) do
+                assert(c:request({ path = "/raise-hf/x?status=" .. status,
+                                   headers = { ["X-Raise"] = "1" } }))
+                local res = assert(c:read_response({ timeout = 5 }))
+                assert.equal(500, res.status)
+                assert.equal(tostring(#res.body), res.headers["content-length"])
+                assert.equal(res.headers["x-request-id"], cjson.decode(res.body).request_id)
+                assert(c:request({ path = "/raise-hf/y?bytes=10" }))
+                res = assert(c:read_response({ timeout = 5 }))
+                assert.equal(200, res.status)
+                assert.equal(10, #res.body)
+            end
+            c:close()
+        end)
+
         it("in log: the client already has its answer; the error is logged", function()
             local res = get("/raise-log/x")
             assert.equal(200, res.status)
