@@ -583,8 +583,8 @@ static void local_start(mg_req_t *r, int status, int64_t len)
      * body would be the start of the next response to the client. Set, not
      * added to: an upstream's 204/304 (proxy.c) answered with our own 500
      * instead (its header_filter raised) has a body again. */
-    r->resp_no_body = llhttp_get_method(&r->conn->parser) == HTTP_HEAD || status == 204 ||
-                      status == 304;
+    r->resp_no_body =
+        llhttp_get_method(&r->conn->parser) == HTTP_HEAD || status == 204 || status == 304;
     r->state = MG_REQ_LOCAL;
     r->resp_started = 1;
     if (mg__req_head_write(r, status, NULL, 0, NULL, 0, len) ||
